@@ -1,0 +1,34 @@
+"""The vendor registry: every module in this package that defines ``VENDOR``.
+
+Adding a vendor is adding one module here (plus its fixtures and tests);
+nothing else in the gateway names vendors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import Vendor
+
+REGISTRY: dict[str, Vendor] = {}
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name == "base" or _info.name.startswith("_"):
+        continue
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    _vendor = getattr(_module, "VENDOR", None)
+    if isinstance(_vendor, Vendor):
+        REGISTRY[_vendor.name] = _vendor
+
+
+def vendor_for_host(host: str) -> Vendor | None:
+    """The vendor serving ``host`` (a CONNECT target or SNI), if any."""
+    for vendor in REGISTRY.values():
+        if vendor.serves(host):
+            return vendor
+    return None
+
+
+def get(name: str) -> Vendor:
+    return REGISTRY[name]

@@ -1,0 +1,170 @@
+"""What a vendor module provides, and the plain values it works with.
+
+A vendor module is pure: it takes plain strings, dicts and bytes and returns
+plain values. No mitmproxy, no store, no I/O. Each module defines ``VENDOR``,
+an instance of :class:`Vendor`; the registry in ``__init__`` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from urllib.parse import parse_qs
+
+import yaml
+
+CostStatus = Literal["parsed", "estimated", "zero", "unknown"]
+
+PRICES_DIR = Path(__file__).resolve().parent.parent / "prices"
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """The parts of an HTTP request a vendor module may look at."""
+
+    method: str
+    path: str  # without the query string
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+
+    @cached_property
+    def json(self) -> Any:
+        """The body parsed as JSON, or ``None`` if it is not JSON."""
+        try:
+            return json.loads(self.body) if self.body else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    @cached_property
+    def form(self) -> dict[str, list[str]]:
+        """The body parsed as ``application/x-www-form-urlencoded``."""
+        try:
+            return parse_qs(self.body.decode(), keep_blank_values=True)
+        except UnicodeDecodeError:
+            return {}
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Rates in force: shipped tables, overridden by the policy's ``prices:``, plus ``fx:``."""
+
+    fx: Mapping[str, Decimal] = field(default_factory=dict)
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def table(self, vendor: Vendor) -> dict[str, Any]:
+        """The vendor's price table with the policy's overrides merged in."""
+        return deep_merge(vendor.prices, self.overrides.get(vendor.name, {}))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a request may cost, computed before it is forwarded.
+
+    ``usd is None`` with ``moves_money`` means "this moves money but the
+    request does not say how much" (e.g. confirming an existing
+    PaymentIntent): the policy's ``default_estimate_usd`` is used instead.
+    """
+
+    usd: Decimal | None
+    moves_money: bool = False
+    currency: str | None = None
+    amount: Decimal | None = None  # in the vendor's units (e.g. 15.00 EUR, 1500 JPY)
+    basis: str = ""  # a short human explanation, shown in flow comments
+
+
+NO_COST = Estimate(usd=Decimal(0))
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The cost parsed from a vendor's response."""
+
+    status: CostStatus
+    usd: Decimal | None  # None only when status == "unknown"
+    currency: str | None = None
+    amount: Decimal | None = None
+    note: str = ""
+
+
+class StreamMeter(Protocol):
+    """Prices a streamed (SSE) response chunk by chunk, without buffering it."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> Cost: ...
+
+
+def _no_stream(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
+    return None
+
+
+def _same_path(path: str, creds: Mapping[str, str]) -> str:
+    return path
+
+
+def _zero_estimate(req: RequestView, prices: Prices) -> Estimate:
+    return NO_COST
+
+
+def _unknown_cost(
+    req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
+    prices: Prices, estimate: Estimate,
+) -> Cost:
+    return Cost("unknown", None, note="no cost parser for this vendor")
+
+
+@dataclass(frozen=True)
+class Vendor:
+    """One paid API: where it lives, where its SDK puts the key, and what its calls cost."""
+
+    name: str
+    hosts: tuple[str, ...]  # exact host names, or "*.example.com" for any subdomain
+    key_headers: tuple[str, ...]  # lower-case headers where the vendor's SDK puts its key
+    real_key: re.Pattern[str]  # what a real credential of this vendor looks like
+    credential_headers: Callable[[Mapping[str, str]], dict[str, str]]
+    credential_fields: tuple[str, ...] = ("secret",)  # fields required under vendors.<name>
+    rewrite_path: Callable[[str, Mapping[str, str]], str] = _same_path
+    estimate: Callable[[RequestView, Prices], Estimate] = _zero_estimate
+    cost: Callable[..., Cost] = _unknown_cost
+    stream_meter: Callable[[RequestView, Prices, Estimate], StreamMeter | None] = _no_stream
+    prices: Mapping[str, Any] = field(default_factory=dict)
+
+    def serves(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        for pattern in self.hosts:
+            if pattern.startswith("*."):
+                if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def load_prices(name: str) -> dict[str, Any]:
+    """Load ``prices/<name>.yaml``, a shipped price table (with its source and date)."""
+    path = PRICES_DIR / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        return yaml.safe_load(f) or {}
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
