@@ -15,10 +15,10 @@ NANOS_PER_USD = 1_000_000_000
 
 # ISO 4217 currencies whose minor unit is the whole unit (Stripe's list).
 ZERO_DECIMAL = frozenset(
-    "BIF CLP DJF GNF JPY KMF KRW MGA PYG RWF UGX VND VUV XAF XOF XPF".split()
+    ["BIF", "CLP", "DJF", "GNF", "JPY", "KMF", "KRW", "MGA", "PYG", "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"]
 )
 # Currencies with three decimals (Stripe: BHD JOD KWD OMR TND).
-THREE_DECIMAL = frozenset("BHD JOD KWD OMR TND".split())
+THREE_DECIMAL = frozenset(["BHD", "JOD", "KWD", "OMR", "TND"])
 
 
 class Unpriceable(ValueError):

@@ -1,0 +1,151 @@
+"""What the pipeline learns about one request, carried in ``flow.metadata["spendgate"]``.
+
+Stages fill a :class:`Call` in order; ``record`` turns it into a ledger row and a
+flow comment. ``refuse()`` is the one way a stage says no.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from mitmproxy import http
+
+from .money import from_nanos
+from .store import KeyRecord, Reservation
+from .vendors.base import Cost, Estimate, StreamMeter
+
+METADATA_KEY = "spendgate"
+
+# Refusal codes (SPEC §4) → HTTP status.
+STATUS: dict[str, int] = {
+    "missing_vault_key": 401,
+    "unknown_key": 401,
+    "ambiguous_vault_key": 401,  # several different vault keys in one request
+    "expired": 401,
+    "revoked": 401,
+    "raw_credential": 403,
+    "vendor_not_allowed": 403,
+    "endpoint_not_allowed": 403,
+    "egress_denied": 403,
+    "host_mismatch": 403,
+    "insecure_scheme": 403,
+    "vault_key_leak": 403,  # a vault key in the URL or body would reach the vendor
+    "approval_denied": 403,
+    "approval_timeout": 403,
+    "request_over_limit": 402,
+    "cap_exhausted": 402,
+    "unpriceable": 402,
+    "rate_limited": 429,
+    "loop_detected": 429,
+    "upstream_unreachable": 502,
+    "upstream_failed": 503,
+    "upstream_timeout": 504,
+    "internal_error": 503,
+}
+
+# Decisions about *what a valid key may do*. In report-only mode these are recorded as
+# would_deny and the request goes on. Identity failures (no key, bad key, real key,
+# spoofed host, plain http) are always enforced: without a valid key there is no policy
+# to report against, and forwarding would hand the real credential to anyone.
+POLICY_CODES = frozenset({
+    "vendor_not_allowed", "endpoint_not_allowed", "request_over_limit", "cap_exhausted",
+    "unpriceable", "rate_limited", "loop_detected", "approval_denied", "approval_timeout",
+})
+
+
+@dataclass
+class Call:
+    vendor: str | None = None
+    host: str | None = None  # the vendor host of the tunnel (before any upstream override)
+    key: KeyRecord | None = None
+    policy: str | None = None
+    mode: str = "enforce"  # enforce | report
+    decision: str = "allow"  # allow | deny | would_deny
+    reason: str | None = None
+    message: str | None = None
+    would_deny: list[str] = field(default_factory=list)
+    approval_rule: str | None = None
+    approval_id: str | None = None
+    estimate: Estimate | None = None
+    estimated_nanos: int = 0
+    reservation: Reservation | None = None
+    scopes: list[str] = field(default_factory=list)  # budget scopes this call counts against
+    cost: Cost | None = None
+    stream_meter: StreamMeter | None = None
+    meter_failed: bool = False
+    budget_left_nanos: int | None = None
+    request_id: str | None = None
+    wire_ref: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    recorded: bool = False
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.id if self.key else None
+
+    def summary(self) -> dict[str, Any]:
+        """A plain, secret-free dict: what saved flows (``-w``) and copies carry."""
+        return {
+            "vendor": self.vendor,
+            "key_id": self.key_id,
+            "policy": self.policy,
+            "labels": dict(self.key.labels) if self.key else {},
+            "decision": self.decision,
+            "reason": self.reason,
+            "estimated_usd": str(from_nanos(self.estimated_nanos)),
+            "cost_usd": str(self.cost.usd) if self.cost and self.cost.usd is not None else None,
+            "cost_status": self.cost.status if self.cost else None,
+        }
+
+    # mitmproxy deep-copies metadata to save or copy a flow (tnetstring can only hold
+    # plain values), so a copy of a Call is its summary.
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return self.summary()
+
+
+def get_call(flow: http.HTTPFlow) -> Call | None:
+    call = flow.metadata.get(METADATA_KEY)
+    return call if isinstance(call, Call) else None
+
+
+def error_body(code: str, message: str, call: Call | None) -> bytes:
+    """Stripe-shaped, so vendor SDKs surface the message."""
+    return json.dumps({
+        "error": {
+            "type": "spendgate_error",
+            "code": code,
+            "message": message,
+            "key_id": call.key_id if call else None,
+            "policy": call.policy if call else None,
+        }
+    }).encode()
+
+
+def refuse(flow: http.HTTPFlow, code: str, message: str, headers: dict[str, str] | None = None) -> bool:
+    """Refuse ``flow`` with ``code`` (SPEC §4). Returns True if the request is stopped.
+
+    In report-only mode a policy decision is recorded as ``would_deny`` and the
+    request continues (returns False).
+    """
+    call = get_call(flow)
+    if call is not None and call.mode == "report" and code in POLICY_CODES:
+        call.would_deny.append(code)
+        if call.decision == "allow":
+            call.decision, call.reason, call.message = "would_deny", code, message
+        return False
+    if call is not None:
+        call.decision, call.reason, call.message = "deny", code, message
+    flow.response = http.Response.make(
+        STATUS[code],
+        error_body(code, message, call),
+        {"Content-Type": "application/json", "X-Spendgate-Reason": code, **(headers or {})},
+    )
+    return True
+
+
+def usd(nanos: int | None) -> Decimal | None:
+    return None if nanos is None else from_nanos(nanos)

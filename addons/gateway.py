@@ -1,0 +1,53 @@
+"""The spendgate pipeline: every addon, in the order a request meets them.
+
+    mitmdump -s addons/gateway.py --set spendgate_config=policies/example.yaml
+
+agent ─CONNECT─▶ egress ▶ identify ▶ authorize ▶ budget ▶ approve ▶ swap ▶ vendor
+vendor ─response─▶ meter (cost, settle) ▶ record (ledger, comment) ─▶ agent
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+try:
+    import spendgate  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # loaded with -s from a checkout without installing: map ./addons to spendgate
+    import importlib.util
+
+    _here = Path(__file__).resolve().parent
+    _spec = importlib.util.spec_from_file_location(
+        "spendgate", _here / "__init__.py", submodule_search_locations=[str(_here)]
+    )
+    assert _spec and _spec.loader
+    sys.modules["spendgate"] = _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+
+from spendgate.runtime import Runtime  # noqa: E402
+from spendgate.stages.approve import Approve  # noqa: E402
+from spendgate.stages.authorize import Authorize  # noqa: E402
+from spendgate.stages.budget import Budget  # noqa: E402
+from spendgate.stages.egress import Egress  # noqa: E402
+from spendgate.stages.identify import Identify  # noqa: E402
+from spendgate.stages.meter import Meter  # noqa: E402
+from spendgate.stages.record import Record  # noqa: E402
+from spendgate.stages.swap import Swap  # noqa: E402
+
+
+def make_addons() -> list[object]:
+    runtime = Runtime()
+    return [
+        runtime,
+        Egress(runtime),
+        Identify(runtime),
+        Authorize(runtime),
+        Budget(runtime),
+        Approve(runtime),
+        Swap(runtime),
+        Meter(runtime),
+        Record(runtime),
+    ]
+
+
+addons = make_addons()

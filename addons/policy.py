@@ -1,0 +1,487 @@
+"""The policy file: pydantic models of the YAML, path rules, and loading with line numbers.
+
+No mitmproxy imports: the CLI (`spendgate check`) and the gateway share this module.
+The format is versioned (``version: 1``), as smokescreen's ACLs are.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .vendors import REGISTRY
+
+# --------------------------------------------------------------------------- values
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> int:
+    """``"90s"``, ``"10m"``, ``"1h"``, ``"7d"`` or a number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 10m, 1h or 7d")
+    if isinstance(value, int):
+        seconds = value
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration like 30s, 10m, 1h or 7d")
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+
+
+def _money(value: Any) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+        raise ValueError("expected an amount in USD, e.g. 50 or 12.5")
+    d = Decimal(repr(value) if isinstance(value, float) else str(value))
+    if not d.is_finite() or d < 0:
+        raise ValueError("an amount must be a non-negative number")
+    return d
+
+
+Usd = Annotated[Decimal, BeforeValidator(_money)]
+
+
+def _secret_ref(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^(env|file):\S+$", value):
+        raise ValueError(
+            "credentials must be a reference, env:NAME or file:PATH; inline secrets are not allowed"
+        )
+    return value
+
+
+SecretRef = Annotated[str, BeforeValidator(_secret_ref)]
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``60/minute``: at most ``limit`` requests per ``period`` seconds, per key."""
+
+    limit: int
+    period: int
+    text: str
+
+    @classmethod
+    def parse(cls, value: Any) -> Rate:
+        if isinstance(value, Rate):
+            return value
+        m = _RATE.match(str(value))
+        if not m or int(m.group(1)) <= 0:
+            raise ValueError(f"{value!r} is not a rate like 60/minute (second|minute|hour|day)")
+        period = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}[m.group(2)]
+        return cls(int(m.group(1)), period, f"{m.group(1)}/{m.group(2)}")
+
+
+RateValue = Annotated[Rate, BeforeValidator(Rate.parse)]
+
+
+# --------------------------------------------------------------------------- path rules
+
+
+class UnsafePath(ValueError):
+    """A request path that could mean different things to us and to the vendor."""
+
+
+def path_segments(path: str) -> tuple[str, ...]:
+    """Split a request path (no query) into decoded segments, the way a vendor will read it.
+
+    Rules match decoded segments so ``/v1/%70ayment_methods`` cannot slip past a deny
+    on ``/v1/payment_methods``. Paths whose meaning is ambiguous are refused outright:
+    dot segments, an encoded slash or backslash, or a NUL byte.
+    """
+    segments = []
+    for raw in path.split("/"):
+        if raw == "":
+            continue  # "//" and a trailing "/" are read as one separator
+        seg = unquote(raw)
+        if seg in (".", "..") or "/" in seg or "\\" in seg or "\x00" in seg:
+            raise UnsafePath(f"ambiguous path segment {raw!r}")
+        segments.append(seg)
+    return tuple(segments)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``METHOD /path`` with ``*`` (one segment) and a trailing ``**`` (any rest)."""
+
+    method: str | None  # None = any method
+    segments: tuple[str, ...]
+    text: str
+
+    @classmethod
+    def parse(cls, value: Any) -> Rule:
+        if isinstance(value, Rule):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("a rule is a string like 'POST /v1/charges'")
+        parts = value.split()
+        if len(parts) != 2 or not parts[1].startswith("/"):
+            raise ValueError(f"{value!r} is not 'METHOD /path' (e.g. 'GET /v1/charges/*')")
+        method, path = parts
+        if not (method == "*" or re.fullmatch(r"[A-Za-z]+", method)):
+            raise ValueError(f"{method!r} is not an HTTP method or *")
+        segments = tuple(s for s in path.split("/") if s)
+        for i, seg in enumerate(segments):
+            if seg == "**" and i != len(segments) - 1:
+                raise ValueError(f"{value!r}: ** may only be the last path segment")
+            if "*" in seg and seg not in ("*", "**"):
+                raise ValueError(f"{value!r}: * must be a whole path segment")
+        return cls(None if method == "*" else method.upper(), segments, value)
+
+    def matches(self, method: str, segments: tuple[str, ...]) -> bool:
+        if self.method is not None and self.method != method:
+            return False
+        pattern = self.segments
+        if pattern and pattern[-1] == "**":
+            head = pattern[:-1]
+            if len(segments) < len(head):
+                return False
+            segments = segments[: len(head)]
+            pattern = head
+        if len(pattern) != len(segments):
+            return False
+        return all(p == "*" or p == s for p, s in zip(pattern, segments, strict=True))
+
+
+RuleValue = Annotated[Rule, BeforeValidator(Rule.parse)]
+
+
+def first_match(rules: Iterable[Rule], method: str, segments: tuple[str, ...]) -> Rule | None:
+    return next((r for r in rules if r.matches(method, segments)), None)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class VendorConfig(_Model):
+    """``vendors.<name>``: where the real credential comes from, and where to send traffic."""
+
+    secret: SecretRef | None = None
+    account_sid: SecretRef | None = None
+    upstream: str | None = None  # e.g. http://127.0.0.1:9001 for a mock or staging server
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("upstream must be an http:// or https:// URL with a host")
+        if parts.path not in ("", "/"):
+            raise ValueError("upstream is scheme://host[:port] only, without a path")
+        return v
+
+
+class VendorRules(_Model):
+    """``policies.<p>.vendors.<name>``: which endpoints a key may call, and per-request limits."""
+
+    allow: list[RuleValue] = Field(default_factory=list)
+    deny: list[RuleValue] = Field(default_factory=list)
+    approve: list[RuleValue] = Field(default_factory=list)
+    max_request_usd: Usd | None = None
+    # Used when a call moves money but its request says no amount (confirm, invoice pay).
+    default_estimate_usd: Usd | None = None
+
+
+class Budget(_Model):
+    key_usd: Usd | None = None
+    key_daily_usd: Usd | None = None
+    policy_daily_usd: Usd | None = None
+    policy_monthly_usd: Usd | None = None
+
+
+class LoopBreaker(_Model):
+    """The same money-moving request repeated ``repeats`` times within ``window`` is refused."""
+
+    repeats: int = Field(default=3, ge=2)
+    window: Duration = 600
+
+
+class Policy(_Model):
+    vendors: dict[str, VendorRules] = Field(default_factory=dict)
+    budget: Budget = Budget()
+    rate: RateValue | None = None
+    ttl: Duration = 3600
+    mode: Literal["enforce", "report"] | None = None  # None: the file's global mode
+    loop: LoopBreaker = LoopBreaker()
+    approval_timeout: Duration = 300
+
+    @field_validator("vendors")
+    @classmethod
+    def _known_vendors(cls, v: dict[str, VendorRules]) -> dict[str, VendorRules]:
+        for name in v:
+            if name not in REGISTRY:
+                raise ValueError(f"unknown vendor {name!r} (known: {', '.join(sorted(REGISTRY))})")
+        return v
+
+
+class StaticKey(_Model):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    policy: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    cap_usd: Usd | None = None
+
+
+class Egress(_Model):
+    """Non-vendor hosts. ``allow``/``deny`` take host names, ``*.domain`` and IPs/CIDRs."""
+
+    default: Literal["allow", "deny"] = "allow"
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+
+
+class Config(_Model):
+    version: Literal[1]
+    vendors: dict[str, VendorConfig] = Field(default_factory=dict)
+    fx: dict[str, Usd] = Field(default_factory=dict)
+    prices: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    policies: dict[str, Policy] = Field(default_factory=dict)
+    keys: list[StaticKey] = Field(default_factory=list)
+    egress: Egress = Egress()
+    mode: Literal["enforce", "report"] = "enforce"
+
+    @field_validator("vendors", "prices")
+    @classmethod
+    def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            if name not in REGISTRY:
+                raise ValueError(f"unknown vendor {name!r} (known: {', '.join(sorted(REGISTRY))})")
+        return v
+
+    @field_validator("fx")
+    @classmethod
+    def _fx(cls, v: dict[str, Decimal]) -> dict[str, Decimal]:
+        return {k.upper(): rate for k, rate in v.items()}
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Config:
+        errors: list[tuple[tuple[Any, ...], str]] = []
+        for name, vc in self.vendors.items():
+            for fld in REGISTRY[name].credential_fields:
+                if getattr(vc, fld) is None:
+                    errors.append((("vendors", name, fld), f"{name} needs {fld}: env:NAME or file:PATH"))
+        for pname, pol in self.policies.items():
+            for vname in pol.vendors:
+                if vname not in self.vendors:
+                    errors.append(
+                        (("policies", pname, "vendors", vname),
+                         f"vendor {vname!r} has no credentials under the top-level vendors:")
+                    )
+        seen: set[str] = set()
+        for i, key in enumerate(self.keys):
+            if key.policy not in self.policies:
+                errors.append((("keys", i, "policy"), f"no policy named {key.policy!r}"))
+            if key.id in seen:
+                errors.append((("keys", i, "id"), f"duplicate key id {key.id!r}"))
+            seen.add(key.id)
+        if errors:
+            raise _CrossErrors(errors)
+        return self
+
+    def policy_mode(self, policy: str) -> str:
+        return self.policies[policy].mode or self.mode
+
+
+class _CrossErrors(ValueError):
+    def __init__(self, errors: list[tuple[tuple[Any, ...], str]]) -> None:
+        super().__init__("; ".join(m for _, m in errors))
+        self.errors = errors
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field or '(file)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A policy file that cannot be used; ``problems`` says where and why."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Follow ``loc`` through the composed YAML tree; the line of the deepest node found."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    node, line = v, k.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _dotted(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_config(text: str, filename: str = "<policy>") -> Config:
+    """Parse and validate policy YAML; raises :class:`ConfigError` listing every problem."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise ConfigError(
+            [Problem(filename, mark.line + 1 if mark else None, "", f"invalid YAML: {e.problem}")]
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(filename, 1, "", "expected a mapping with version: 1")])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            ctx_err = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_err, _CrossErrors):
+                problems += [
+                    Problem(filename, _line_of(node, loc), _dotted(loc), msg)
+                    for loc, msg in ctx_err.errors
+                ]
+                continue
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling)"
+            problems.append(Problem(filename, _line_of(node, loc), _dotted(loc), msg))
+        raise ConfigError(problems) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([Problem(str(path), None, "", f"cannot read: {e.strerror}")]) from None
+    return parse_config(text, str(path))
+
+
+def resolve_credentials(
+    config: Config, filename: str = "<policy>", environ: Mapping[str, str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Read every ``env:``/``file:`` credential; raises :class:`ConfigError` naming what is missing.
+
+    The values are returned, never logged: callers keep them in memory only.
+    """
+    environ = os.environ if environ is None else environ
+    out: dict[str, dict[str, str]] = {}
+    problems: list[Problem] = []
+    for name, vc in config.vendors.items():
+        creds: dict[str, str] = {}
+        for fld in REGISTRY[name].credential_fields:
+            ref = getattr(vc, fld)
+            kind, _, target = ref.partition(":")
+            if kind == "env":
+                value = environ.get(target)
+                missing = f"environment variable {target} is not set"
+            else:
+                try:
+                    value = Path(target).read_text().strip()
+                except OSError as e:
+                    value, missing = None, f"cannot read {target}: {e.strerror}"
+            if not value:
+                problems.append(Problem(filename, None, f"vendors.{name}.{fld}", missing))
+            else:
+                creds[fld] = value
+        out[name] = creds
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+# --------------------------------------------------------------------------- egress
+
+
+def host_matches(host: str, patterns: Iterable[str]) -> bool:
+    """``host`` (a name or an IP) against names, ``*.domain`` and IPs/CIDRs."""
+    host = host.lower().rstrip(".")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for p in patterns:
+        p = p.lower()
+        if p.startswith("*."):
+            if host.endswith(p[1:]):
+                return True
+        elif ip is not None and ("/" in p or _is_ip(p)):
+            try:
+                if ip in ipaddress.ip_network(p, strict=False):
+                    return True
+            except ValueError:
+                continue
+        elif host == p:
+            return True
+    return False
+
+
+def _is_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return True
+
+
+def is_internal(ip: str) -> bool:
+    """Loopback, link-local (the cloud metadata service), private and other non-public ranges."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return not addr.is_global

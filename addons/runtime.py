@@ -1,0 +1,146 @@
+"""The first addon: options, the policy file (with reload), the ledger.
+
+Every stage holds a reference to the one :class:`Runtime` and reads
+``runtime.state`` (an immutable snapshot swapped whole on reload), so a request
+never sees half of an old policy and half of a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
+
+from . import wire
+from .policy import Config, ConfigError, load_config, resolve_credentials
+from .store import KeyRecord, Store, open_store
+from .vendors.base import Prices
+
+log = logging.getLogger("spendgate")
+
+DEFAULT_CONFIG = "policies/spendgate.yaml"
+DEFAULT_DB = "data/spendgate.db"
+RELOAD_INTERVAL = 0.5  # seconds between checks of the policy file's mtime
+
+
+def config_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("SPENDGATE_CONFIG") or DEFAULT_CONFIG
+
+
+def db_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("SPENDGATE_DB") or DEFAULT_DB
+
+
+@dataclass(frozen=True)
+class State:
+    """A loaded policy file: validated config, resolved credentials, prices."""
+
+    config: Config
+    credentials: dict[str, dict[str, str]]  # vendor → field → real value (memory only)
+    prices: Prices
+    path: str
+    mtime: float
+
+
+def load_state(path: str) -> State:
+    config = load_config(path)
+    creds = resolve_credentials(config, path)
+    prices = Prices(fx=dict(config.fx), overrides=dict(config.prices))
+    return State(config, creds, prices, path, Path(path).stat().st_mtime)
+
+
+def static_keys(config: Config) -> list[KeyRecord]:
+    return [
+        KeyRecord(id=k.id, policy=k.policy, token_sha256=k.token_sha256, labels=dict(k.labels),
+                  cap_usd=k.cap_usd, source="static")
+        for k in config.keys
+    ]
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.state: State | None = None
+        self.store: Store | None = None
+        self._db: str | None = None
+        self._watch: asyncio.Task | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "spendgate_config", str, "",
+            "Spendgate policy file (default: $SPENDGATE_CONFIG, else policies/spendgate.yaml).",
+        )
+        loader.add_option(
+            "spendgate_db", str, "",
+            "Spendgate ledger, a SQLite file (default: $SPENDGATE_DB, else data/spendgate.db).",
+        )
+        wire.install()
+
+    def configure(self, updated: set[str]) -> None:
+        # Lazy: with "eager", mitmproxy dials the vendor at CONNECT time, before any policy ran.
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.connection_strategy = "lazy"
+        if "spendgate_config" in updated or self.state is None:
+            path = config_path(ctx.options.spendgate_config)
+            try:
+                self._install(load_state(path))
+            except ConfigError as e:
+                if self.state is None:
+                    raise exceptions.OptionsError(f"spendgate: invalid policy\n{e}") from None
+                log.error("spendgate: %s rejected, keeping the last good policy:\n%s", path, e)
+        if "spendgate_db" in updated or self.store is None:
+            db = db_path(ctx.options.spendgate_db)
+            if db != self._db:
+                if self.store is not None:
+                    self.store.close()
+                self.store = open_store(db)
+                self._db = db
+                log.info("spendgate: ledger %s", db)
+            if self.state:
+                self.store.sync_static_keys(static_keys(self.state.config))
+
+    def _install(self, state: State) -> None:
+        self.state = state
+        if self.store is not None:
+            self.store.sync_static_keys(static_keys(state.config))
+        log.info(
+            "spendgate: policy %s loaded (%d policies, vendors: %s)",
+            state.path, len(state.config.policies), ", ".join(state.config.vendors) or "none",
+        )
+
+    def running(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_policy())
+
+    async def _watch_policy(self) -> None:
+        """Reload the policy file when it changes; an invalid file keeps the old policy."""
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            self.check_reload()
+
+    def check_reload(self) -> None:
+        state = self.state
+        if state is None:
+            return
+        try:
+            mtime = Path(state.path).stat().st_mtime
+        except OSError:
+            return
+        if mtime == state.mtime:
+            return
+        try:
+            self._install(load_state(state.path))
+        except ConfigError as e:
+            # Remember the mtime so the same bad file is reported once, not every tick.
+            self.state = State(state.config, state.credentials, state.prices, state.path, mtime)
+            log.error("spendgate: %s rejected, keeping the last good policy:\n%s", state.path, e)
+
+    def done(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,1 @@
+"""The pipeline stages, one module each; ``spendgate.gateway`` lists them in order."""

@@ -1,0 +1,94 @@
+"""Stage 5, approve: hold a request that matches an ``approve:`` rule until a human decides.
+
+The flow is intercepted the mitmproxy way, so mitmweb shows it as intercepted and
+*resuming it there approves it*. From a shell, ``spendgate approve ID`` /
+``spendgate deny ID`` (or the admin API) write the decision to the ledger, which a
+watcher task polls. A hold nobody answers is refused after the policy's
+``approval_timeout``. The wait is always bounded: mitmproxy does not tell addons
+when an intercepted flow is killed (mitmproxy#8045), so the watcher ends it itself.
+
+An agent cannot approve its own request: decisions come only from mitmweb and the
+admin listener (both on loopback, which the egress stage refuses to agents) or from
+the CLI with access to the ledger file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from datetime import UTC, datetime, timedelta
+
+from mitmproxy import http
+
+from ..call import Call, get_call, refuse
+from ..money import from_nanos
+from ..runtime import Runtime
+
+log = logging.getLogger("spendgate")
+POLL_INTERVAL = 0.1
+
+
+class Approve:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.watchers: set[asyncio.Task] = set()
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        call = get_call(flow)
+        if call is None or flow.response or call.approval_rule is None or call.key is None:
+            return
+        state, store = self.runtime.state, self.runtime.store
+        assert state is not None and store is not None
+        policy = state.config.policies[call.key.policy]
+        if call.mode == "report":
+            call.would_deny.append("approval_required")
+            return  # report-only: note it, never hold
+        approval_id = "apr_" + secrets.token_hex(6)
+        timeout = policy.approval_timeout
+        store.add_approval({
+            "id": approval_id, "flow_id": flow.id, "key_id": call.key.id, "policy": call.policy,
+            "vendor": call.vendor, "method": flow.request.method,
+            "path": flow.request.path.split("?", 1)[0], "rule": call.approval_rule,
+            "estimated_usd": str(from_nanos(call.estimated_nanos)),
+            "expires_at": (datetime.now(UTC) + timedelta(seconds=timeout)).isoformat(timespec="milliseconds"),
+        })
+        call.approval_id = approval_id
+        flow.comment = (f"HELD for approval ({call.approval_rule}): resume here, or "
+                        f"`spendgate approve {approval_id}` / `spendgate deny {approval_id}`")
+        flow.intercept()
+        task = asyncio.get_running_loop().create_task(self.watch(flow, call, approval_id, timeout))
+        self.watchers.add(task)
+        task.add_done_callback(self.watchers.discard)
+        log.info("spendgate: held %s %s for approval %s", flow.request.method, flow.request.path, approval_id)
+
+    async def watch(self, flow: http.HTTPFlow, call: Call, approval_id: str, timeout: float) -> None:
+        store = self.runtime.store
+        assert store is not None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            if flow.error is not None:  # killed in the UI
+                store.decide_approval(approval_id, "denied", "killed")
+                return
+            status = store.approval_status(approval_id)
+            if not flow.intercepted:  # resumed in mitmweb
+                if status == "pending":
+                    store.decide_approval(approval_id, "approved", "mitmweb")
+                elif status != "approved":
+                    refuse(flow, "approval_denied", f"approval {approval_id} was {status}")
+                return
+            if status == "approved":
+                break
+            if status == "denied":
+                refuse(flow, "approval_denied", f"approval {approval_id} was denied")
+                break
+            if asyncio.get_running_loop().time() >= deadline:
+                store.decide_approval(approval_id, "timeout", "gateway")
+                refuse(flow, "approval_timeout", f"nobody answered approval {approval_id} in {timeout:g}s")
+                break
+        flow.resume()
+
+    def done(self) -> None:
+        for task in self.watchers:
+            task.cancel()

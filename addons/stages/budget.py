@@ -1,0 +1,151 @@
+"""Stage 4, budget: estimate the call before it is forwarded, and hold the money.
+
+The estimate comes from the vendor module (``estimate(request)``). Every budget
+scope that applies (SPEC §3: per key, per key per day, per policy per day and per
+month; a key's own ``cap_usd`` narrows ``key_usd``) gets the estimate reserved in
+one atomic store transaction; the meter stage settles it to the parsed cost.
+Days and months are UTC.
+
+The loop breaker refuses the same priced request (method, path, body) from one key
+more than ``loop.repeats`` times within ``loop.window``, unless it repeats an
+Idempotency-Key already seen (the vendor dedupes those, so they cost nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from datetime import UTC, datetime
+
+from mitmproxy import http
+
+from ..call import Call, get_call, refuse
+from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
+from ..policy import Policy
+from ..runtime import Runtime
+from ..store import CapExceeded, KeyRecord
+from ..vendors import REGISTRY
+from ..vendors.base import Estimate, RequestView
+
+
+def request_view(flow: http.HTTPFlow) -> RequestView:
+    req = flow.request
+    path, _, query = req.path.partition("?")
+    return RequestView(
+        method=req.method.upper(), path=path, query=query,
+        headers={k.lower(): v for k, v in req.headers.items()},
+        body=req.get_content(strict=False) or b"",
+    )
+
+
+def budget_caps(policy_name: str, policy: Policy, key: KeyRecord, at: datetime) -> dict[str, int]:
+    """Scope name → cap in nano-dollars, for every cap that applies to this key."""
+    b = policy.budget
+    caps = {}
+    key_total = [c for c in (b.key_usd, key.cap_usd) if c is not None]
+    if key_total:
+        caps[f"key:{key.id}"] = to_nanos(min(key_total))
+    if b.key_daily_usd is not None:
+        caps[f"key:{key.id}:day:{at:%Y-%m-%d}"] = to_nanos(b.key_daily_usd)
+    if b.policy_daily_usd is not None:
+        caps[f"policy:{policy_name}:day:{at:%Y-%m-%d}"] = to_nanos(b.policy_daily_usd)
+    if b.policy_monthly_usd is not None:
+        caps[f"policy:{policy_name}:month:{at:%Y-%m}"] = to_nanos(b.policy_monthly_usd)
+    return caps
+
+
+class LoopBreaker:
+    def __init__(self) -> None:
+        self._seen: dict[str, deque[tuple[float, str | None]]] = {}
+
+    def repeated(self, fingerprint: str, idem: str | None, repeats: int, window: float) -> bool:
+        now = time.monotonic()
+        seen = self._seen.setdefault(fingerprint, deque())
+        while seen and now - seen[0][0] > window:
+            seen.popleft()
+        if idem is not None and any(k == idem for _, k in seen):
+            return False  # a retry the vendor will dedupe
+        if len(seen) >= repeats:
+            return True
+        seen.append((now, idem))
+        return False
+
+
+class Budget:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.loops = LoopBreaker()
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        call = get_call(flow)
+        if call is None or flow.response or call.key is None:
+            return
+        state = self.runtime.state
+        store = self.runtime.store
+        assert state is not None and store is not None
+        policy = state.config.policies.get(call.key.policy)
+        if policy is None:
+            return
+        vendor = REGISTRY[call.vendor or ""]
+        rules = policy.vendors.get(vendor.name)
+        view = request_view(flow)
+        try:
+            estimate = vendor.estimate(view, state.prices)
+        except Unpriceable as e:
+            refuse(flow, "unpriceable", f"{e}")
+            estimate = Estimate(usd=None, moves_money=True, currency=e.currency, basis=str(e))
+        call.estimate = estimate
+        if estimate.usd is None:
+            default = rules and (rules.default_estimate_usd or rules.max_request_usd)
+            call.estimate = estimate = Estimate(
+                usd=default or 0, moves_money=estimate.moves_money, currency=estimate.currency,
+                amount=estimate.amount,
+                basis=(f"no amount in the request; policy default {fmt_usd(default)}" if default
+                       else "no amount in the request and no default_estimate_usd: counted as $0"),
+            )
+            if flow.response:
+                return
+        call.estimated_nanos = nanos = to_nanos(estimate.usd or 0)
+
+        cap = rules.max_request_usd if rules else None
+        if cap is not None and estimate.usd > cap and refuse(
+            flow, "request_over_limit", f"estimated {fmt_usd(estimate.usd)} is over max_request_usd {fmt_usd(cap)}"
+        ):
+            return
+
+        if view.method != "GET" and (estimate.moves_money or nanos > 0):
+            fp = hashlib.sha256(
+                b"\0".join([call.key.id.encode(), view.method.encode(), view.path.encode(), view.body])
+            ).hexdigest()
+            idem = view.headers.get("idempotency-key")
+            if self.loops.repeated(fp, idem, policy.loop.repeats, policy.loop.window) and refuse(
+                flow, "loop_detected",
+                f"the same request was sent {policy.loop.repeats} times within "
+                f"{policy.loop.window}s; send an Idempotency-Key to retry safely",
+            ):
+                return
+
+        self.hold(flow, call, policy, nanos)
+
+    def hold(self, flow: http.HTTPFlow, call: Call, policy: Policy, nanos: int) -> None:
+        assert call.key is not None and call.policy is not None
+        store = self.runtime.store
+        assert store is not None
+        caps = budget_caps(call.policy, policy, call.key, datetime.now(UTC))
+        call.scopes = list(caps)
+        if not caps:
+            return
+        if nanos > 0:
+            try:
+                call.reservation = store.reserve(nanos, caps)
+            except CapExceeded as e:
+                left = max(0, e.cap_nanos - e.used_nanos)
+                call.budget_left_nanos = left
+                # In report-only mode the call goes on without a hold; its cost is still
+                # counted when it is settled.
+                refuse(flow, "cap_exhausted",
+                        f"estimated {fmt_usd(from_nanos(nanos))} does not fit in {e.scope}: "
+                        f"{fmt_usd(from_nanos(left))} left of {fmt_usd(from_nanos(e.cap_nanos))}")
+                return
+        call.budget_left_nanos = min(cap - store.used(scope) for scope, cap in caps.items())

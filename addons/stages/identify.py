@@ -1,0 +1,121 @@
+"""Stage 2, identify: which vendor, which vault key, and is the key good.
+
+The vendor comes from the tunnel (the CONNECT target, which mitmproxy puts in
+``flow.request.host`` inside it), never from the agent-controlled Host header;
+a Host header or TLS SNI that disagrees with the tunnel is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from mitmproxy import http
+
+from ..call import Call, refuse
+from ..runtime import Runtime
+from ..store import TOKEN_PREFIX
+from ..vendors import REGISTRY, vendor_for_host
+from ..vendors.base import Vendor
+
+VAULT_HEADER = "x-vault-key"
+_TOKEN = re.compile(r"^vk_[A-Za-z0-9_-]{32,}$")
+_TOKEN_ANYWHERE = re.compile(rb"vk_[A-Za-z0-9_-]{32,}")
+
+
+def credential_slots(headers: http.Headers, vendor: Vendor) -> list[tuple[str, str]]:
+    """Every (slot, value) where an agent may have put a key: X-Vault-Key, the vendor's
+    headers, Authorization (Bearer, or Basic user and password)."""
+    slots = [(VAULT_HEADER, v.strip()) for v in headers.get_all(VAULT_HEADER)]
+    for name in dict.fromkeys((*vendor.key_headers, "authorization")):
+        for value in headers.get_all(name):
+            value = value.strip()
+            if name != "authorization":
+                slots.append((name, value))
+                continue
+            scheme, _, rest = value.partition(" ")
+            if scheme.lower() == "bearer":
+                slots.append(("authorization", rest.strip()))
+            elif scheme.lower() == "basic":
+                try:
+                    user, _, password = base64.b64decode(rest.strip(), validate=True).decode().partition(":")
+                except (binascii.Error, UnicodeDecodeError):
+                    slots.append(("authorization", value))
+                    continue
+                slots += [("authorization:user", user), ("authorization:password", password)]
+            else:
+                slots.append(("authorization", value))
+    return [(slot, v) for slot, v in slots if v]
+
+
+def looks_real(value: str) -> str | None:
+    """The vendor whose real-key pattern ``value`` matches, if any."""
+    return next((v.name for v in REGISTRY.values() if v.real_key.match(value)), None)
+
+
+def _host_only(authority: str) -> str:
+    host = authority.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Identify:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            return
+        vendor = vendor_for_host(flow.request.host)
+        if vendor is None:
+            return  # egress allowed it; not ours to meter
+        call = Call(vendor=vendor.name, host=flow.request.host)
+        flow.metadata["spendgate"] = call
+        host = flow.request.host.lower()
+
+        if flow.request.scheme != "https" or not flow.client_conn.tls_established:
+            refuse(flow, "insecure_scheme",
+                   f"{host} must be called over https (CONNECT through the proxy), not plain http")
+            return
+        header_host = flow.request.host_header
+        if header_host is not None and _host_only(header_host) != host:
+            refuse(flow, "host_mismatch", f"Host header {header_host!r} does not match the tunnel to {host}")
+            return
+        sni = flow.client_conn.sni
+        if sni and sni.lower() != host:
+            refuse(flow, "host_mismatch", f"TLS SNI {sni!r} does not match the tunnel to {host}")
+            return
+
+        slots = credential_slots(flow.request.headers, vendor)
+        for slot, value in slots:
+            if not value.startswith(TOKEN_PREFIX) and (owner := looks_real(value)):
+                refuse(flow, "raw_credential",
+                       f"the request carries what looks like a real {owner} key in {slot}; "
+                       "agents must use a spendgate vault key")
+                return
+        tokens = {v for _, v in slots if v.startswith(TOKEN_PREFIX)}
+        if not tokens:
+            refuse(flow, "missing_vault_key",
+                   f"no vault key: send it in X-Vault-Key or where the {vendor.name} SDK puts its key")
+            return
+        if len(tokens) > 1:
+            refuse(flow, "ambiguous_vault_key", "the request carries more than one vault key")
+            return
+        token = tokens.pop()
+        if _TOKEN_ANYWHERE.search(flow.request.path.encode()) or _TOKEN_ANYWHERE.search(
+            flow.request.get_content(strict=False) or b""
+        ):
+            refuse(flow, "vault_key_leak", "a vault key appears in the URL or body; it would reach the vendor")
+            return
+        store = self.runtime.store
+        assert store is not None
+        key = store.key_by_token(token) if _TOKEN.match(token) else None
+        if key is None:
+            refuse(flow, "unknown_key", "this vault key is not known to the gateway")
+            return
+        call.key, call.policy = key, key.policy
+        state = key.state()
+        if state != "active":
+            refuse(flow, state, f"vault key {key.id} is {state}")

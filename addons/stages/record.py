@@ -1,0 +1,110 @@
+"""Stage 8, record: one ledger row per request, a one-line flow comment, a mark on refusals.
+
+Runs last, for every outcome: ``response`` (allowed, or refused by a stage),
+``error`` (the vendor never answered) and ``http_connect`` (a refused tunnel).
+The row holds no secrets and no bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+
+from mitmproxy import http
+
+from .. import wire
+from ..call import STATUS, Call, get_call
+from ..money import fmt_usd, from_nanos, to_nanos
+from ..runtime import Runtime
+
+log = logging.getLogger("spendgate")
+
+REFUSED_MARK = ":no_entry:"
+
+
+def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
+    req = flow.request
+    cost = call.cost
+    return {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "flow_id": flow.id,
+        "key_id": call.key_id,
+        "policy": call.policy,
+        "labels": json.dumps(call.key.labels, sort_keys=True) if call.key else "{}",
+        "vendor": call.vendor,
+        "method": req.method,
+        "host": call.host or req.host,
+        "path": req.path.split("?", 1)[0][:2000],
+        "status": status,
+        "decision": call.decision,
+        "reason": call.reason,
+        "estimated_usd": str(from_nanos(call.estimated_nanos)),
+        "estimated_nanos": call.estimated_nanos,
+        "cost_usd": str(cost.usd) if cost and cost.usd is not None else None,
+        "cost_nanos": to_nanos(cost.usd) if cost and cost.usd is not None else None,
+        "cost_status": cost.status if cost else ("zero" if call.decision == "deny" else None),
+        "flagged": int(bool(cost and cost.status in ("unknown", "estimated"))),
+        "note": (cost.note if cost else call.message or "")[:500],
+        "currency": (cost.currency if cost else None) or (call.estimate.currency if call.estimate else None),
+        "amount": str(cost.amount) if cost and cost.amount is not None else None,
+        "request_id": call.request_id,
+        "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
+    }
+
+
+def comment(call: Call, flow: http.HTTPFlow) -> str:
+    labels = ",".join(f"{k}={v}" for k, v in (call.key.labels if call.key else {}).items())
+    who = f"{call.key_id or 'no key'}" + (f" ({labels})" if labels else "")
+    parts = [call.decision.upper() if call.decision != "allow" else "allow"]
+    if call.reason:
+        parts.append(call.reason)
+    parts += [call.vendor or flow.request.host, who]
+    if call.cost and call.cost.usd is not None:
+        parts.append(f"cost {fmt_usd(call.cost.usd)} {call.cost.status}")
+    elif call.estimated_nanos:
+        parts.append(f"est {fmt_usd(from_nanos(call.estimated_nanos))}")
+    if call.budget_left_nanos is not None:
+        parts.append(f"budget left {fmt_usd(from_nanos(call.budget_left_nanos))}")
+    if call.approval_rule:
+        parts.append(f"approval: {call.approval_rule}")
+    return " · ".join(parts)
+
+
+class Record:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.response.status_code != 200:
+            self.record(flow, flow.response.status_code)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.record(flow, flow.response.status_code if flow.response else None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        call = get_call(flow)
+        if call is None or call.recorded:
+            return
+        msg = flow.error.msg if flow.error else ""
+        if call.decision == "allow":
+            call.reason = "upstream_timeout" if "timeout" in msg.lower() else "upstream_unreachable"
+            call.message = msg
+        self.record(flow, STATUS.get(call.reason or "", 502))
+
+    def record(self, flow: http.HTTPFlow, status: int | None) -> None:
+        call = get_call(flow)
+        if call is None or call.recorded:
+            return
+        call.recorded = True
+        wire.forget(call.wire_ref)
+        store = self.runtime.store
+        assert store is not None
+        store.record_call(ledger_row(flow, call, status))
+        flow.comment = comment(call, flow)
+        if call.decision != "allow":
+            flow.marked = REFUSED_MARK
+        log.info("spendgate: %s %s %s %s %s key=%s status=%s", call.decision, call.reason or "-",
+                 call.vendor or flow.request.host, flow.request.method,
+                 flow.request.path.split("?", 1)[0], call.key_id or "-", status)

@@ -1,0 +1,58 @@
+"""Stage 6, swap: vault key out, real credential in (on the wire only, see ``wire.py``).
+
+Every header that could carry a key is removed (X-Vault-Key, the vendor's key
+headers, Authorization, and any header holding a vault-key-shaped token), then
+the vendor's credential headers are set to a placeholder naming the key id. The
+real values are registered with ``wire`` and replace the placeholder only in the
+bytes sent upstream.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from mitmproxy import http
+
+from .. import wire
+from ..call import get_call, refuse
+from ..runtime import Runtime
+from ..vendors import REGISTRY
+from .identify import VAULT_HEADER
+
+_VAULT_TOKEN = re.compile(r"vk_[A-Za-z0-9_-]{16,}")
+
+
+class Swap:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        call = get_call(flow)
+        if call is None or flow.response or call.key is None:
+            return
+        state = self.runtime.state
+        assert state is not None
+        vendor = REGISTRY[call.vendor or ""]
+        creds = state.credentials.get(vendor.name)
+        if not creds:
+            call.mode = "enforce"  # nothing to forward with, whatever the mode
+            refuse(flow, "vendor_not_allowed", f"no credentials are configured for {vendor.name}")
+            return
+        headers = flow.request.headers
+        for name in (VAULT_HEADER, "authorization", *vendor.key_headers):
+            headers.pop(name, None)
+        for name, value in list(headers.items()):
+            if _VAULT_TOKEN.search(value):
+                del headers[name]
+        real = vendor.credential_headers(creds)
+        call.wire_ref, placeholder = wire.register(call.key.id, real)
+        for name in real:
+            headers[name] = placeholder
+        flow.request.path = vendor.rewrite_path(flow.request.path, creds)
+        upstream = state.config.vendors[vendor.name].upstream
+        if upstream:
+            u = urlsplit(upstream)
+            flow.request.scheme = u.scheme
+            flow.request.host = u.hostname or flow.request.host
+            flow.request.port = u.port or (443 if u.scheme == "https" else 80)
