@@ -6,8 +6,12 @@ flow comment. ``refuse()`` is the one way a stage says no.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -17,6 +21,8 @@ from mitmproxy import http
 from .money import from_nanos
 from .store import KeyRecord, Reservation
 from .vendors.base import Cost, Estimate, StreamMeter
+
+log = logging.getLogger("spendgate")
 
 METADATA_KEY = "spendgate"
 
@@ -149,3 +155,38 @@ def refuse(flow: http.HTTPFlow, code: str, message: str, headers: dict[str, str]
 
 def usd(nanos: int | None) -> Decimal | None:
     return None if nanos is None else from_nanos(nanos)
+
+
+def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a request-phase hook: any exception refuses the request (503 internal_error).
+
+    mitmproxy logs an addon's exception and carries on with the flow; for a gateway
+    that would mean forwarding a request some check never finished on.
+    """
+
+    def _refuse(self: Any, flow: http.HTTPFlow) -> None:
+        log.exception("spendgate: %s.%s failed; refusing the request",
+                      type(self).__name__, hook.__name__)
+        call = get_call(flow)
+        if call is not None:
+            call.mode = "enforce"
+        refuse(flow, "internal_error", "the gateway could not check this request; it was not sent")
+
+    if inspect.iscoroutinefunction(hook):
+        @functools.wraps(hook)
+        async def async_wrapper(self: Any, flow: http.HTTPFlow) -> None:
+            try:
+                await hook(self, flow)
+            except Exception:
+                _refuse(self, flow)
+
+        return async_wrapper
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, flow: http.HTTPFlow) -> None:
+        try:
+            hook(self, flow)
+        except Exception:
+            _refuse(self, flow)
+
+    return wrapper

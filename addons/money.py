@@ -78,9 +78,9 @@ def parse_decimal(value: object) -> Decimal | None:
     return d if d.is_finite() else None
 
 
-def to_nanos(usd: Decimal) -> int:
+def to_nanos(usd: Decimal | int) -> int:
     """USD → integer nano-dollars (banker's rounding below one nano-dollar)."""
-    return int((usd * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
+    return int((Decimal(usd) * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
 def from_nanos(nanos: int) -> Decimal:

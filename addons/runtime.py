@@ -81,15 +81,15 @@ class Runtime:
         wire.install()
 
     def configure(self, updated: set[str]) -> None:
-        # Lazy: with "eager", mitmproxy dials the vendor at CONNECT time, before any policy ran.
-        if ctx.options.connection_strategy != "lazy":
-            ctx.options.connection_strategy = "lazy"
         if "spendgate_config" in updated or self.state is None:
             path = config_path(ctx.options.spendgate_config)
             try:
                 self._install(load_state(path))
             except ConfigError as e:
                 if self.state is None:
+                    # No policy at all: never run as a plain proxy without the pipeline.
+                    # (mitmproxy's errorcheck exits with status 1 on errors logged at start-up.)
+                    log.critical("spendgate: invalid policy, not starting\n%s", e)
                     raise exceptions.OptionsError(f"spendgate: invalid policy\n{e}") from None
                 log.error("spendgate: %s rejected, keeping the last good policy:\n%s", path, e)
         if "spendgate_db" in updated or self.store is None:
@@ -102,6 +102,9 @@ class Runtime:
                 log.info("spendgate: ledger %s", db)
             if self.state:
                 self.store.sync_static_keys(static_keys(self.state.config))
+        # Lazy: with "eager", mitmproxy dials the vendor at CONNECT time, before any policy ran.
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.connection_strategy = "lazy"
 
     def _install(self, state: State) -> None:
         self.state = state

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from mitmproxy import http
 
-from ..call import Call, get_call, refuse
+from ..call import Call, fail_closed, get_call, refuse
 from ..money import from_nanos
 from ..runtime import Runtime
 
@@ -34,6 +34,7 @@ class Approve:
         self.runtime = runtime
         self.watchers: set[asyncio.Task] = set()
 
+    @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
         if call is None or flow.response or call.approval_rule is None or call.key is None:

@@ -12,7 +12,7 @@ import time
 
 from mitmproxy import http
 
-from ..call import get_call, refuse
+from ..call import fail_closed, get_call, refuse
 from ..policy import Rate, UnsafePath, first_match, path_segments
 from ..runtime import Runtime
 
@@ -40,6 +40,7 @@ class Authorize:
         self.runtime = runtime
         self.limiter = RateLimiter()
 
+    @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
         if call is None or flow.response or call.key is None:

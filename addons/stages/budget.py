@@ -17,10 +17,11 @@ import hashlib
 import time
 from collections import deque
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from mitmproxy import http
 
-from ..call import Call, get_call, refuse
+from ..call import Call, fail_closed, get_call, refuse
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
 from ..policy import Policy
 from ..runtime import Runtime
@@ -77,6 +78,7 @@ class Budget:
         self.runtime = runtime
         self.loops = LoopBreaker()
 
+    @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
         if call is None or flow.response or call.key is None:
@@ -99,14 +101,14 @@ class Budget:
         if estimate.usd is None:
             default = rules and (rules.default_estimate_usd or rules.max_request_usd)
             call.estimate = estimate = Estimate(
-                usd=default or 0, moves_money=estimate.moves_money, currency=estimate.currency,
+                usd=default or Decimal(0), moves_money=estimate.moves_money, currency=estimate.currency,
                 amount=estimate.amount,
                 basis=(f"no amount in the request; policy default {fmt_usd(default)}" if default
                        else "no amount in the request and no default_estimate_usd: counted as $0"),
             )
             if flow.response:
                 return
-        call.estimated_nanos = nanos = to_nanos(estimate.usd or 0)
+        call.estimated_nanos = nanos = to_nanos(estimate.usd)
 
         cap = rules.max_request_usd if rules else None
         if cap is not None and estimate.usd > cap and refuse(

@@ -15,7 +15,7 @@ import socket
 
 from mitmproxy import http, tls
 
-from ..call import Call, refuse
+from ..call import Call, fail_closed, refuse
 from ..policy import host_matches, is_internal
 from ..runtime import Runtime
 from ..vendors import vendor_for_host
@@ -25,16 +25,19 @@ class Egress:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
+    @fail_closed
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or vendor_for_host(flow.request.host):
             return
         await self.check(flow)
 
+    @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Plain-HTTP proxy requests ("GET http://host/…") never went through CONNECT.
+        # (Plain HTTP inside a CONNECT tunnel is checked again: harmless.)
         if flow.response or flow.client_conn.tls_established or flow.request.method == "CONNECT":
             return
-        if flow.request.first_line_format == "absolute" and not vendor_for_host(flow.request.host):
+        if not vendor_for_host(flow.request.host):
             await self.check(flow)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -69,4 +72,8 @@ class Egress:
             refuse(flow, "egress_denied", f"{host} is not in egress.allow (egress default: deny)")
             return
         del flow.metadata["spendgate"]  # allowed: nothing to record
-        flow.request.host = addresses[0]  # pin the tunnel to the address we checked
+        # Pin the connection to the address we checked; keep the Host header as sent.
+        host_header = flow.request.headers.get("host")
+        flow.request.host = addresses[0]
+        if host_header is not None:
+            flow.request.headers["host"] = host_header

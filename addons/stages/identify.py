@@ -13,7 +13,7 @@ import re
 
 from mitmproxy import http
 
-from ..call import Call, refuse
+from ..call import Call, fail_closed, refuse
 from ..runtime import Runtime
 from ..store import TOKEN_PREFIX
 from ..vendors import REGISTRY, vendor_for_host
@@ -65,6 +65,7 @@ class Identify:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
+    @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response:
             return

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from .. import wire
-from ..call import get_call, refuse
+from ..call import fail_closed, get_call, refuse
 from ..runtime import Runtime
-from ..vendors import REGISTRY
+from ..vendors import REGISTRY, vendor_for_host
 from .identify import VAULT_HEADER
 
 _VAULT_TOKEN = re.compile(r"vk_[A-Za-z0-9_-]{16,}")
@@ -27,9 +27,15 @@ class Swap:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
+    @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
-        if call is None or flow.response or call.key is None:
+        if flow.response:
+            return
+        if call is None or call.key is None:
+            # Defence in depth: nothing reaches a vendor without a checked key.
+            if vendor_for_host(flow.request.host):
+                refuse(flow, "internal_error", "the request was not checked; it was not sent")
             return
         state = self.runtime.state
         assert state is not None

@@ -1,0 +1,203 @@
+"""Token pricing shared by the LLM vendors (OpenAI, Anthropic).
+
+A price table (``prices/openai.yaml``, ``prices/anthropic.yaml``) holds, per
+model, USD per 1M tokens: ``input``, ``cached_input`` (cache reads),
+``output`` and, for Anthropic, ``cache_write`` (5-minute TTL) and
+``cache_write_1h``; plus ``max_output`` (the model's output limit, the worst
+case when a request sets none). ``aliases`` maps names to table keys; a dated
+id not in the table is tried without its date. An unknown model is priced at
+the table's ``fallback`` rates, chosen high on purpose, and every note and
+basis then says so.
+
+Usage is normalised to :class:`Usage`, whose fields never overlap: each token
+is billed once, at one rate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from ..money import parse_decimal
+from .base import Cost
+
+MILLION = Decimal(1_000_000)
+_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+# Inline images are base64 text; reading them as text would count a 1 MB photo as
+# 250k tokens. Each one is counted as ``image_input_tokens`` instead.
+_DATA_URL = re.compile(rb"data:[\w.+-]+/[\w.+-]+;base64,[A-Za-z0-9+/=\\]+")
+_B64_FIELD = re.compile(rb'"data"\s*:\s*"[A-Za-z0-9+/=\\]{256,}"')
+_NON_ASCII = bytes(range(0x80, 0x100))
+_NOT_LEAD = bytes(range(0xC0))
+
+
+@dataclass(frozen=True)
+class Rates:
+    """USD per 1M tokens for one model, as found in the table."""
+
+    model: str  # the table key used, or "fallback"
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+    cache_write_1h: Decimal
+    max_output: int | None
+    known: bool
+    long_context: Mapping[str, Any] | None = None
+
+    def for_input(self, input_total: int) -> Rates:
+        """Rates for a request of ``input_total`` input tokens (long-context surcharge)."""
+        lc = self.long_context
+        if not lc:
+            return self
+        above = _int(lc.get("above_input_tokens"))
+        if above is None or input_total <= above:
+            return self
+        ix = _dec(lc.get("input_x"), Decimal(1))
+        ox = _dec(lc.get("output_x"), Decimal(1))
+        return Rates(
+            self.model, self.input * ix, self.output * ox, self.cached_input * ix,
+            self.cache_write * ix, self.cache_write_1h * ix, self.max_output, self.known, None,
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Billed tokens by rate; the fields are disjoint."""
+
+    input: int = 0  # uncached input, at the input rate
+    cached: int = 0  # cache reads
+    cache_write: int = 0  # 5-minute cache writes
+    cache_write_1h: int = 0
+    output: int = 0  # includes reasoning/thinking tokens
+    web_searches: int = 0
+
+    @property
+    def input_total(self) -> int:
+        return self.input + self.cached + self.cache_write + self.cache_write_1h
+
+    def usd(self, rates: Rates, web_search_usd: Decimal = Decimal(0)) -> Decimal:
+        r = rates.for_input(self.input_total)
+        tokens = (
+            self.input * r.input + self.cached * r.cached_input + self.cache_write * r.cache_write
+            + self.cache_write_1h * r.cache_write_1h + self.output * r.output
+        )
+        return tokens / MILLION + self.web_searches * web_search_usd
+
+    def summary(self) -> str:
+        parts = [f"in {self.input}"]
+        if self.cached:
+            parts.append(f"cache read {self.cached}")
+        if self.cache_write:
+            parts.append(f"cache write {self.cache_write}")
+        if self.cache_write_1h:
+            parts.append(f"cache write 1h {self.cache_write_1h}")
+        parts.append(f"out {self.output}")
+        if self.web_searches:
+            parts.append(f"web searches {self.web_searches}")
+        return ", ".join(parts)
+
+
+def _dec(value: object, default: Decimal) -> Decimal:
+    d = parse_decimal(value)
+    return d if d is not None and d >= 0 else default
+
+
+def _int(value: object) -> int | None:
+    """A non-negative int from a JSON value (ints and integral floats/strings only)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    d = parse_decimal(value)
+    if d is None or d < 0 or d != d.to_integral_value():
+        return None
+    return int(d)
+
+
+def tokens(value: object) -> int:
+    """A token count from a usage field: missing or malformed counts as 0."""
+    return _int(value) or 0
+
+
+def lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal,
+           cache_write_x: Decimal = Decimal("1.25")) -> Rates:
+    """Rates for ``model``: exact key, alias, then the id without its date, else fallback.
+
+    Missing cache rates are derived from ``input`` (``cache_read_x`` × for reads,
+    1.25× / 2× for 5-minute / 1-hour writes), so a policy override may give only
+    ``input`` and ``output``.
+    """
+    models = table.get("models")
+    models = models if isinstance(models, Mapping) else {}
+    aliases = table.get("aliases")
+    aliases = aliases if isinstance(aliases, Mapping) else {}
+    key = _resolve(models, aliases, model.lower() if isinstance(model, str) else "")
+    entry = models.get(key) if key else None
+    known = isinstance(entry, Mapping)
+    if not known:
+        fallback = table.get("fallback")
+        entry = fallback if isinstance(fallback, Mapping) else {}
+        key = "fallback"
+    assert isinstance(entry, Mapping)
+    inp = _dec(entry.get("input"), Decimal(0))
+    lc = entry.get("long_context")
+    return Rates(
+        model=str(key),
+        input=inp,
+        output=_dec(entry.get("output"), Decimal(0)),
+        cached_input=_dec(entry.get("cached_input"), inp * cache_read_x),
+        cache_write=_dec(entry.get("cache_write"), inp * cache_write_x),
+        cache_write_1h=_dec(entry.get("cache_write_1h"), inp * 2),
+        max_output=_int(entry.get("max_output")),
+        known=known,
+        long_context=lc if isinstance(lc, Mapping) else None,
+    )
+
+
+def _resolve(models: Mapping[str, Any], aliases: Mapping[str, Any], name: str) -> str | None:
+    for candidate in (name, _DATE_SUFFIX.sub("", name)):
+        if not candidate:
+            continue
+        if candidate in models:
+            return candidate
+        target = aliases.get(candidate)
+        if isinstance(target, str) and target in models:
+            return target
+    return None
+
+
+def describe(rates: Rates, asked: object) -> str:
+    """How the model was priced, for notes and bases."""
+    if rates.known:
+        return rates.model
+    return f"unknown model {asked!r} priced at fallback rates"
+
+
+def input_guess(body: bytes, image_tokens: int) -> int:
+    """Worst-case-ish input tokens from the request body size, without a tokenizer.
+
+    ASCII runs ~4 bytes a token in English; other scripts run closer to one token
+    per character, so non-ASCII characters count one token each (4 bytes/token
+    would undercount Chinese or Japanese threefold). The whole JSON body is
+    counted (keys, tool schemas, system prompt), which errs high.
+    """
+    images = len(_DATA_URL.findall(body)) + len(_B64_FIELD.findall(body))
+    text = _B64_FIELD.sub(b'""', _DATA_URL.sub(b"", body))
+    ascii_bytes = len(text.translate(None, _NON_ASCII))
+    non_ascii_chars = len(text.translate(None, _NOT_LEAD))  # UTF-8 lead bytes
+    return math.ceil(ascii_bytes / 4) + non_ascii_chars + images * image_tokens
+
+
+def usd_cost(usage: Usage, rates: Rates, asked: object, web_search_usd: Decimal = Decimal(0),
+             extra: str = "") -> Cost:
+    """A priced Cost for known usage; "estimated" when the model fell back."""
+    usd = usage.usd(rates, web_search_usd)
+    note = f"{describe(rates, asked)}: {usage.summary()}"
+    if extra:
+        note += f"; {extra}"
+    return Cost("parsed" if rates.known else "estimated", usd, "USD", usd, note)
