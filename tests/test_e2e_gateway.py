@@ -10,6 +10,7 @@ import base64
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -275,7 +276,7 @@ def test_no_real_credential_in_ledger_logs_or_flow_file(gateway: Gateway) -> Non
     gateway.calls(at_least=1)
     gateway.stop()  # flush the -w flow file and the ledger
     blobs = {
-        "ledger": open(gateway.db, "rb").read(),
+        "ledger": Path(gateway.db).read_bytes(),
         "log": gateway.log.read_bytes(),
         "flows": gateway.flows.read_bytes(),
     }
