@@ -1,0 +1,196 @@
+"""The end-to-end harness: a real mitmdump running the gateway, fake vendors, helpers.
+
+End-to-end tests start ``mitmdump -s addons/gateway.py`` as a subprocess with a
+policy whose vendors all point (``upstream:``) at one local :class:`FakeVendors`
+server, and drive it with real clients through the proxy, trusting only the
+gateway's CA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from spendgate.fakes import FakeVendors
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHARED = ROOT.parent / "shared"
+
+# What the gateway injects. They look real on purpose: tests grep for them everywhere.
+REAL_CREDENTIALS = {
+    "STRIPE_SECRET_KEY": "sk_test_51REALstripeSECRETdoNotLeak0000",
+    "OPENAI_API_KEY": "sk-proj-REALopenaiSECRETdoNotLeak0000",
+    "ANTHROPIC_API_KEY": "sk-ant-api03-REALanthropicSECRETdoNotLeak",
+    "TWILIO_ACCOUNT_SID": "AC11111111111111111111111111111111",
+    "TWILIO_AUTH_TOKEN": "feedfacefeedfacefeedfacefeedface",
+    "RESEND_API_KEY": "re_REALresendSECRETdoNotLeak",
+    "POSTMARK_SERVER_TOKEN": "99999999-8888-7777-6666-555555555555",
+    "SHOPIFY_ACCESS_TOKEN": "shpat_REALshopifySECRETdoNotLeak",
+}
+SECRET_VALUES = [v for k, v in REAL_CREDENTIALS.items() if k != "TWILIO_ACCOUNT_SID"]
+
+POLICY = """\
+version: 1
+vendors:
+  stripe:    {{secret: env:STRIPE_SECRET_KEY, upstream: "{up}"}}
+  openai:    {{secret: env:OPENAI_API_KEY, upstream: "{up}"}}
+  anthropic: {{secret: env:ANTHROPIC_API_KEY, upstream: "{up}"}}
+  twilio:    {{account_sid: env:TWILIO_ACCOUNT_SID, secret: env:TWILIO_AUTH_TOKEN, upstream: "{up}"}}
+  resend:    {{secret: env:RESEND_API_KEY, upstream: "{up}"}}
+  postmark:  {{secret: env:POSTMARK_SERVER_TOKEN, upstream: "{up}"}}
+  shopify:   {{secret: env:SHOPIFY_ACCESS_TOKEN, upstream: "{up}"}}
+fx: {{EUR: 1.08, GBP: 1.27, JPY: 0.0067}}
+policies:
+  billing:
+    vendors:
+      stripe:
+        allow: ["POST /v1/payment_intents", "GET /v1/payment_intents/*", "POST /v1/payment_intents/*/confirm", "POST /v1/refunds"]
+        deny: ["* /v1/payment_methods/**"]
+        approve: ["POST /v1/transfers"]
+        max_request_usd: 200
+      resend: {{allow: ["POST /emails", "POST /emails/batch"]}}
+    budget: {{key_usd: 500}}
+    approval_timeout: 3s
+    loop: {{repeats: 3, window: 10m}}
+  llm:
+    vendors:
+      openai: {{allow: ["POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings"]}}
+      anthropic: {{allow: ["POST /v1/messages"]}}
+      twilio: {{allow: ["POST /2010-04-01/Accounts/*/Messages.json", "GET /2010-04-01/Accounts/*/Messages/*"]}}
+      postmark: {{allow: ["POST /email", "POST /email/batch"]}}
+  limited:
+    vendors:
+      stripe: {{allow: ["POST /v1/payment_intents"]}}
+    rate: 2/minute
+egress: {{default: allow, allow: [], deny: ["blocked.example"]}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Gateway:
+    proxy: str
+    port: int
+    ca: str
+    db: str
+    config: Path
+    log: Path
+    flows: Path
+    fakes: FakeVendors
+    proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(BIN / "spendgate"), *args]
+        if args and args[0] in ("keys", "approvals", "approve", "deny", "report"):
+            cmd += ["--db", self.db]
+            if args[:2] == ("keys", "issue"):
+                cmd += ["--config", str(self.config)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=ROOT, env=self.env)
+
+    def issue(self, policy: str = "billing", *extra: str) -> tuple[str, str]:
+        out = json.loads(self.cli("keys", "issue", "--policy", policy, "--json", *extra).stdout)
+        return out["id"], out["token"]
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(proxy=self.proxy, verify=ssl.create_default_context(cafile=self.ca),
+                            timeout=15, **kw)
+
+    def calls(self, at_least: int = 0, timeout: float = 5.0) -> list[dict]:
+        """Ledger rows (oldest first), waiting for the write-behind queue."""
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = sqlite3.connect(self.db)
+            conn.row_factory = sqlite3.Row
+            try:
+                rows = [dict(r) for r in conn.execute("SELECT * FROM calls ORDER BY id")]
+            except sqlite3.OperationalError:
+                rows = []
+            finally:
+                conn.close()
+            if len(rows) >= at_least or time.monotonic() > deadline:
+                return rows
+
+    def last_call(self, n_before: int) -> dict:
+        rows = self.calls(at_least=n_before + 1)
+        assert len(rows) > n_before, "no ledger row was written"
+        return rows[-1]
+
+    def write_policy(self, text: str) -> None:
+        """Replace the policy file and wait for the gateway to pick it up."""
+        before = self.log.read_text()
+        self.config.write_text(text)
+        # make sure the mtime moves even on coarse-grained filesystems
+        st = self.config.stat()
+        os.utime(self.config, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            new = self.log.read_text()[len(before):]
+            if "loaded" in new or "rejected" in new:
+                return
+            time.sleep(0.05)
+        raise AssertionError("the gateway did not react to the policy change")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_gateway(tmp: Path, fakes: FakeVendors, certs: Path, policy: str | None = None,
+                  extra: tuple[str, ...] = (), db: str | None = None, tool: str = "mitmdump") -> Gateway:
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = tmp / "policy.yaml"
+    config.write_text(policy if policy is not None else POLICY.format(up=fakes.url))
+    gw = Gateway(
+        proxy=f"http://127.0.0.1:{port}", port=port, ca=str(certs / "mitmproxy-ca-cert.pem"),
+        db=db or str(tmp / "ledger.db"), config=config, log=tmp / "gateway.log",
+        flows=tmp / "flows.mitm", fakes=fakes,
+        env={**os.environ, **REAL_CREDENTIALS, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},
+    )
+    cmd = [
+        str(BIN / tool), "-s", str(ROOT / "addons" / "gateway.py"),
+        "--set", f"spendgate_config={config}", "--set", f"spendgate_db={gw.db}",
+        "--set", f"confdir={certs}", "--listen-host", "127.0.0.1", "-p", str(port),
+        "-w", str(gw.flows), *extra,
+    ]
+    if tool == "mitmweb":
+        cmd += ["--set", "web_open_browser=false"]
+    log = gw.log.open("w")
+    gw.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=gw.env)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{gw.log.read_text()}")
+        if "proxy listening" in gw.log.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        gw.stop()
+        raise RuntimeError(f"gateway did not start:\n{gw.log.read_text()}")
+    return gw
+
+
+def requires_shared() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not SHARED.exists(), reason="../shared (team fixtures) is not present")
