@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
@@ -66,6 +68,8 @@ class Runtime:
     def __init__(self) -> None:
         self.state: State | None = None
         self.store: Store | None = None
+        # Called with (ledger row, call) for every recorded request: metrics, structured logs.
+        self.on_record: list[Callable[[dict[str, Any], Any], None]] = []
         self._db: str | None = None
         self._watch: asyncio.Task | None = None
 

@@ -101,7 +101,13 @@ class Record:
         wire.forget(call.wire_ref)
         store = self.runtime.store
         assert store is not None
-        store.record_call(ledger_row(flow, call, status))
+        row = ledger_row(flow, call, status)
+        store.record_call(row)
+        for listener in self.runtime.on_record:
+            try:
+                listener(row, call)
+            except Exception:
+                log.exception("spendgate: record listener failed")
         flow.comment = comment(call, flow)
         if call.decision != "allow":
             flow.marked = REFUSED_MARK
