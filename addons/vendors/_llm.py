@@ -54,11 +54,11 @@ class Rates:
         lc = self.long_context
         if not lc:
             return self
-        above = _int(lc.get("above_input_tokens"))
+        above = opt_int(lc.get("above_input_tokens"))
         if above is None or input_total <= above:
             return self
-        ix = _dec(lc.get("input_x"), Decimal(1))
-        ox = _dec(lc.get("output_x"), Decimal(1))
+        ix = dec(lc.get("input_x"), Decimal(1))
+        ox = dec(lc.get("output_x"), Decimal(1))
         return Rates(
             self.model, self.input * ix, self.output * ox, self.cached_input * ix,
             self.cache_write * ix, self.cache_write_1h * ix, self.max_output, self.known, None,
@@ -102,12 +102,12 @@ class Usage:
         return ", ".join(parts)
 
 
-def _dec(value: object, default: Decimal) -> Decimal:
+def dec(value: object, default: Decimal) -> Decimal:
     d = parse_decimal(value)
     return d if d is not None and d >= 0 else default
 
 
-def _int(value: object) -> int | None:
+def opt_int(value: object) -> int | None:
     """A non-negative int from a JSON value (ints and integral floats/strings only)."""
     if isinstance(value, bool):
         return None
@@ -121,7 +121,7 @@ def _int(value: object) -> int | None:
 
 def tokens(value: object) -> int:
     """A token count from a usage field: missing or malformed counts as 0."""
-    return _int(value) or 0
+    return opt_int(value) or 0
 
 
 def lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal,
@@ -144,16 +144,16 @@ def lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal,
         entry = fallback if isinstance(fallback, Mapping) else {}
         key = "fallback"
     assert isinstance(entry, Mapping)
-    inp = _dec(entry.get("input"), Decimal(0))
+    inp = dec(entry.get("input"), Decimal(0))
     lc = entry.get("long_context")
     return Rates(
         model=str(key),
         input=inp,
-        output=_dec(entry.get("output"), Decimal(0)),
-        cached_input=_dec(entry.get("cached_input"), inp * cache_read_x),
-        cache_write=_dec(entry.get("cache_write"), inp * cache_write_x),
-        cache_write_1h=_dec(entry.get("cache_write_1h"), inp * 2),
-        max_output=_int(entry.get("max_output")),
+        output=dec(entry.get("output"), Decimal(0)),
+        cached_input=dec(entry.get("cached_input"), inp * cache_read_x),
+        cache_write=dec(entry.get("cache_write"), inp * cache_write_x),
+        cache_write_1h=dec(entry.get("cache_write_1h"), inp * 2),
+        max_output=opt_int(entry.get("max_output")),
         known=known,
         long_context=lc if isinstance(lc, Mapping) else None,
     )

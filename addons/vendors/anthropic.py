@@ -1,10 +1,291 @@
-"""Anthropic: api.anthropic.com, key in ``x-api-key``; cost = token usage × per-model prices."""
+"""Anthropic: api.anthropic.com, key in ``x-api-key``; cost = token usage × per-model prices.
+
+Prices come from ``prices/anthropic.yaml`` (policy ``prices: {anthropic: …}`` overrides).
+
+- Usage: ``input_tokens`` EXCLUDES cache traffic. ``cache_creation_input_tokens``
+  are billed at the cache-write rate (1.25× input for the 5-minute TTL, 2× for
+  1 hour when the ``cache_creation`` breakdown says so; without a breakdown all
+  writes count as 5-minute), ``cache_read_input_tokens`` at the read rate (0.1×).
+  Server web searches (``server_tool_use.web_search_requests``) add $10/1000.
+- Model: from the response (``claude-sonnet-4-5-20250929``), else the request;
+  aliases (``claude-sonnet-4-5``) map to dated ids in the table.
+- Estimate (worst case): input from the body size, at the cache-write rate when
+  the request marks ``cache_control`` (a write costs more than plain input) +
+  ``max_tokens`` (required by the API) output tokens.
+- Streams: ``message_start.message.usage`` gives input, cache and an initial
+  output count; ``message_delta.usage`` is CUMULATIVE, so its fields replace the
+  ones seen before (absent fields keep their value) and are never added.
+  An ``error`` event after ``message_start`` (or a stream cut before
+  ``message_stop``): input is known, output is not → "estimated" = the known
+  input + the estimate's worst-case output (never less than the output seen),
+  flagged in the note. An error before ``message_start`` → "zero".
+"""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
 
-from .base import Vendor
+from . import _llm
+from ._sse import Event, SSEParser
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices
+
+_CACHE_1H = re.compile(rb'"ttl"\s*:\s*"1h"')
+
+
+def _kind(req: RequestView) -> str | None:
+    """"messages" (token-billed), "other" (billed later: batches), or None (not billed)."""
+    if req.method.upper() != "POST":
+        return None
+    path = req.path.rstrip("/")
+    if path.endswith("/messages") or path.endswith("/complete"):
+        return "messages"
+    if "/messages/batches" in path and path.endswith("/batches"):
+        return "other"
+    return None  # count_tokens, files, models, cancel: free
+
+
+def _body(req: RequestView) -> dict[str, Any]:
+    data = req.json
+    return data if isinstance(data, dict) else {}
+
+
+def _table(prices: Prices) -> dict[str, Any]:
+    return prices.table(VENDOR)
+
+
+def _rates(prices: Prices, model: object) -> _llm.Rates:
+    return _llm.lookup(_table(prices), model, cache_read_x=Decimal("0.1"))
+
+
+def _worst(req: RequestView, prices: Prices) -> tuple[Decimal, Decimal, str]:
+    """(input USD, output USD, basis) of the worst case for a Messages request."""
+    table = _table(prices)
+    body = _body(req)
+    model = body.get("model")
+    rates = _rates(prices, model)
+    in_tokens = _llm.input_guess(req.body, _llm.tokens(table.get("image_input_tokens")))
+    limit = _llm.opt_int(body.get("max_tokens"))
+    if limit is None:
+        limit = _llm.opt_int(body.get("max_tokens_to_sample"))  # legacy /v1/complete
+    limit_note = "max_tokens"
+    if limit is None:
+        limit = rates.max_output if rates.known and rates.max_output else (
+            _llm.tokens(table.get("default_max_output_tokens")) or 64000)
+        limit_note = "no max_tokens: model maximum"
+    r = rates.for_input(in_tokens)
+    in_rate, in_note = r.input, "input"
+    if b"cache_control" in req.body:  # the marked prefix is written to the cache, at a premium
+        in_rate, in_note = (r.cache_write_1h, "1h cache write") if _CACHE_1H.search(req.body) else (
+            r.cache_write, "cache write")
+    input_usd = in_tokens * in_rate / _llm.MILLION
+    output_usd = limit * r.output / _llm.MILLION
+    basis = (f"{_llm.describe(rates, model)}: ~{in_tokens} input tokens (from body size, at {in_note} "
+             f"rate) + {limit} output tokens ({limit_note})")
+    return input_usd, output_usd, basis
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    kind = _kind(req)
+    if kind is None:
+        return NO_COST
+    if kind == "other":
+        return Estimate(usd=None, moves_money=True, basis="message batch: billed as it runs, amount unknown")
+    input_usd, output_usd, basis = _worst(req, prices)
+    usd = input_usd + output_usd
+    return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd, basis=basis)
+
+
+# --- usage → cost ---------------------------------------------------------------------------
+
+
+def _usage(u: Mapping[str, Any]) -> _llm.Usage:
+    read = _llm.tokens(u.get("cache_read_input_tokens"))
+    written = _llm.opt_int(u.get("cache_creation_input_tokens"))
+    breakdown = u.get("cache_creation")
+    w1h = 0
+    if isinstance(breakdown, Mapping):
+        w1h = _llm.tokens(breakdown.get("ephemeral_1h_input_tokens"))
+        if written is None:
+            written = _llm.tokens(breakdown.get("ephemeral_5m_input_tokens")) + w1h
+    written = written or 0
+    w1h = min(w1h, written)  # the total is authoritative; the breakdown only splits it
+    tools = u.get("server_tool_use")
+    searches = _llm.tokens(tools.get("web_search_requests")) if isinstance(tools, Mapping) else 0
+    return _llm.Usage(
+        input=_llm.tokens(u.get("input_tokens")), cached=read, cache_write=written - w1h,
+        cache_write_1h=w1h, output=_llm.tokens(u.get("output_tokens")), web_searches=searches,
+    )
+
+
+def _web_search_usd(prices: Prices) -> Decimal:
+    return _llm.dec(_table(prices).get("web_search_usd"), Decimal("0.01"))
+
+
+def _priced(usage: Mapping[str, Any], model: object, prices: Prices, extra: str = "") -> Cost:
+    return _llm.usd_cost(_usage(usage), _rates(prices, model), model, _web_search_usd(prices), extra)
+
+
+def _model(obj: Mapping[str, Any], req: RequestView) -> object:
+    model = obj.get("model")
+    return model if isinstance(model, str) and model else _body(req).get("model")
+
+
+def _fallback(req: RequestView, prices: Prices, estimate: Estimate | None, why: str) -> Cost:
+    usd = getattr(estimate, "usd", None)
+    if not isinstance(usd, Decimal) and _kind(req) == "messages":
+        input_usd, output_usd, _ = _worst(req, prices)
+        usd = input_usd + output_usd
+    if not isinstance(usd, Decimal):
+        return Cost("unknown", None, note=f"{why}; no estimate to fall back on")
+    return Cost("estimated", usd, "USD", usd, f"{why}; counted at the estimate")
+
+
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
+    if status >= 400:
+        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_type(body)}")
+    if status < 200 or status >= 300:
+        return Cost("zero", Decimal(0), note=f"HTTP {status}: nothing billed")
+    if body.lstrip().startswith((b"event:", b"data:")):  # an SSE body not announced as such
+        meter = _Meter(req, prices, estimate)
+        meter.feed(body)
+        return meter.finish()
+    try:
+        obj = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    kind = _kind(req)
+    if isinstance(obj, dict) and obj.get("type") == "error":
+        return Cost("zero", Decimal(0), note=f"error: {_error_type(body)}")
+    if isinstance(obj, dict) and isinstance(usage := obj.get("usage"), Mapping):
+        return _priced(usage, _model(obj, req), prices)
+    if kind is None:
+        return Cost("zero", Decimal(0), note="endpoint not billed")
+    if kind == "other":
+        return Cost("unknown", None, note="message batch: billed as it runs")
+    if not isinstance(obj, dict):
+        return Cost("unknown", None, note="response is not JSON")
+    return _fallback(req, prices, estimate, "usage missing from response")
+
+
+def _error_type(body: bytes) -> str:
+    try:
+        err = json.loads(body).get("error")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return "error"
+    return str(err.get("type") or "error")[:80] if isinstance(err, Mapping) else "error"
+
+
+def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
+         prices: Prices, estimate: Estimate) -> Cost:
+    try:
+        return _checked(_cost(req, status, body, prices, estimate))
+    except Exception as e:  # a parser must never break the response
+        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
+
+
+def _checked(c: Cost) -> Cost:
+    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
+        return Cost("unknown", None, note=f"implausible cost {c.usd}")
+    return c
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+class _Meter:
+    """Prices a Messages SSE stream; keeps only the merged usage and a few flags."""
+
+    def __init__(self, req: RequestView, prices: Prices, estimate: Estimate) -> None:
+        self._req = req
+        self._prices = prices
+        self._estimate = estimate
+        self._parser = SSEParser()
+        self._usage: dict[str, Any] | None = None  # None until message_start
+        self._model: str | None = None
+        self._stopped = False
+        self._error: str | None = None
+        self._broken: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            for event in self._parser.feed(bytes(chunk)):
+                self._on(event)
+        except Exception as e:
+            self._broken = type(e).__name__
+
+    def _on(self, event: Event) -> None:
+        obj = event.json()
+        if not isinstance(obj, dict):
+            return
+        typ = obj.get("type") or event.name
+        if typ == "message_start":
+            message = obj.get("message")
+            message = message if isinstance(message, Mapping) else {}
+            if isinstance(model := message.get("model"), str):
+                self._model = model
+            usage = message.get("usage")
+            self._usage = dict(usage) if isinstance(usage, Mapping) else {}
+        elif typ == "message_delta":
+            usage = obj.get("usage")
+            if isinstance(usage, Mapping):
+                # Cumulative counts: present fields replace, absent ones keep.
+                self._usage = {**(self._usage or {}), **usage}
+        elif typ == "message_stop":
+            self._stopped = True
+        elif typ == "error" and self._error is None:
+            err = obj.get("error")
+            self._error = str(err.get("type") or "error")[:80] if isinstance(err, Mapping) else "error"
+
+    def finish(self) -> Cost:
+        try:
+            return _checked(self._finish())
+        except Exception as e:
+            return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
+
+    def _finish(self) -> Cost:
+        if not self._broken:
+            for event in self._parser.close():
+                self._on(event)
+        model = self._model or _body(self._req).get("model")
+        if self._usage is None:
+            if self._error:
+                return Cost("zero", Decimal(0), note=f"stream error before message_start: {self._error}")
+            why = f"stream meter failed ({self._broken})" if self._broken else "no message_start in stream"
+            return _fallback(self._req, self._prices, self._estimate, why)
+        if self._stopped and not self._error and not self._broken:
+            return _priced(self._usage, model, self._prices)
+        return self._partial(model)
+
+    def _partial(self, model: object) -> Cost:
+        """Input known, output not: the known input + the worst-case output of the request."""
+        if self._error:
+            why = f"stream error {self._error} after message_start"
+        elif self._broken:
+            why = f"stream meter failed ({self._broken})"
+        else:
+            why = "stream ended before message_stop"
+        usage = _usage(self._usage or {})
+        rates = _rates(self._prices, model)
+        seen = usage.usd(rates, _web_search_usd(self._prices))
+        known_output = usage.output * rates.for_input(usage.input_total).output / _llm.MILLION
+        worst_output = Decimal(0)
+        if _kind(self._req) == "messages":
+            worst_output = _worst(self._req, self._prices)[1]
+        usd = seen - known_output + max(known_output, worst_output)
+        note = (f"{_llm.describe(rates, model)}: {usage.summary()}; {why}: "
+                f"input known, output counted at the estimate's worst case")
+        return Cost("estimated", usd, "USD", usd, note)
+
+
+def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
+    return _Meter(req, prices, estimate) if _kind(req) == "messages" else None
+
 
 VENDOR = Vendor(
     name="anthropic",
@@ -12,4 +293,8 @@ VENDOR = Vendor(
     key_headers=("x-api-key", "authorization"),
     real_key=re.compile(r"^sk-ant-[A-Za-z0-9_-]{8,}"),
     credential_headers=lambda c: {"x-api-key": c["secret"]},
+    estimate=estimate,
+    cost=cost,
+    stream_meter=stream_meter,
+    prices=load_prices("anthropic"),
 )

@@ -1,10 +1,319 @@
-"""OpenAI: api.openai.com, key as Bearer; cost = token usage × per-model prices."""
+"""OpenAI: api.openai.com, key as Bearer; cost = token usage × per-model prices.
+
+Prices come from ``prices/openai.yaml`` (policy ``prices: {openai: …}`` overrides).
+
+- Usage: ``prompt_tokens``/``input_tokens`` INCLUDE cached tokens, which are
+  billed at the cached rate (the rest at the input rate); reasoning tokens are
+  already inside ``completion_tokens``/``output_tokens`` and are not added again.
+- The model is taken from the response (``gpt-4o-2024-08-06``), else the request.
+- Estimate (worst case, before forwarding): input from the body size (see
+  ``_llm.input_guess``) + ``n × limit`` output tokens, where the limit is
+  ``max_completion_tokens``, ``max_tokens`` or ``max_output_tokens``, else the
+  model's own output limit from the table (the true worst case: a call without a
+  limit may legitimately use it), else ``default_max_output_tokens``.
+- Streams: usage arrives in the final chunk (chat, with
+  ``stream_options.include_usage``) or in ``response.completed`` /
+  ``response.incomplete`` / ``response.failed`` (Responses API). No usage → the
+  estimate, marked "estimated", with the reason in the note. An error event
+  before any output → "zero" (nothing was generated); after output → estimated.
+- Endpoints billed otherwise (images, audio, video, fine-tuning, realtime) are
+  estimated as "moves money, amount unknown" (the policy default applies) and
+  priced "unknown" unless their response carries token usage.
+"""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
-from .base import Vendor, bearer
+from . import _llm
+from ._sse import Event, SSEParser, find_object
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, bearer, load_prices
+
+_TOKEN_KINDS = {
+    "/chat/completions": "chat",
+    "/responses": "responses",
+    "/completions": "completions",
+    "/embeddings": "embeddings",
+}
+_OTHER_BILLED = re.compile(r"/(images|audio|videos|fine_tuning/jobs|realtime)(/|$)")
+# /v1/completions defaults to 16 output tokens (API reference, max_tokens).
+_LEGACY_COMPLETIONS_MAX = 16
+
+
+def _kind(req: RequestView) -> str | None:
+    """What the request is billed as: a token endpoint, "other" (billed, unmodelled), or None."""
+    if req.method.upper() != "POST":
+        return None
+    path = req.path.rstrip("/")
+    for suffix, kind in _TOKEN_KINDS.items():
+        if path.endswith(suffix):
+            return kind
+    return "other" if _OTHER_BILLED.search(path) else None
+
+
+def _body(req: RequestView) -> dict[str, Any]:
+    data = req.json
+    return data if isinstance(data, dict) else {}
+
+
+def _rates(prices: Prices, model: object) -> _llm.Rates:
+    # OpenAI has no cache-write surcharge; models listed without a cached rate get no discount.
+    return _llm.lookup(prices.table(VENDOR), model, cache_read_x=Decimal(1), cache_write_x=Decimal(1))
+
+
+@dataclass(frozen=True)
+class _Worst:
+    usd: Decimal
+    input_usd: Decimal
+    basis: str
+
+
+def _worst(req: RequestView, prices: Prices, kind: str) -> _Worst:
+    table = prices.table(VENDOR)
+    body = _body(req)
+    model = body.get("model")
+    rates = _rates(prices, model)
+    in_tokens = _llm.input_guess(req.body, _llm.tokens(table.get("image_input_tokens")) or 0)
+    n, limit, limit_note = _output_budget(body, kind, rates, table)
+    r = rates.for_input(in_tokens)
+    input_usd = in_tokens * r.input / _llm.MILLION
+    output_usd = n * limit * r.output / _llm.MILLION
+    basis = f"{_llm.describe(rates, model)}: ~{in_tokens} input tokens (from body size)"
+    if kind != "embeddings":
+        basis += f" + {n}×{limit} output tokens ({limit_note})"
+    if body.get("previous_response_id") or body.get("conversation"):
+        basis += "; earlier conversation context not counted"
+    return _Worst(input_usd + output_usd, input_usd, basis)
+
+
+def _output_budget(body: Mapping[str, Any], kind: str, rates: _llm.Rates,
+                   table: Mapping[str, Any]) -> tuple[int, int, str]:
+    """(choices, output tokens per choice, where the limit came from)."""
+    if kind == "embeddings":
+        return 1, 0, "embeddings"
+    n = max(_llm.tokens(body.get("n")), 1)
+    if kind == "completions":
+        n = max(n, _llm.tokens(body.get("best_of")))  # best_of candidates are all billed
+    fields = ("max_output_tokens",) if kind == "responses" else ("max_completion_tokens", "max_tokens")
+    for name in fields:
+        value = _llm.opt_int(body.get(name))
+        if value is not None:
+            return n, value, name
+    if kind == "completions":
+        return n, _LEGACY_COMPLETIONS_MAX, "API default max_tokens 16"
+    if rates.known and rates.max_output:
+        return n, rates.max_output, "no limit set: model maximum"
+    default = _llm.tokens(table.get("default_max_output_tokens")) or 16384
+    return n, default, "no limit set: default_max_output_tokens"
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    kind = _kind(req)
+    if kind is None:
+        return NO_COST
+    if kind == "other":
+        return Estimate(usd=None, moves_money=True,
+                        basis="OpenAI endpoint billed per image/second/job: not in the price table")
+    worst = _worst(req, prices, kind)
+    return Estimate(usd=worst.usd, moves_money=True, currency="USD", amount=worst.usd, basis=worst.basis)
+
+
+# --- usage → cost ---------------------------------------------------------------------------
+
+
+def _usage(u: Mapping[str, Any]) -> _llm.Usage:
+    """Chat/embeddings (``prompt_tokens``) or Responses (``input_tokens``) usage, split by rate."""
+    if "input_tokens" in u or "output_tokens" in u:
+        total_in = _llm.tokens(u.get("input_tokens"))
+        details = u.get("input_tokens_details")
+        out = _llm.tokens(u.get("output_tokens"))
+    else:
+        total_in = _llm.tokens(u.get("prompt_tokens"))
+        details = u.get("prompt_tokens_details")
+        out = _llm.tokens(u.get("completion_tokens"))
+    details = details if isinstance(details, Mapping) else {}
+    cached = min(_llm.tokens(details.get("cached_tokens")), total_in)  # a subset of input
+    write = min(_llm.tokens(details.get("cache_write_tokens")), total_in - cached)
+    return _llm.Usage(input=total_in - cached - write, cached=cached, cache_write=write, output=out)
+
+
+def _priced(usage: Mapping[str, Any], model: object, prices: Prices, extra: str = "") -> Cost:
+    return _llm.usd_cost(_usage(usage), _rates(prices, model), model, extra=extra)
+
+
+def _fallback(req: RequestView, prices: Prices, estimate: Estimate | None, why: str) -> Cost:
+    """No usage: count the estimate (the worst case), flagged as estimated."""
+    usd = getattr(estimate, "usd", None)
+    if not isinstance(usd, Decimal):
+        kind = _kind(req)
+        usd = _worst(req, prices, kind).usd if kind in _TOKEN_KINDS.values() else None
+    if usd is None:
+        return Cost("unknown", None, note=f"{why}; no estimate to fall back on")
+    return Cost("estimated", usd, "USD", usd, f"{why}; counted at the estimate")
+
+
+def _model_of(obj: Mapping[str, Any], req: RequestView) -> object:
+    model = obj.get("model")
+    return model if isinstance(model, str) and model else _body(req).get("model")
+
+
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
+    if status >= 400:
+        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_text(body)}")
+    if status < 200 or status >= 300:
+        return Cost("zero", Decimal(0), note=f"HTTP {status}: no response body billed")
+    stripped = body.lstrip()
+    if stripped.startswith((b"data:", b"event:")):  # an SSE body not announced as such
+        meter = _Meter(req, prices, estimate)
+        meter.feed(body)
+        return meter.finish()
+    try:
+        obj = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    kind = _kind(req)
+    if not isinstance(obj, dict):
+        if kind is None:
+            return Cost("zero", Decimal(0), note="endpoint not billed")
+        return Cost("unknown", None, note="response is not JSON")
+    src = obj.get("response") if isinstance(obj.get("response"), dict) else obj
+    usage = src.get("usage")
+    if isinstance(usage, Mapping):
+        return _priced(usage, _model_of(src, req), prices)
+    if kind is None:
+        return Cost("zero", Decimal(0), note="endpoint not billed")
+    if kind == "other":
+        return Cost("unknown", None, note="billed endpoint without token usage in the response")
+    state = src.get("status") or obj.get("type") or "no usage"
+    return _fallback(req, prices, estimate, f"usage missing from response ({state})")
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        err = json.loads(body).get("error")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return "error"
+    if isinstance(err, Mapping):
+        return str(err.get("code") or err.get("type") or "error")[:80]
+    return "error"
+
+
+def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
+         prices: Prices, estimate: Estimate) -> Cost:
+    try:
+        return _checked(_cost(req, status, body, prices, estimate))
+    except Exception as e:  # a parser must never break the response
+        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
+
+
+def _checked(c: Cost) -> Cost:
+    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
+        return Cost("unknown", None, note=f"implausible cost {c.usd}")
+    return c
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+class _Meter:
+    """Prices a chat-completions or Responses SSE stream; keeps the latest usage only."""
+
+    def __init__(self, req: RequestView, prices: Prices, estimate: Estimate) -> None:
+        self._req = req
+        self._prices = prices
+        self._estimate = estimate
+        self._parser = SSEParser()
+        self._usage: dict[str, Any] | None = None
+        self._model: str | None = None
+        self._events = 0  # JSON events before any error
+        self._error: str | None = None
+        self._terminal: str | None = None
+        self._broken: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            for event in self._parser.feed(bytes(chunk)):
+                self._on(event)
+        except Exception as e:
+            self._broken = type(e).__name__
+
+    def _on(self, event: Event) -> None:
+        obj = event.json()
+        if not isinstance(obj, dict):
+            if event.truncated and (usage := find_object(event.data, "usage")) is not None:
+                self._usage = usage  # a huge response.completed: usage survives in the tail
+            return
+        typ = obj.get("type")
+        src = obj.get("response") if isinstance(obj.get("response"), dict) else obj
+        if isinstance(model := src.get("model"), str) and model:
+            self._model = model
+        if isinstance(usage := src.get("usage"), dict):
+            self._usage = usage
+        if typ in ("response.completed", "response.incomplete", "response.failed"):
+            self._terminal = typ
+        if error := _stream_error(obj, typ):
+            self._error = self._error or _describe_error(error)
+        elif self._error is None:
+            self._events += 1
+
+    def finish(self) -> Cost:
+        try:
+            return _checked(self._finish())
+        except Exception as e:
+            return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
+
+    def _finish(self) -> Cost:
+        if not self._broken:
+            for event in self._parser.close():
+                self._on(event)
+        model = self._model or _body(self._req).get("model")
+        if self._usage is not None:
+            extra = ""
+            if self._terminal in ("response.incomplete", "response.failed"):
+                extra = self._terminal
+            if self._error:
+                extra = f"stream error after usage: {self._error}"
+            return _priced(self._usage, model, self._prices, extra)
+        if self._error and self._events == 0:
+            return Cost("zero", Decimal(0), note=f"stream error before any output: {self._error}")
+        if self._broken:
+            why = f"stream meter failed ({self._broken})"
+        elif self._error:
+            why = f"stream error midway ({self._error}), no usage"
+        elif self._terminal:
+            why = f"{self._terminal} without usage"
+        else:
+            why = "usage missing from stream (request stream_options.include_usage)"
+        return _fallback(self._req, self._prices, self._estimate, why)
+
+
+def _stream_error(obj: Mapping[str, Any], typ: object) -> object:
+    """The error an event carries: a Responses ``error`` event, or a chat stream's
+    plain ``{"error": {...}}`` data line."""
+    if typ == "error":
+        return obj.get("error") or obj
+    return obj.get("error") if typ is None else None
+
+
+def _describe_error(error: object) -> str:
+    if isinstance(error, Mapping):
+        return str(error.get("code") or error.get("type") or error.get("message") or "error")[:80]
+    return str(error)[:80]
+
+
+def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
+    kind = _kind(req)
+    if kind is None or kind in ("other", "embeddings"):
+        return None
+    return _Meter(req, prices, estimate)
+
 
 VENDOR = Vendor(
     name="openai",
@@ -12,4 +321,8 @@ VENDOR = Vendor(
     key_headers=("authorization",),
     real_key=re.compile(r"^sk-(?!ant-)[A-Za-z0-9_-]{8,}"),
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
+    estimate=estimate,
+    cost=cost,
+    stream_meter=stream_meter,
+    prices=load_prices("openai"),
 )
