@@ -1,10 +1,290 @@
-"""Stripe: api.stripe.com, key as Bearer (or Basic user), money in minor units."""
+"""Stripe: api.stripe.com, key as Bearer (or Basic user), money in minor units.
+
+Estimate (before forwarding), from the form-encoded request:
+- POST /v1/payment_intents, /v1/charges, /v1/transfers, /v1/payouts, /v1/topups:
+  ``amount`` + ``currency``. /v1/payment_intents/*/capture: ``amount_to_capture``;
+  /v1/charges/*/capture: ``amount``; /v1/payment_intents/*/increment_authorization:
+  ``amount`` (the new total, an upper bound of the increment). Refunds
+  (/v1/refunds, /v1/charges/*/refund(s)): ``amount``, optional.
+- No amount (a full capture or refund, /v1/payment_intents/*/confirm,
+  /v1/invoices/*/pay, /v1/subscriptions): ``usd=None, moves_money=True``; the
+  policy's default estimate applies.
+- Captures and refunds name no currency (it is the existing charge's): the
+  table's ``default_currency`` (``usd``; policy ``prices: {stripe:
+  {default_currency: eur}}``) is assumed, and the basis says so.
+- Parameters sent in the query string count too (a request cannot dodge the
+  estimate that way); a repeated ``amount`` counts at its largest value.
+- Money in another currency is converted with the policy's ``fx``;
+  ``money.Unpriceable`` propagates (the pipeline refuses with 402).
+
+Cost (after), from the response object (``object`` field), never from the status
+code alone:
+- payment_intent: ``succeeded`` → ``amount_received``; ``requires_capture`` → the
+  hold, ``amount_capturable``; ``processing`` → ``amount``: SPEC §7 counts money
+  once committed, and an ACH/SEPA debit in ``processing`` is committed (it can
+  still fail, but a budget must not let an agent start more debits meanwhile).
+  ``requires_action``, ``requires_payment_method``, ``requires_confirmation``,
+  ``canceled`` → zero.
+- charge: ``amount_captured`` (a charge can say ``succeeded`` and ``paid`` yet be
+  an uncaptured authorisation: it counts 0 until captured; failed → 0).
+- refund: ``amount``, gross (never netted against the charge), unless
+  ``failed``/``canceled``; ``pending`` counts.
+- transfer: ``amount`` (created = moved); payout and topup: ``amount`` unless
+  ``failed``/``canceled``; invoice: ``amount_paid``; subscription: its expanded
+  ``latest_invoice.amount_paid`` (unexpanded → unknown).
+- Errors (4xx) → zero. 5xx → unknown: Stripe documents a 500 as "may or may not
+  have succeeded".
+- Reads and updates move no money: GET/HEAD, list objects, and POSTs to a single
+  object (``/v1/payment_intents/pi_123``: an update) → zero. Each money call
+  counts once: a hold confirmed (``requires_capture``) and then captured is
+  counted at both calls, which overstates spend rather than understating it.
+- Money in a currency with no ``fx`` rate → unknown (cost never raises).
+"""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qs
 
-from .base import Vendor, bearer
+from ..money import Unpriceable, from_minor, to_usd
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, bearer, load_prices
+
+# (path pattern, amount parameter or None, currency parameter or None when the request has none)
+_ENDPOINTS: tuple[tuple[re.Pattern[str], str | None, str | None, str], ...] = tuple(
+    (re.compile(p), amount, currency, what) for p, amount, currency, what in (
+        (r"^/v1/payment_intents$", "amount", "currency", "payment intent"),
+        (r"^/v1/charges$", "amount", "currency", "charge"),
+        (r"^/v1/transfers$", "amount", "currency", "transfer"),
+        (r"^/v1/payouts$", "amount", "currency", "payout"),
+        (r"^/v1/topups$", "amount", "currency", "top-up"),
+        (r"^/v1/refunds$", "amount", "currency", "refund"),
+        (r"^/v1/charges/[^/]+/refunds?$", "amount", "currency", "refund"),
+        (r"^/v1/payment_intents/[^/]+/capture$", "amount_to_capture", None, "capture"),
+        (r"^/v1/charges/[^/]+/capture$", "amount", None, "capture"),
+        (r"^/v1/payment_intents/[^/]+/increment_authorization$", "amount", None, "authorization increment"),
+        (r"^/v1/payment_intents/[^/]+/confirm$", None, None, "confirmation"),
+        (r"^/v1/invoices/[^/]+/pay$", None, None, "invoice payment"),
+        (r"^/v1/subscriptions$", None, None, "subscription (first invoice)"),
+    )
+)
+_NO_MONEY_STATUS = {"failed", "canceled"}
+
+
+def _endpoint(req: RequestView) -> tuple[str | None, str | None, str] | None:
+    if req.method.upper() != "POST":
+        return None
+    path = req.path.rstrip("/")
+    for pattern, amount, currency, what in _ENDPOINTS:
+        if pattern.match(path):
+            return amount, currency, what
+    return None
+
+
+def _params(req: RequestView) -> dict[str, list[str]]:
+    """Form parameters from the body and the query string (both reach Stripe's parser)."""
+    params: dict[str, list[str]] = {}
+    sources = [req.form]
+    if req.query:
+        sources.append(parse_qs(req.query, keep_blank_values=True))
+    for source in sources:
+        for key, values in source.items():
+            params.setdefault(key, []).extend(values)
+    return params
+
+
+def _default_currency(prices: Prices) -> str:
+    cur = prices.table(VENDOR).get("default_currency")
+    return cur.upper() if isinstance(cur, str) and cur.strip() else "USD"
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    endpoint = _endpoint(req)
+    if endpoint is None:
+        return NO_COST
+    amount_param, currency_param, what = endpoint
+    params = _params(req)
+    raw_amounts = params.get(amount_param, []) if amount_param else []
+    if not raw_amounts:
+        return Estimate(usd=None, moves_money=True, basis=f"{what}: amount not in the request")
+    amounts = [_minor_units(v) for v in raw_amounts]
+    if any(a is None for a in amounts):
+        return Estimate(usd=None, moves_money=True,
+                        basis=f"{what}: {amount_param} is not a whole number of minor units")
+    minor = max(a for a in amounts if a is not None)
+    given = [c for c in params.get(currency_param, []) if c.strip()] if currency_param else []
+    currency = given[-1].strip().upper() if given else _default_currency(prices)
+    major = from_minor(minor, currency)
+    usd = to_usd(major, currency, prices.fx)  # Unpriceable propagates: the pipeline answers 402
+    basis = f"{what} of {major} {currency}"
+    if not given:
+        basis += " (currency not in the request: default_currency assumed)"
+    return Estimate(usd=usd, moves_money=True, currency=currency, amount=major, basis=basis)
+
+
+def _minor_units(value: str) -> int | None:
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+# --- cost -----------------------------------------------------------------------------------
+
+
+def _money(minor: object, currency: object, prices: Prices, what: str) -> Cost:
+    """``minor`` units of ``currency`` moved: a parsed Cost, zero, or unknown."""
+    if isinstance(minor, bool) or not isinstance(minor, int) or minor < 0:
+        return Cost("unknown", None, note=f"{what}: amount missing or not a whole number")
+    if not isinstance(currency, str) or not currency.strip():
+        return Cost("unknown", None, note=f"{what}: currency missing")
+    cur = currency.strip().upper()
+    major = from_minor(minor, cur)
+    if minor == 0:
+        return Cost("zero", Decimal(0), cur, major, f"{what}: nothing moved")
+    try:
+        usd = to_usd(major, cur, prices.fx)
+    except Unpriceable:
+        return Cost("unknown", None, cur, major, f"{what}: {major} {cur}, no fx rate for {cur}")
+    return Cost("parsed", usd, cur, major, f"{what}: {major} {cur}")
+
+
+def _zero(obj: Mapping[str, Any], why: str) -> Cost:
+    cur = obj.get("currency")
+    return Cost("zero", Decimal(0), cur.upper() if isinstance(cur, str) else None, Decimal(0), why)
+
+
+def _payment_intent(pi: Mapping[str, Any], prices: Prices) -> Cost:
+    status = pi.get("status")
+    cur = pi.get("currency")
+    if status == "succeeded":
+        return _money(pi.get("amount_received"), cur, prices, "payment intent succeeded")
+    if status == "requires_capture":
+        held = pi.get("amount_capturable")
+        if not held:
+            held = pi.get("amount")
+        return _money(held, cur, prices, "payment intent authorised (hold)")
+    if status == "processing":
+        return _money(pi.get("amount"), cur, prices, "payment intent processing (committed)")
+    if isinstance(status, str):
+        return _zero(pi, f"payment intent {status}: no money moved")
+    return Cost("unknown", None, note="payment intent without a status")
+
+
+def _charge(ch: Mapping[str, Any], prices: Prices) -> Cost:
+    if ch.get("status") == "failed":
+        return _zero(ch, "charge failed")
+    captured = ch.get("amount_captured")
+    if captured is None:  # an old API version without amount_captured
+        captured = ch.get("amount") if ch.get("captured") is True else 0
+    if captured == 0 and ch.get("captured") is False:
+        return _zero(ch, f"charge authorised ({ch.get('amount')}) but not captured: no money moved")
+    return _money(captured, ch.get("currency"), prices, "charge captured")
+
+
+def _with_status(kind: str) -> Any:
+    def parse(obj: Mapping[str, Any], prices: Prices) -> Cost:
+        status = obj.get("status")
+        if status in _NO_MONEY_STATUS:
+            return _zero(obj, f"{kind} {status}")
+        label = f"{kind} {status}" if isinstance(status, str) else kind
+        return _money(obj.get("amount"), obj.get("currency"), prices, label)
+    return parse
+
+
+def _transfer(tr: Mapping[str, Any], prices: Prices) -> Cost:
+    return _money(tr.get("amount"), tr.get("currency"), prices, "transfer")
+
+
+def _invoice(inv: Mapping[str, Any], prices: Prices) -> Cost:
+    return _money(inv.get("amount_paid"), inv.get("currency"), prices, f"invoice {inv.get('status')}")
+
+
+def _subscription(sub: Mapping[str, Any], prices: Prices) -> Cost:
+    invoice = sub.get("latest_invoice")
+    if isinstance(invoice, Mapping):
+        return _invoice(invoice, prices)
+    if sub.get("status") in ("trialing", "incomplete", "incomplete_expired"):
+        return _zero(sub, f"subscription {sub.get('status')}: first invoice not paid")
+    return Cost("unknown", None, note="subscription: latest_invoice not expanded, amount unknown")
+
+
+_PARSERS = {
+    "payment_intent": _payment_intent,
+    "charge": _charge,
+    "refund": _with_status("refund"),
+    "transfer": _transfer,
+    "payout": _with_status("payout"),
+    "topup": _with_status("top-up"),
+    "invoice": _invoice,
+    "subscription": _subscription,
+}
+
+
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices) -> Cost:
+    if status >= 500:
+        return Cost("unknown", None, note=f"HTTP {status}: Stripe says the request may or may not have succeeded")
+    if status >= 400:
+        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_code(body)}")
+    if status < 200 or status >= 300:
+        return Cost("zero", Decimal(0), note=f"HTTP {status}")
+    if req.method.upper() in ("GET", "HEAD"):
+        return Cost("zero", Decimal(0), note="read: moves no money")
+    if _is_object_path(req.path):
+        return Cost("zero", Decimal(0), note="update of an existing object: moves no money")
+    try:
+        obj = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    if not isinstance(obj, dict):
+        if _endpoint(req) is None:
+            return Cost("zero", Decimal(0), note="endpoint moves no money")
+        return Cost("unknown", None, note="response is not a JSON object")
+    if "error" in obj:
+        return Cost("zero", Decimal(0), note=f"error: {_error_code(body)}")
+    parser = _PARSERS.get(str(obj.get("object")))
+    if parser is not None:
+        return parser(obj, prices)
+    if _endpoint(req) is not None:
+        return Cost("unknown", None, note=f"money endpoint returned object {obj.get('object')!r}")
+    return Cost("zero", Decimal(0), note=f"{obj.get('object') or 'response'}: moves no money")
+
+
+def _is_object_path(path: str) -> bool:
+    """``/v1/<collection>/<id>`` (or nested pairs): a POST there updates an existing object.
+
+    Actions and creations have an odd number of segments after ``/v1``
+    (``payment_intents``, ``payment_intents/pi_1/capture``).
+    """
+    segments = [s for s in path.split("/") if s]
+    return len(segments) >= 3 and segments[0] == "v1" and (len(segments) - 1) % 2 == 0
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        err = json.loads(body).get("error")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return "error"
+    if isinstance(err, Mapping):
+        return str(err.get("decline_code") or err.get("code") or err.get("type") or "error")[:80]
+    return "error"
+
+
+def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
+         prices: Prices, estimate: Estimate) -> Cost:
+    try:
+        c = _cost(req, status, body, prices)
+    except Exception as e:  # a parser must never break the response
+        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
+    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
+        return Cost("unknown", None, note=f"implausible cost {c.usd}")
+    return c
+
+
+def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
+    return None  # Stripe does not stream
+
 
 VENDOR = Vendor(
     name="stripe",
@@ -12,4 +292,8 @@ VENDOR = Vendor(
     key_headers=("authorization",),
     real_key=re.compile(r"^(sk|rk)_(live|test)_[A-Za-z0-9]"),
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
+    estimate=estimate,
+    cost=cost,
+    stream_meter=stream_meter,
+    prices=load_prices("stripe"),
 )
