@@ -1,14 +1,61 @@
-"""Twilio: Basic auth AccountSid:AuthToken; the account SID is also in the URL path."""
+"""Twilio: Basic auth AccountSid:AuthToken; the account SID is also in the URL path.
+
+Prices: ``prices/twilio.yaml`` (US list rates, USD), overridable by the policy.
+
+Estimate (before forwarding):
+- POST …/Messages.json: with ``MediaUrl`` → one MMS; to ``whatsapp:`` → one
+  WhatsApp message; else SMS segments × rate. Segments: GSM-7 bodies fit 160
+  septets in one segment, 153 per segment when split (``^{}[]~|\\€`` take two);
+  anything else is UCS-2: 70 UTF-16 units, 67 when split (an emoji takes two).
+- POST …/Calls.json: ``TimeLimit`` seconds (default: Twilio's 4-hour maximum)
+  in started minutes × rate, + answering-machine detection when requested.
+- Everything else: not billed.
+
+Cost (after), from the response:
+- ``price`` is a negative decimal string (money charged to the account) in
+  ``price_unit`` (USD if absent); the absolute value counts. It is a decimal
+  amount, not minor units: ``"-0.100"`` JPY is a tenth of a yen. Other
+  currencies go through the policy's ``fx`` (no rate → unknown).
+- ``price`` null (queued, accepted, scheduled, just sent): Twilio prices later;
+  the rate table gives an "estimated" cost (segments/media from the response,
+  a queued call at the request's TimeLimit, a finished one at its duration).
+- Canceled / failed messages and canceled / busy / no-answer / failed calls with
+  a null price are not billed → zero. A price wins over the status: a call
+  canceled after it connected still shows (and costs) its price.
+- List pages (``messages``, ``calls``) sum their items, inbound ones too
+  (Twilio bills inbound traffic). NB: fetches and list pages report money billed
+  by the earlier calls that created those resources; cost() reports it (that is
+  where Twilio's final price shows up), and a ledger must not add reads as new
+  spend.
+- Errors (``{"code", "message", "status"}``, HTTP 4xx/5xx) → zero.
+- Another POST with an unrecognised response → unknown (Twilio has paid
+  products this module does not price); other reads → zero.
+"""
 
 from __future__ import annotations
 
 import base64
+import json
+import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
-from .base import Vendor
+from ..money import Unpriceable, parse_decimal, to_usd
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices
 
 _ACCOUNT_PATH = re.compile(r"^(/\d{4}-\d{2}-\d{2}/Accounts/)([^/]+)")
+_MESSAGES = re.compile(r"^/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/Messages(\.json)?$")
+_CALLS = re.compile(r"^/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/Calls(\.json)?$")
+
+# GSM 03.38: the basic set (one septet) and the extension table (escape + char: two).
+_GSM_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+_GSM_EXTENDED = frozenset("^{}\\[~]|€\f")
 
 
 def _basic(creds: Mapping[str, str]) -> dict[str, str]:
@@ -21,6 +68,225 @@ def rewrite_path(path: str, creds: Mapping[str, str]) -> str:
     return _ACCOUNT_PATH.sub(lambda m: m.group(1) + creds["account_sid"], path, count=1)
 
 
+def segments(body: str) -> int:
+    """SMS segments Twilio bills for ``body`` (an empty body is one segment)."""
+    if all(c in _GSM_BASIC or c in _GSM_EXTENDED for c in body):
+        septets = sum(2 if c in _GSM_EXTENDED else 1 for c in body)
+        return 1 if septets <= 160 else math.ceil(septets / 153)
+    units = len(body.encode("utf-16-le")) // 2
+    return 1 if units <= 70 else math.ceil(units / 67)
+
+
+@dataclass(frozen=True)
+class _Rates:
+    sms: Decimal
+    mms: Decimal
+    whatsapp: Decimal
+    call_minute: Decimal
+    amd: Decimal
+    default_call_seconds: int
+
+
+def _rate(table: Mapping[str, Any], key: str, default: str) -> Decimal:
+    d = parse_decimal(table.get(key))
+    return d if d is not None and d >= 0 else Decimal(default)
+
+
+def _rates(prices: Prices) -> _Rates:
+    t = prices.table(VENDOR)
+    seconds = parse_decimal(t.get("default_call_seconds"))
+    return _Rates(
+        sms=_rate(t, "sms_usd_per_segment", "0.0083"),
+        mms=_rate(t, "mms_usd_per_message", "0.0220"),
+        whatsapp=_rate(t, "whatsapp_usd_per_message", "0.005"),
+        call_minute=_rate(t, "call_usd_per_minute", "0.0140"),
+        amd=_rate(t, "amd_usd_per_call", "0.0075"),
+        default_call_seconds=int(seconds) if seconds is not None and seconds > 0 else 14400,
+    )
+
+
+def _last(form: Mapping[str, list[str]], name: str) -> str | None:
+    values = form.get(name)
+    return values[-1] if values else None
+
+
+def _message_estimate(form: Mapping[str, list[str]], rates: _Rates) -> tuple[Decimal, str]:
+    to = _last(form, "To") or ""
+    media = len([u for u in form.get("MediaUrl", []) if u.strip()])
+    if to.startswith("whatsapp:"):
+        return rates.whatsapp, "1 WhatsApp message"
+    if media:
+        return rates.mms, f"1 MMS ({media} media)"
+    n = segments(_last(form, "Body") or "")
+    return n * rates.sms, f"{n} SMS segment{'s' if n != 1 else ''}"
+
+
+def _call_estimate(form: Mapping[str, list[str]], rates: _Rates) -> tuple[Decimal, str]:
+    limit = parse_decimal(_last(form, "TimeLimit"))
+    seconds = int(limit) if limit is not None and limit > 0 else rates.default_call_seconds
+    minutes = math.ceil(seconds / 60)
+    usd = minutes * rates.call_minute
+    basis = f"call of at most {minutes} min"
+    if limit is None or limit <= 0:
+        basis += " (no TimeLimit: Twilio's maximum)"
+    machine = (_last(form, "MachineDetection") or "").strip().lower()
+    if machine and machine != "none":
+        usd += rates.amd
+        basis += " + machine detection"
+    return usd, basis
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    if req.method.upper() != "POST":
+        return NO_COST
+    path = req.path.rstrip("/")
+    if _MESSAGES.match(path):
+        usd, basis = _message_estimate(req.form, _rates(prices))
+    elif _CALLS.match(path):
+        usd, basis = _call_estimate(req.form, _rates(prices))
+    else:
+        return NO_COST
+    return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd, basis=f"{basis} at US list rates")
+
+
+# --- cost -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One priced resource: USD (None = unpriceable), its own currency and amount, status."""
+
+    usd: Decimal | None
+    currency: str
+    amount: Decimal
+    status: str  # "parsed" | "estimated" | "zero"
+    note: str
+
+
+_MESSAGE_FREE = {"canceled", "failed"}
+_CALL_FREE = {"canceled", "busy", "no-answer", "failed"}
+
+
+def _item(obj: Mapping[str, Any], req: RequestView, prices: Prices) -> _Item:
+    sid = str(obj.get("sid") or "")
+    status = str(obj.get("status") or "")
+    unit = obj.get("price_unit")
+    currency = unit.strip().upper() if isinstance(unit, str) and unit.strip() else "USD"
+    price = parse_decimal(obj.get("price"))
+    if price is not None:
+        amount = abs(price)  # Twilio reports charges as negative amounts
+        try:
+            usd = to_usd(amount, currency, prices.fx)
+        except Unpriceable:
+            return _Item(None, currency, amount, "parsed", f"{sid} {amount} {currency}: no fx rate")
+        return _Item(usd, currency, amount, "parsed" if amount else "zero", f"{sid} {amount} {currency}")
+    is_call = sid.startswith("CA") or "duration" in obj or "answered_by" in obj
+    free = _CALL_FREE if is_call else _MESSAGE_FREE
+    if status in free:
+        return _Item(Decimal(0), currency, Decimal(0), "zero", f"{sid} {status}: not billed")
+    rates = _rates(prices)
+    usd, why = _call_item(obj, req, rates) if is_call else _message_item(obj, rates)
+    return _Item(usd, "USD", usd, "estimated", f"{sid} {status}, price not yet set: {why} at list rates")
+
+
+def _message_item(obj: Mapping[str, Any], rates: _Rates) -> tuple[Decimal, str]:
+    to = str(obj.get("to") or "")
+    if to.startswith("whatsapp:"):
+        return rates.whatsapp, "1 WhatsApp message"
+    media = parse_decimal(obj.get("num_media")) or Decimal(0)
+    if media > 0 or str(obj.get("sid") or "").startswith("MM"):
+        return rates.mms, "1 MMS"
+    n = parse_decimal(obj.get("num_segments"))
+    count = int(n) if n is not None and n >= 1 else segments(str(obj.get("body") or ""))
+    return count * rates.sms, f"{count} SMS segment{'s' if count != 1 else ''}"
+
+
+def _call_item(obj: Mapping[str, Any], req: RequestView, rates: _Rates) -> tuple[Decimal, str]:
+    duration = parse_decimal(obj.get("duration"))
+    if duration is not None and duration > 0:
+        minutes = math.ceil(duration / 60)
+        return minutes * rates.call_minute, f"{minutes} min"
+    if req.method.upper() == "POST" and _CALLS.match(req.path.rstrip("/")):
+        return _call_estimate(req.form, rates)
+    seconds = rates.default_call_seconds
+    return math.ceil(seconds / 60) * rates.call_minute, "call of unknown length (maximum)"
+
+
+def _combine(items: list[_Item], what: str) -> Cost:
+    if not items:
+        return Cost("zero", Decimal(0), note=f"{what}: empty")
+    notes = "; ".join(i.note for i in items[:5]) + ("; …" if len(items) > 5 else "")
+    if any(i.usd is None for i in items):
+        return Cost("unknown", None, note=f"{what}: {notes}")
+    usd = sum((i.usd for i in items if i.usd is not None), Decimal(0))
+    statuses = {i.status for i in items}
+    status = "estimated" if "estimated" in statuses else "parsed" if "parsed" in statuses else "zero"
+    currencies = {i.currency for i in items if i.amount}
+    currency = currencies.pop() if len(currencies) == 1 else None
+    amount = sum((i.amount for i in items), Decimal(0)) if currency else None
+    if status == "zero":
+        currency, amount = None, Decimal(0)
+    return Cost(status, usd, currency, amount, f"{what}: {notes}")
+
+
+def _is_error(obj: Mapping[str, Any]) -> bool:
+    return "code" in obj and "status" in obj and "sid" not in obj and isinstance(obj.get("status"), int)
+
+
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices) -> Cost:
+    if status >= 400:
+        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_code(body)}")
+    if status < 200 or status >= 300:
+        return Cost("zero", Decimal(0), note=f"HTTP {status}")
+    try:
+        obj = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    is_post = req.method.upper() == "POST"
+    if not isinstance(obj, dict):
+        if not is_post or estimate(req, prices).usd == 0:
+            return Cost("zero", Decimal(0), note="not billed")
+        return Cost("unknown", None, note="response is not a JSON object")
+    if _is_error(obj):
+        return Cost("zero", Decimal(0), note=f"error {obj.get('code')}")
+    for key in ("messages", "calls"):
+        if isinstance(page := obj.get(key), list):
+            items = [_item(i, req, prices) for i in page if isinstance(i, Mapping)]
+            return _combine(items, f"{len(items)} {key} on this page")
+    if "price" in obj:
+        return _combine([_item(obj, req, prices)], "call" if _looks_like_call(obj) else "message")
+    if is_post:
+        return Cost("unknown", None, note="no price in the response (a Twilio product not priced here)")
+    return Cost("zero", Decimal(0), note="read: not billed")
+
+
+def _looks_like_call(obj: Mapping[str, Any]) -> bool:
+    return str(obj.get("sid") or "").startswith("CA") or "duration" in obj
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return "error"
+    return str(obj.get("code") or "error")[:40] if isinstance(obj, dict) else "error"
+
+
+def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
+         prices: Prices, estimate: Estimate) -> Cost:
+    try:
+        c = _cost(req, status, body, prices)
+    except Exception as e:  # a parser must never break the response
+        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
+    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
+        return Cost("unknown", None, note=f"implausible cost {c.usd}")
+    return c
+
+
+def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
+    return None  # Twilio's REST API does not stream
+
+
 VENDOR = Vendor(
     name="twilio",
     hosts=("api.twilio.com", "*.twilio.com"),
@@ -30,4 +296,8 @@ VENDOR = Vendor(
     credential_fields=("account_sid", "secret"),
     credential_headers=_basic,
     rewrite_path=rewrite_path,
+    estimate=estimate,
+    cost=cost,
+    stream_meter=stream_meter,
+    prices=load_prices("twilio"),
 )
