@@ -1,0 +1,88 @@
+"""A sample agent: the vendors' own SDKs, a vault key, and HTTPS_PROXY. Nothing else.
+
+Run by scripts/demo.py with only HTTPS_PROXY, SSL_CERT_FILE/REQUESTS_CA_BUNDLE and the
+vault keys in its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import stripe
+from anthropic import Anthropic
+from openai import OpenAI
+from twilio.rest import Client as Twilio
+
+warnings.simplefilter("ignore", DeprecationWarning)  # SDK notices about model names
+BILLING, SUPPORT = os.environ["BILLING_KEY"], os.environ["SUPPORT_KEY"]
+stripe.ca_bundle_path = os.environ["SSL_CERT_FILE"]  # stripe-python pins its own CA bundle
+
+
+def step(what: str, call: Callable[[], Any]) -> None:
+    try:
+        result = call()
+        print(f"  ✔ {what}: {result}")
+    except Exception as e:  # the SDKs surface the gateway's message
+        code = getattr(getattr(e, "error", None), "code", None) or getattr(e, "code", None) or ""
+        msg = getattr(e, "user_message", None) or getattr(e, "message", None) or str(e)
+        print(f"  ✘ {what}: refused [{code}] {str(msg)[:110]}")
+
+
+stripe_client = stripe.StripeClient(BILLING, max_network_retries=0)
+pi = stripe_client.v1.payment_intents
+def spent(obj: Any) -> str:
+    """What the gateway told the agent: cost of this call and budget left."""
+    h = obj.last_response.headers
+    return (f"{obj.status}, cost ${h.get('x-spendgate-cost-usd')}, "
+            f"budget left ${h.get('x-spendgate-budget-remaining-usd')}")
+
+
+step("Stripe: charge $20.00", lambda: spent(pi.create(params={
+    "amount": 2000, "currency": "usd", "confirm": True, "payment_method": "pm_card_visa"})))
+step("Stripe: charge €15.00 (fx)", lambda: spent(pi.create(params={
+    "amount": 1500, "currency": "eur", "confirm": True, "payment_method": "pm_card_visa"})))
+step("Stripe: charge ¥1500 (zero-decimal)", lambda: spent(pi.create(params={
+    "amount": 1500, "currency": "jpy", "confirm": True, "payment_method": "pm_card_visa"})))
+step("Stripe: 3-D Secure card (requires_action: nothing moved)", lambda: spent(pi.create(params={
+    "amount": 3000, "currency": "usd", "confirm": True, "payment_method": "pm_card_threeDSecure2Required"})))
+step("Stripe: charge $500 (over max_request_usd 200)", lambda: pi.create(params={"amount": 50000, "currency": "usd"}))
+step("Stripe: charge in CHF (no fx rate)", lambda: pi.create(params={"amount": 1000, "currency": "chf"}))
+step("Stripe: list customers (not allowed)", lambda: stripe_client.v1.customers.list())
+step("Stripe: attach a payment method (denied)", lambda: stripe_client.v1.payment_methods.attach(
+    "pm_1", params={"customer": "cus_1"}))
+
+llm = OpenAI(api_key=SUPPORT, max_retries=0)
+def llm_cost(raw: Any) -> str:
+    usage = raw.parse().usage
+    return (f"{usage.prompt_tokens} in / {usage.completion_tokens} out tokens, "
+            f"cost ${raw.headers.get('x-spendgate-cost-usd')}")
+
+
+step("OpenAI: chat completion", lambda: llm_cost(llm.chat.completions.with_raw_response.create(
+    model="gpt-4o-mini", max_tokens=20, messages=[{"role": "user", "content": "Say hi"}])))
+step("OpenAI: the same, streamed", lambda: sum(1 for _ in llm.chat.completions.create(
+    model="gpt-4o-mini", max_tokens=20, stream=True, stream_options={"include_usage": True},
+    messages=[{"role": "user", "content": "Say hi"}])) and "streamed")
+step("Anthropic: message", lambda: (lambda raw: f"{raw.parse().usage.output_tokens} out tokens, cost "
+                                    f"${raw.headers.get('x-spendgate-cost-usd')}")(
+    Anthropic(api_key=SUPPORT, max_retries=0).messages.with_raw_response.create(
+        model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}])))
+step("Twilio: SMS (price not known yet: estimated)", lambda: Twilio("AC" + "0" * 32, SUPPORT).messages.create(
+    to="+15551230000", from_="+15559870000", body="Your order shipped").status)
+step("OpenAI with the billing key (vendor not in its policy)", lambda: OpenAI(api_key=BILLING, max_retries=0)
+     .chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]))
+step("OpenAI with a real key instead of a vault key", lambda: OpenAI(api_key="sk-proj-" + "a" * 40, max_retries=0)
+     .chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]))
+step("Stripe with no key at all", lambda: httpx.get("https://api.stripe.com/v1/payment_intents/pi_1",
+                                                   proxy=os.environ["HTTPS_PROXY"]).json()["error"]["code"])
+
+print("  … an operator revokes the billing key:")
+out = subprocess.run([os.environ["SPENDGATE"], "keys", "revoke", os.environ["BILLING_KEY_ID"],
+                      "--db", os.environ["SPENDGATE_DB"]], capture_output=True, text=True, check=True)
+print(f"    $ spendgate keys revoke {os.environ['BILLING_KEY_ID']}\n    {out.stdout.strip()}")
+step("Stripe: charge $20.00 again (revoked key)", lambda: pi.create(params={"amount": 2000, "currency": "usd"}))
