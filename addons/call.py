@@ -97,6 +97,7 @@ class Call:
         """A plain, secret-free dict: what saved flows (``-w``) and copies carry."""
         return {
             "vendor": self.vendor,
+            "host": self.host,
             "key_id": self.key_id,
             "policy": self.policy,
             "labels": dict(self.key.labels) if self.key else {},

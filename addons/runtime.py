@@ -107,7 +107,7 @@ class Runtime:
             if self.state:
                 self.store.sync_static_keys(static_keys(self.state.config))
         # Lazy: with "eager", mitmproxy dials the vendor at CONNECT time, before any policy ran.
-        if ctx.options.connection_strategy != "lazy":
+        if getattr(ctx.options, "connection_strategy", "lazy") != "lazy":
             ctx.options.connection_strategy = "lazy"
 
     def _install(self, state: State) -> None:

@@ -82,7 +82,9 @@ def main() -> None:
         gw_log = WORK / "gateway.log"
         procs.append(subprocess.Popen(
             [str(BIN / "spendgate"), "run", "--config", str(policy), "--db", str(WORK / "spendgate.db"),
-             "--port", str(proxy_port), "--host", "127.0.0.1", "--", "-w", str(WORK / "flows.mitm")],
+             "--port", str(proxy_port), "--host", "127.0.0.1", "--",
+             # the flow file doubles as the capture replayed in tests/test_replay_flows.py
+             "-w", str(WORK / "flows.mitm"), "--set", "store_streamed_bodies=true"],
             stdout=gw_log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env=ENV))
         wait_for(gw_log, "proxy listening", procs[-1], "gateway")
         print(f"gateway on 127.0.0.1:{proxy_port}, fake vendors on 127.0.0.1:{fake_port}")

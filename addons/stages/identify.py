@@ -22,6 +22,7 @@ from ..vendors.base import Vendor
 VAULT_HEADER = "x-vault-key"
 _TOKEN = re.compile(r"^vk_[A-Za-z0-9_-]{32,}$")
 _TOKEN_ANYWHERE = re.compile(rb"vk_[A-Za-z0-9_-]{32,}")
+_TOKEN_IN_HEADER = re.compile(r"vk_[A-Za-z0-9_-]{16,}")
 
 
 def credential_slots(headers: http.Headers, vendor: Vendor) -> list[tuple[str, str]]:
@@ -47,6 +48,21 @@ def credential_slots(headers: http.Headers, vendor: Vendor) -> list[tuple[str, s
             else:
                 slots.append(("authorization", value))
     return [(slot, v) for slot, v in slots if v]
+
+
+REDACTED = "spendgate:redacted"
+
+
+def redact(headers: http.Headers, vendor: Vendor) -> None:
+    """Take every key the agent sent out of the flow as soon as it has been read, so a
+    vault key (or a real key an agent should not hold) never shows in mitmweb, saved
+    flows or logs, whatever the decision. The swap stage puts the placeholder in."""
+    for name in dict.fromkeys((VAULT_HEADER, "authorization", *vendor.key_headers)):
+        if name in headers:
+            headers[name] = REDACTED
+    for name, value in list(headers.items()):
+        if _TOKEN_IN_HEADER.search(value):
+            headers[name] = _TOKEN_IN_HEADER.sub("vk_[redacted]", value)
 
 
 def looks_real(value: str) -> str | None:
@@ -90,6 +106,7 @@ class Identify:
             return
 
         slots = credential_slots(flow.request.headers, vendor)
+        redact(flow.request.headers, vendor)
         for slot, value in slots:
             if not value.startswith(TOKEN_PREFIX) and (owner := looks_real(value)):
                 refuse(flow, "raw_credential",

@@ -1,15 +1,14 @@
 """Stage 6, swap: vault key out, real credential in (on the wire only, see ``wire.py``).
 
 Every header that could carry a key is removed (X-Vault-Key, the vendor's key
-headers, Authorization, and any header holding a vault-key-shaped token), then
-the vendor's credential headers are set to a placeholder naming the key id. The
+headers, Authorization; identify already redacted a vault-key-shaped token anywhere
+else), then the vendor's credential headers are set to a placeholder naming the key id. The
 real values are registered with ``wire`` and replace the placeholder only in the
 bytes sent upstream.
 """
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlsplit
 
 from mitmproxy import http
@@ -19,8 +18,6 @@ from ..call import fail_closed, get_call, refuse
 from ..runtime import Runtime
 from ..vendors import REGISTRY, vendor_for_host
 from .identify import VAULT_HEADER
-
-_VAULT_TOKEN = re.compile(r"vk_[A-Za-z0-9_-]{16,}")
 
 
 class Swap:
@@ -46,11 +43,9 @@ class Swap:
             refuse(flow, "vendor_not_allowed", f"no credentials are configured for {vendor.name}")
             return
         headers = flow.request.headers
+        # identify already redacted every key the agent sent; drop the redacted slots
         for name in (VAULT_HEADER, "authorization", *vendor.key_headers):
             headers.pop(name, None)
-        for name, value in list(headers.items()):
-            if _VAULT_TOKEN.search(value):
-                del headers[name]
         real = vendor.credential_headers(creds)
         call.wire_ref, placeholder = wire.register(call.key.id, real)
         for name in real:
