@@ -158,7 +158,8 @@ class Gateway:
 
 
 def start_gateway(tmp: Path, fakes: FakeVendors, certs: Path, policy: str | None = None,
-                  extra: tuple[str, ...] = (), db: str | None = None, tool: str = "mitmdump") -> Gateway:
+                  extra: tuple[str, ...] = (), db: str | None = None, tool: str = "mitmdump",
+                  env: dict[str, str] | None = None) -> Gateway:
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = tmp / "policy.yaml"
@@ -167,7 +168,7 @@ def start_gateway(tmp: Path, fakes: FakeVendors, certs: Path, policy: str | None
         proxy=f"http://127.0.0.1:{port}", port=port, ca=str(certs / "mitmproxy-ca-cert.pem"),
         db=db or str(tmp / "ledger.db"), config=config, log=tmp / "gateway.log",
         flows=tmp / "flows.mitm", fakes=fakes,
-        env={**os.environ, **REAL_CREDENTIALS, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},
+        env={**os.environ, **REAL_CREDENTIALS, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **(env or {})},
     )
     cmd = [
         str(BIN / tool), "-s", str(ROOT / "addons" / "gateway.py"),
