@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import click
 
 from . import reports
-from .policy import Config, ConfigError, load_config, parse_duration, resolve_credentials
+from .keys import IssueError, key_spec
+from .policy import Config, ConfigError, load_config, resolve_credentials
 from .runtime import config_path, db_path
 from .store import KeyRecord, Store, hash_token, open_store
 
@@ -177,28 +177,14 @@ def keys_issue(policy: str, ttl: str | None, cap_usd: str | None, labels: tuple[
                config: str | None, db: str | None, as_json: bool) -> None:
     """Issue a key; its token is printed once and stored only as a hash."""
     cfg = _config(config)
-    pol = cfg.policies.get(policy)
-    if pol is None:
-        raise click.ClickException(f"no policy {policy!r} (have: {', '.join(cfg.policies) or 'none'})")
     try:
-        ttl_s = parse_duration(ttl) if ttl else pol.ttl
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--ttl") from None
-    cap = None
-    if cap_usd is not None:
-        try:
-            cap = Decimal(cap_usd)
-        except InvalidOperation:
-            raise click.BadParameter(f"{cap_usd!r} is not an amount", param_hint="--cap-usd") from None
-        if cap < 0:
-            raise click.BadParameter("must be >= 0", param_hint="--cap-usd")
-        if pol.budget.key_usd is not None and cap > pol.budget.key_usd:
-            raise click.ClickException(
-                f"--cap-usd {cap} would widen policy {policy!r}'s key_usd {pol.budget.key_usd}; "
-                "a key may only narrow its policy's caps"
-            )
+        spec = key_spec(cfg, policy, ttl, cap_usd, _labels(labels))
+    except IssueError as e:  # the same rules as the admin API's POST /v1/keys (keys.py)
+        if e.param in ("ttl", "cap_usd"):
+            raise click.BadParameter(e.message, param_hint=f"--{e.param.replace('_', '-')}") from None
+        raise click.ClickException(e.message) from None
     store = _store(db)
-    rec, token = store.issue_key(policy, ttl_s, cap, _labels(labels))
+    rec, token = store.issue_key(spec.policy, spec.ttl_seconds, spec.cap_usd, spec.labels)
     store.close()
     _print_key(rec, as_json, token)
     if not as_json:
