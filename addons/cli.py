@@ -67,9 +67,11 @@ def main() -> None:
 @click.option("--host", "listen_host", default="", help="Proxy listen address (default: all).")
 @click.option("--web", is_flag=True, help="Run mitmweb (live console on 127.0.0.1:8081).")
 @click.option("--web-port", default=8081, show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="One line per decision, as text or JSON.")
 @click.argument("mitmproxy_args", nargs=-1, type=click.UNPROCESSED)
 def run(config: str | None, db: str | None, port: int, listen_host: str, web: bool,
-        web_port: int, mitmproxy_args: tuple[str, ...]) -> None:
+        web_port: int, log_format: str, mitmproxy_args: tuple[str, ...]) -> None:
     """Run the gateway (mitmdump, or mitmweb with --web). Extra args go to mitmproxy."""
     cfg = config_path(config)
     _config(cfg)  # fail fast with file:line errors before mitmproxy starts
@@ -79,7 +81,7 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
         str(exe if exe.exists() else tool), "-s", str(GATEWAY),
         "--set", f"spendgate_config={cfg}", "--set", f"spendgate_db={db_path(db)}",
         "--set", f"confdir={CERTS}", "--set", "connection_strategy=lazy",
-        "--listen-port", str(port),
+        "--listen-port", str(port), "--set", f"spendgate_log_format={log_format}",
     ]
     if listen_host:
         args += ["--listen-host", listen_host]

@@ -82,9 +82,15 @@ class Runtime:
             "spendgate_db", str, "",
             "Spendgate ledger, a SQLite file (default: $SPENDGATE_DB, else data/spendgate.db).",
         )
+        loader.add_option(
+            "spendgate_log_format", str, "text",
+            "One log line per decision: 'text' or 'json' (no secrets, no bodies).",
+        )
         wire.install()
 
     def configure(self, updated: set[str]) -> None:
+        if ctx.options.spendgate_log_format not in ("text", "json"):
+            raise exceptions.OptionsError("spendgate_log_format must be 'text' or 'json'")
         if "spendgate_config" in updated or self.state is None:
             path = config_path(ctx.options.spendgate_config)
             try:

@@ -74,6 +74,11 @@ policies:
     vendors:
       stripe: {{allow: ["POST /v1/payment_intents"]}}
     rate: 2/minute
+  shadow:
+    mode: report
+    vendors:
+      stripe: {{allow: ["GET /v1/payment_intents/*"], max_request_usd: 5}}
+    budget: {{key_usd: 1}}
 egress: {{default: allow, allow: [], deny: ["blocked.example"]}}
 """
 

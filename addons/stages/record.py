@@ -12,7 +12,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from .. import wire
 from ..call import STATUS, Call, get_call
@@ -111,6 +111,21 @@ class Record:
         flow.comment = comment(call, flow)
         if call.decision != "allow":
             flow.marked = REFUSED_MARK
-        log.info("spendgate: %s %s %s %s %s key=%s status=%s", call.decision, call.reason or "-",
-                 call.vendor or flow.request.host, flow.request.method,
-                 flow.request.path.split("?", 1)[0], call.key_id or "-", status)
+        log.info(decision_line(row, self.json_logs))
+
+    @property
+    def json_logs(self) -> bool:
+        return getattr(ctx.options, "spendgate_log_format", "text") == "json"
+
+
+LOG_FIELDS = ("ts", "decision", "reason", "vendor", "method", "host", "path", "status", "key_id",
+              "policy", "estimated_usd", "cost_usd", "cost_status", "request_id", "latency_ms")
+
+
+def decision_line(row: dict, as_json: bool) -> str:
+    """One line per decision, from the ledger row (so it holds no secrets and no bodies)."""
+    if as_json:
+        return json.dumps({"event": "spendgate.decision", **{k: row.get(k) for k in LOG_FIELDS}})
+    cost = f" cost={row['cost_usd']}({row['cost_status']})" if row.get("cost_usd") is not None else ""
+    return (f"spendgate: {row['decision']} {row['reason'] or '-'} {row['vendor'] or row['host']} "
+            f"{row['method']} {row['path']} key={row['key_id'] or '-'} status={row['status']}{cost}")
