@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
+
 from spendgate.policy import (
     ConfigError,
     Rate,
