@@ -1,0 +1,326 @@
+"""OpenAI: token usage × per-model prices, worst-case estimates, SSE streams in any split."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from vendor_fixtures import (
+    SPLITS,
+    cost_of,
+    json_request,
+    load_json,
+    load_request,
+    needs_fixtures,
+    per_million,
+    raw,
+    stream_cost,
+)
+
+from spendgate.vendors import _llm
+from spendgate.vendors.base import Estimate, Prices, RequestView
+from spendgate.vendors.openai import VENDOR
+
+MODELS = VENDOR.prices["models"]
+CHAT = json_request("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+RESPONSES = json_request("/v1/responses", {"model": "gpt-5.4", "input": "hi", "max_output_tokens": 100})
+EMBEDDINGS = json_request("/v1/embeddings", {"model": "text-embedding-ada-002", "input": "The food was delicious"})
+
+
+def price(model: str, inp: int = 0, out: int = 0, cached: int = 0) -> Decimal:
+    """Expected USD from the shipped table: uncached input, cached input, output."""
+    m = MODELS[model]
+    return per_million(inp, m["input"]) + per_million(cached, m.get("cached_input", m["input"])) + per_million(
+        out, m["output"])
+
+
+def synthetic_chat(model: str, usage: dict[str, Any]) -> bytes:
+    return json.dumps({"object": "chat.completion", "model": model, "choices": [], "usage": usage}).encode()
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def test_table_has_the_fixture_models_and_provenance() -> None:
+    assert VENDOR.prices["source"] and VENDOR.prices["as_of"]
+    for model in ("gpt-5.4", "gpt-4o", "gpt-4o-mini", "o1", "o3-mini", "text-embedding-ada-002",
+                  "gpt-4.1", "text-embedding-3-small", "text-embedding-3-large", "gpt-5"):
+        assert model in MODELS, model
+
+
+@pytest.mark.parametrize(("asked", "key"), [
+    ("gpt-4o-2024-08-06", "gpt-4o"),  # dated ids fall back to the undated entry
+    ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # unless the dated id has its own price
+    ("o3-mini-2025-01-31", "o3-mini"),
+    ("o1-2024-12-17", "o1"),
+    ("GPT-4o-mini", "gpt-4o-mini"),
+    ("o1-preview", "o1"),  # alias
+])
+def test_model_lookup(asked: str, key: str) -> None:
+    rates = _llm.lookup(VENDOR.prices, asked, Decimal(1))
+    assert (rates.model, rates.known) == (key, True)
+
+
+# --- non-streamed responses -------------------------------------------------------------------
+
+# (file, request, model priced, uncached input, cached input, output)
+USAGE = [
+    ("chat_completion_default.json", CHAT, "gpt-5.4", 19, 0, 10),
+    # prompt_tokens_details absent: all input uncached
+    ("chat_completion_tool_calls_no_prompt_details.json", CHAT, "gpt-4o-mini", 82, 0, 17),
+    ("responses_text.json", RESPONSES, "gpt-5.4", 36, 0, 87),
+    # 832 reasoning tokens are already inside the 1035 output tokens
+    ("responses_reasoning.json", RESPONSES, "o1", 81, 0, 1035),
+    # input_tokens_details absent despite the schema saying "required"
+    ("responses_function_call_no_input_details.json", RESPONSES, "gpt-5.4", 291, 0, 23),
+    ("embeddings.derived.json", EMBEDDINGS, "text-embedding-ada-002", 8, 0, 0),
+    # 2006 prompt tokens INCLUDE 1920 cached: 86 uncached + 1920 at the cached rate
+    ("chat_completion_cached_reasoning.derived.json", CHAT, "o3-mini", 86, 1920, 300),
+]
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("name", "req", "model", "inp", "cached", "out"), USAGE)
+def test_fixture_cost(name: str, req: RequestView, model: str, inp: int, cached: int, out: int) -> None:
+    cost = cost_of(VENDOR, req, raw("openai", name))
+    assert cost.status == "parsed"
+    assert cost.usd == price(model, inp, out, cached)
+    assert cost.currency == "USD" and cost.amount == cost.usd
+    assert model in cost.note and f"out {out}" in cost.note
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("name", "usd"), [
+    # hand-computed, so a wrong table lookup fails: 19 × $2.50/M + 10 × $15/M
+    ("chat_completion_default.json", "0.0001975"),
+    # 86 × $1.10/M + 1920 × $0.55/M + 300 × $4.40/M
+    ("chat_completion_cached_reasoning.derived.json", "0.0024706"),
+    # 81 × $15/M + 1035 × $60/M (reasoning not added twice)
+    ("responses_reasoning.json", "0.063315"),
+    # 8 × $0.10/M
+    ("embeddings.derived.json", "0.0000008"),
+])
+def test_fixture_cost_literals(name: str, usd: str) -> None:
+    assert cost_of(VENDOR, CHAT, raw("openai", name)).usd == Decimal(usd)
+
+
+@needs_fixtures
+def test_model_falls_back_to_the_request() -> None:
+    body = load_json("openai", "chat_completion_default.json")
+    del body["model"]
+    req = json_request("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": []})
+    assert cost_of(VENDOR, req, json.dumps(body).encode()).usd == price("gpt-4o-mini", 19, 10)
+
+
+@needs_fixtures
+def test_error_is_zero() -> None:
+    cost = cost_of(VENDOR, CHAT, raw("openai", "error_invalid_api_key_401.derived.json"), status=401)
+    assert (cost.status, cost.usd) == ("zero", 0)
+    assert "invalid_api_key" in cost.note
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", ["responses_incomplete_event_usage_null.json", "responses_failed_event.json"])
+def test_missing_usage_falls_back_to_the_estimate(name: str) -> None:
+    est = VENDOR.estimate(RESPONSES, Prices())
+    cost = cost_of(VENDOR, RESPONSES, raw("openai", name), estimate=est)
+    assert (cost.status, cost.usd) == ("estimated", est.usd)
+    assert "usage missing" in cost.note
+
+
+def test_unknown_model_uses_fallback_rates_and_says_so() -> None:
+    body = synthetic_chat("gpt-99-turbo", {"prompt_tokens": 1000, "completion_tokens": 100})
+    cost = cost_of(VENDOR, CHAT, body)
+    fallback = VENDOR.prices["fallback"]
+    assert cost.status == "estimated"
+    assert cost.usd == per_million(1000, fallback["input"]) + per_million(100, fallback["output"])
+    assert "unknown model 'gpt-99-turbo'" in cost.note
+
+
+def test_policy_override_changes_the_price() -> None:
+    prices = Prices(overrides={"openai": {"models": {"gpt-4o": {"input": 1, "output": 2}}}})
+    body = synthetic_chat("gpt-4o", {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000})
+    assert cost_of(VENDOR, CHAT, body, prices).usd == Decimal(3)
+
+
+def test_long_context_surcharge() -> None:
+    body = synthetic_chat("gpt-5.4", {"prompt_tokens": 300_000, "completion_tokens": 1000})
+    # above 272K input tokens: 2× input, 1.5× output
+    assert cost_of(VENDOR, CHAT, body).usd == Decimal(300_000) * 5 / 10**6 + Decimal(1000) * Decimal("22.5") / 10**6
+
+
+def test_reads_and_free_endpoints_are_zero() -> None:
+    req = RequestView("GET", "/v1/models")
+    assert VENDOR.estimate(req, Prices()).usd == 0
+    assert cost_of(VENDOR, req, b'{"object": "list", "data": []}').status == "zero"
+    mod = json_request("/v1/moderations", {"input": "x"})
+    assert cost_of(VENDOR, mod, b'{"id": "modr-1", "results": []}').status == "zero"
+
+
+def test_images_are_billed_but_unpriced() -> None:
+    req = json_request("/v1/images/generations", {"model": "dall-e-3", "prompt": "a cat"})
+    est = VENDOR.estimate(req, Prices())
+    assert est.usd is None and est.moves_money
+    assert cost_of(VENDOR, req, b'{"data": [{"url": "x"}]}', estimate=est).status == "unknown"
+
+
+# --- estimates --------------------------------------------------------------------------------
+
+
+@needs_fixtures
+def test_estimate_n_times_max_completion_tokens() -> None:
+    req = load_request("openai", "chat_completion_stream.request.txt")
+    est = VENDOR.estimate(req, Prices())
+    in_tokens = _llm.input_guess(req.body, 2000)
+    assert est.usd == price("gpt-4o", in_tokens, 3 * 512)
+    # the output part by hand: n=3 × 512 tokens × $10/M
+    assert est.usd - per_million(in_tokens, MODELS["gpt-4o"]["input"]) == Decimal("0.01536")
+    assert est.moves_money and "3×512" in est.basis
+
+
+@needs_fixtures
+def test_estimate_legacy_max_tokens() -> None:
+    req = json_request("/v1/chat/completions", load_json("openai", "chat_completion_legacy_max_tokens.request.json"))
+    est = VENDOR.estimate(req, Prices())
+    assert est.usd == price("gpt-4o-mini", _llm.input_guess(req.body, 2000), 2 * 256)
+
+
+@needs_fixtures
+def test_estimate_responses_max_output_tokens() -> None:
+    req = load_request("openai", "responses_create.request.txt")
+    est = VENDOR.estimate(req, Prices())
+    assert est.usd == price("o3-mini", _llm.input_guess(req.body, 2000), 4096)
+
+
+def test_estimate_without_limit_uses_the_model_maximum() -> None:
+    est = VENDOR.estimate(CHAT, Prices())
+    assert est.usd == price("gpt-4o", _llm.input_guess(CHAT.body, 2000), MODELS["gpt-4o"]["max_output"])
+    assert "model maximum" in est.basis
+
+
+def test_estimate_embeddings_is_input_only() -> None:
+    est = VENDOR.estimate(EMBEDDINGS, Prices())
+    assert est.usd == price("text-embedding-ada-002", _llm.input_guess(EMBEDDINGS.body, 2000))
+
+
+def test_estimate_counts_an_inline_image_as_image_tokens_not_base64_text() -> None:
+    image = "data:image/png;base64," + "A" * 400_000
+    req = json_request("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 10, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]})
+    tokens = _llm.input_guess(req.body, 2000)
+    assert 2000 < tokens < 2100
+
+
+def test_input_guess_counts_non_ascii_characters_one_token_each() -> None:
+    assert _llm.input_guess("日本語のテキスト".encode(), 0) == 8
+    assert _llm.input_guess(b"abcdefgh", 0) == 2
+
+
+# --- streams ------------------------------------------------------------------------------------
+
+STREAM_REQ = json_request("/v1/chat/completions", {
+    "model": "gpt-4o-2024-08-06", "messages": [{"role": "user", "content": "Say foo"}], "n": 3,
+    "max_completion_tokens": 512, "stream": True, "stream_options": {"include_usage": True}})
+
+# (file, model, input, output): usage in the last chunk, as the non-streamed body would carry it
+STREAMS = [
+    ("chat_stream_include_usage.sse", "gpt-4o", 9, 2),
+    ("chat_stream_finish_length_max_tokens_1.sse", "gpt-4o", 79, 1),
+    ("chat_stream_n3_choices.sse", "gpt-4o", 79, 42),  # aggregated over the 3 choices
+]
+
+
+@needs_fixtures
+@pytest.mark.parametrize("how", SPLITS)
+@pytest.mark.parametrize(("name", "model", "inp", "out"), STREAMS)
+def test_chat_stream(name: str, model: str, inp: int, out: int, how: str) -> None:
+    cost = stream_cost(VENDOR, STREAM_REQ, raw("openai", name), how)
+    assert (cost.status, cost.usd) == ("parsed", price(model, inp, out))
+    # the same usage non-streamed costs the same
+    body = synthetic_chat("gpt-4o-2024-08-06", {"prompt_tokens": inp, "completion_tokens": out})
+    assert cost_of(VENDOR, STREAM_REQ, body).usd == cost.usd
+
+
+@needs_fixtures
+@pytest.mark.parametrize("seed", range(5))
+def test_chat_stream_random_splits(seed: int) -> None:
+    cost = stream_cost(VENDOR, STREAM_REQ, raw("openai", "chat_stream_n3_choices.sse"), "random", seed=seed)
+    assert cost.usd == price("gpt-4o", 79, 42) == Decimal("0.0006175")
+
+
+@needs_fixtures
+@pytest.mark.parametrize("how", SPLITS)
+def test_responses_stream_usage_in_completed(how: str) -> None:
+    cost = stream_cost(VENDOR, RESPONSES, raw("openai", "responses_stream.sse"), how)
+    assert (cost.status, cost.usd) == ("parsed", price("gpt-5.4", 37, 11))
+    body = json.dumps({"object": "response", "model": "gpt-5.4",
+                       "usage": {"input_tokens": 37, "output_tokens": 11}}).encode()
+    assert cost_of(VENDOR, RESPONSES, body).usd == cost.usd
+
+
+@needs_fixtures
+@pytest.mark.parametrize("how", SPLITS)
+def test_stream_without_usage_falls_back_to_the_estimate(how: str) -> None:
+    est = VENDOR.estimate(STREAM_REQ, Prices())
+    cost = stream_cost(VENDOR, STREAM_REQ, raw("openai", "chat_stream_no_usage.derived.sse"), how, estimate=est)
+    assert (cost.status, cost.usd) == ("estimated", est.usd)
+    assert "usage missing" in cost.note
+
+
+@needs_fixtures
+def test_midstream_error_falls_back_to_the_estimate() -> None:
+    est = VENDOR.estimate(STREAM_REQ, Prices())
+    cost = stream_cost(VENDOR, STREAM_REQ, raw("openai", "chat_stream_midstream_error.derived.sse"), "7", estimate=est)
+    assert (cost.status, cost.usd) == ("estimated", est.usd)
+    assert "server_error" in cost.note
+
+
+def test_error_before_any_output_is_zero() -> None:
+    data = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
+    cost = stream_cost(VENDOR, STREAM_REQ, data, "bytes")
+    assert (cost.status, cost.usd) == ("zero", 0)
+
+
+@needs_fixtures
+def test_responses_incomplete_event_with_usage_is_priced() -> None:
+    event = load_json("openai", "responses_incomplete_event_usage_null.json")
+    event["response"]["usage"] = {"input_tokens": 10, "output_tokens": 100}
+    data = f"event: response.incomplete\ndata: {json.dumps(event)}\n\n".encode()
+    cost = stream_cost(VENDOR, RESPONSES, data, "7")
+    assert (cost.status, cost.usd) == ("parsed", price("gpt-4o-mini", 10, 100))
+    assert "response.incomplete" in cost.note
+
+
+@needs_fixtures
+def test_responses_failed_event_without_usage_is_estimated() -> None:
+    event = raw("openai", "responses_failed_event.json").replace(b"\n", b"")
+    est = VENDOR.estimate(RESPONSES, Prices())
+    cost = stream_cost(VENDOR, RESPONSES, b"event: response.failed\ndata: " + event + b"\n\n", "7", estimate=est)
+    assert (cost.status, cost.usd) == ("estimated", est.usd)
+
+
+def test_huge_completed_event_keeps_only_the_tail_and_still_finds_usage() -> None:
+    text = "x" * (3 << 20)  # a 3 MiB output repeated in response.completed
+    event = {"type": "response.completed", "response": {"model": "gpt-5.4", "output": [{"text": text}],
+                                                        "usage": {"input_tokens": 5, "output_tokens": 7}}}
+    data = b"event: response.completed\ndata: " + json.dumps(event).encode() + b"\n\n"
+    meter = VENDOR.stream_meter(RESPONSES, Prices(), VENDOR.estimate(RESPONSES, Prices()))
+    assert meter is not None
+    for i in range(0, len(data), 65536):
+        meter.feed(data[i : i + 65536])
+    assert len(meter._parser._line) <= 1 << 20  # type: ignore[attr-defined]  # bounded state
+    cost = meter.finish()
+    assert (cost.status, cost.usd) == ("parsed", price("gpt-5.4", 5, 7))
+
+
+def test_sse_body_without_content_type_is_metered_by_cost() -> None:
+    data = b'data: {"model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}\n\n'
+    assert cost_of(VENDOR, STREAM_REQ, data).usd == price("gpt-4o", 9, 2)
+
+
+def test_no_meter_for_non_generation_endpoints() -> None:
+    est = Estimate(usd=Decimal(0))
+    assert VENDOR.stream_meter(EMBEDDINGS, Prices(), est) is None
+    assert VENDOR.stream_meter(RequestView("GET", "/v1/models"), Prices(), est) is None
