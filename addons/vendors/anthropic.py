@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from ..money import Unpriceable
 from . import _llm
 from ._sse import Event, SSEParser
 from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices
@@ -88,7 +89,7 @@ def _worst(req: RequestView, prices: Prices) -> tuple[Decimal, Decimal, str]:
     return input_usd, output_usd, basis
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
+def _estimate(req: RequestView, prices: Prices) -> Estimate:
     kind = _kind(req)
     if kind is None:
         return NO_COST
@@ -97,6 +98,16 @@ def estimate(req: RequestView, prices: Prices) -> Estimate:
     input_usd, output_usd, basis = _worst(req, prices)
     usd = input_usd + output_usd
     return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd, basis=basis)
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
+    try:
+        return _estimate(req, prices)
+    except Unpriceable:
+        raise  # money in a currency without an fx rate: the pipeline refuses (402)
+    except Exception as e:  # junk in the request: the policy's default estimate applies
+        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 # --- usage → cost ---------------------------------------------------------------------------
@@ -182,15 +193,9 @@ def _error_type(body: bytes) -> str:
 def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
          prices: Prices, estimate: Estimate) -> Cost:
     try:
-        return _checked(_cost(req, status, body, prices, estimate))
+        return _llm.checked(_cost(req, status, body, prices, estimate))
     except Exception as e:  # a parser must never break the response
         return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-
-
-def _checked(c: Cost) -> Cost:
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}")
-    return c
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ class _Meter:
 
     def finish(self) -> Cost:
         try:
-            return _checked(self._finish())
+            return _llm.checked(self._finish())
         except Exception as e:
             return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from ..money import Unpriceable
 from . import _llm
 from ._sse import Event, SSEParser, find_object
 from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, bearer, load_prices
@@ -112,7 +113,7 @@ def _output_budget(body: Mapping[str, Any], kind: str, rates: _llm.Rates,
     return n, default, "no limit set: default_max_output_tokens"
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
+def _estimate(req: RequestView, prices: Prices) -> Estimate:
     kind = _kind(req)
     if kind is None:
         return NO_COST
@@ -121,6 +122,16 @@ def estimate(req: RequestView, prices: Prices) -> Estimate:
                         basis="OpenAI endpoint billed per image/second/job: not in the price table")
     worst = _worst(req, prices, kind)
     return Estimate(usd=worst.usd, moves_money=True, currency="USD", amount=worst.usd, basis=worst.basis)
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
+    try:
+        return _estimate(req, prices)
+    except Unpriceable:
+        raise  # money in a currency without an fx rate: the pipeline refuses (402)
+    except Exception as e:  # junk in the request: the policy's default estimate applies
+        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 # --- usage → cost ---------------------------------------------------------------------------
@@ -206,15 +217,9 @@ def _error_text(body: bytes) -> str:
 def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
          prices: Prices, estimate: Estimate) -> Cost:
     try:
-        return _checked(_cost(req, status, body, prices, estimate))
+        return _llm.checked(_cost(req, status, body, prices, estimate))
     except Exception as e:  # a parser must never break the response
         return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-
-
-def _checked(c: Cost) -> Cost:
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}")
-    return c
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -265,7 +270,7 @@ class _Meter:
 
     def finish(self) -> Cost:
         try:
-            return _checked(self._finish())
+            return _llm.checked(self._finish())
         except Exception as e:
             return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from ..money import Unpriceable
 from . import _email
 from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices
 
@@ -57,7 +58,7 @@ def _messages(req: RequestView) -> list[Mapping[str, Any]] | None:
     return [m if isinstance(m, Mapping) else {} for m in data]
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
+def _estimate(req: RequestView, prices: Prices) -> Estimate:
     kind = _kind(req)
     if kind is None:
         return NO_COST
@@ -70,6 +71,16 @@ def estimate(req: RequestView, prices: Prices) -> Estimate:
     usd = emails * _rate(prices)
     return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd,
                     basis=f"{basis}: {emails} recipient{'s' if emails != 1 else ''} × email_usd")
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
+    try:
+        return _estimate(req, prices)
+    except Unpriceable:
+        raise  # money in a currency without an fx rate: the pipeline refuses (402)
+    except Exception as e:  # junk in the request: the policy's default estimate applies
+        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 def _accepted(item: object) -> bool:

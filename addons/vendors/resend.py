@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from ..money import Unpriceable
 from . import _email
 from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, bearer, load_prices
 
@@ -64,7 +65,7 @@ def _recipients(message: Mapping[str, Any]) -> int:
     return max(_email.recipients(message, _FIELDS), 1)  # a message goes to someone
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
+def _estimate(req: RequestView, prices: Prices) -> Estimate:
     kind = _kind(req)
     if kind is None:
         return NO_COST
@@ -79,6 +80,16 @@ def estimate(req: RequestView, prices: Prices) -> Estimate:
     usd = emails * _rate(prices)
     return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd,
                     basis=f"{basis}: {emails} recipient{'s' if emails != 1 else ''} × email_usd")
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
+    try:
+        return _estimate(req, prices)
+    except Unpriceable:
+        raise  # money in a currency without an fx rate: the pipeline refuses (402)
+    except Exception as e:  # junk in the request: the policy's default estimate applies
+        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 def _batch_cost(req: RequestView, obj: Mapping[str, Any], rate: Decimal) -> Cost:

@@ -46,6 +46,7 @@ _INLINE_PRICE = re.compile(r"\bprice\s*:\s*\{([^}]*)\}")
 _INLINE_AMOUNT = re.compile(r"\bamount\s*:\s*\"?(-?[0-9.]+)\"?")
 _INLINE_CURRENCY = re.compile(r"\bcurrencyCode\s*:\s*\"?([A-Za-z]{3})\"?")
 _APPROVAL_MUTATIONS = ("appSubscriptionCreate", "appPurchaseOneTimeCreate")
+_MAX_PLAUSIBLE_USD = Decimal(10) ** 9
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def _estimate_money(money: _Money, prices: Prices, what: str, assumed: bool = Fa
     return Estimate(usd=usd, moves_money=True, currency=money.currency, amount=money.amount, basis=basis)
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
+def _estimate(req: RequestView, prices: Prices) -> Estimate:
     if req.method.upper() != "POST":
         return NO_COST
     path = req.path.rstrip("/")
@@ -177,6 +178,16 @@ def estimate(req: RequestView, prices: Prices) -> Estimate:
             return Estimate(usd=None, moves_money=True, basis="refund: no transactions in the request")
         return _estimate_money(total, prices, "refund", assumed=not refund.get("currency"))
     return NO_COST
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
+    try:
+        return _estimate(req, prices)
+    except Unpriceable:
+        raise  # money in a currency without an fx rate: the pipeline refuses (402)
+    except Exception as e:  # junk in the request: the policy's default estimate applies
+        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 def _no_currency(query: str, variables: Mapping[str, Any]) -> bool:
@@ -365,8 +376,9 @@ def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
         c = _cost(req, status, body, prices)
     except Exception as e:  # a parser must never break the response
         return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}")
+    # Never negative; and no single call moves a billion dollars: that is a parsing accident.
+    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > _MAX_PLAUSIBLE_USD):
+        return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
     return c
 
 

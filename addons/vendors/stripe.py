@@ -72,6 +72,7 @@ _ENDPOINTS: tuple[tuple[re.Pattern[str], str | None, str | None, str], ...] = tu
     )
 )
 _NO_MONEY_STATUS = {"failed", "canceled"}
+_MAX_PLAUSIBLE_USD = Decimal(10) ** 9
 
 
 def _endpoint(req: RequestView) -> tuple[str | None, str | None, str] | None:
@@ -101,7 +102,7 @@ def _default_currency(prices: Prices) -> str:
     return cur.upper() if isinstance(cur, str) and cur.strip() else "USD"
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
+def _estimate(req: RequestView, prices: Prices) -> Estimate:
     endpoint = _endpoint(req)
     if endpoint is None:
         return NO_COST
@@ -125,9 +126,20 @@ def estimate(req: RequestView, prices: Prices) -> Estimate:
     return Estimate(usd=usd, moves_money=True, currency=currency, amount=major, basis=basis)
 
 
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
+    try:
+        return _estimate(req, prices)
+    except Unpriceable:
+        raise  # money in a currency without an fx rate: the pipeline refuses (402)
+    except Exception as e:  # junk in the request: the policy's default estimate applies
+        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
+
+
 def _minor_units(value: str) -> int | None:
     value = value.strip()
-    return int(value) if value.isascii() and value.isdigit() else None
+    # Stripe amounts have at most 8 digits; a longer string is junk, not a huge payment.
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
 
 
 # --- cost -----------------------------------------------------------------------------------
@@ -243,6 +255,8 @@ def _cost(req: RequestView, status: int, body: bytes, prices: Prices) -> Cost:
         return Cost("unknown", None, note="response is not a JSON object")
     if "error" in obj:
         return Cost("zero", Decimal(0), note=f"error: {_error_code(body)}")
+    if obj.get("object") in ("list", "search_result"):
+        return Cost("zero", Decimal(0), note="a list reports earlier calls: moves no money")
     parser = _PARSERS.get(str(obj.get("object")))
     if parser is not None:
         return parser(obj, prices)
@@ -277,8 +291,9 @@ def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
         c = _cost(req, status, body, prices)
     except Exception as e:  # a parser must never break the response
         return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}")
+    # Never negative; and no single call moves a billion dollars: that is a parsing accident.
+    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > _MAX_PLAUSIBLE_USD):
+        return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
     return c
 
 

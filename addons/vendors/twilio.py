@@ -40,7 +40,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from ..money import Unpriceable, parse_decimal, to_usd
@@ -87,6 +87,17 @@ class _Rates:
     default_call_seconds: int
 
 
+def _count(value: object, cap: int) -> int | None:
+    """A positive whole count from a form or JSON value, capped at ``cap``.
+
+    The cap keeps ``1e999999999`` from becoming a billion-digit int.
+    """
+    d = parse_decimal(value.strip() if isinstance(value, str) else value)
+    if d is None or d <= 0:
+        return None
+    return cap if d >= cap else int(d.to_integral_value(rounding=ROUND_CEILING))
+
+
 def _rate(table: Mapping[str, Any], key: str, default: str) -> Decimal:
     d = parse_decimal(table.get(key))
     return d if d is not None and d >= 0 else Decimal(default)
@@ -94,14 +105,14 @@ def _rate(table: Mapping[str, Any], key: str, default: str) -> Decimal:
 
 def _rates(prices: Prices) -> _Rates:
     t = prices.table(VENDOR)
-    seconds = parse_decimal(t.get("default_call_seconds"))
+    seconds = _count(t.get("default_call_seconds"), _MAX_CALL_SECONDS)
     return _Rates(
         sms=_rate(t, "sms_usd_per_segment", "0.0083"),
         mms=_rate(t, "mms_usd_per_message", "0.0220"),
         whatsapp=_rate(t, "whatsapp_usd_per_message", "0.005"),
         call_minute=_rate(t, "call_usd_per_minute", "0.0140"),
         amd=_rate(t, "amd_usd_per_call", "0.0075"),
-        default_call_seconds=int(seconds) if seconds is not None and seconds > 0 else 14400,
+        default_call_seconds=seconds or 14400,
     )
 
 
@@ -122,12 +133,12 @@ def _message_estimate(form: Mapping[str, list[str]], rates: _Rates) -> tuple[Dec
 
 
 def _call_estimate(form: Mapping[str, list[str]], rates: _Rates) -> tuple[Decimal, str]:
-    limit = parse_decimal(_last(form, "TimeLimit"))
-    seconds = int(limit) if limit is not None and limit > 0 else rates.default_call_seconds
-    minutes = math.ceil(seconds / 60)
+    limit = _count(_last(form, "TimeLimit"), _MAX_CALL_SECONDS)
+    seconds = limit or rates.default_call_seconds
+    minutes = -(-seconds // 60)  # billed per started minute
     usd = minutes * rates.call_minute
     basis = f"call of at most {minutes} min"
-    if limit is None or limit <= 0:
+    if limit is None:
         basis += " (no TimeLimit: Twilio's maximum)"
     machine = (_last(form, "MachineDetection") or "").strip().lower()
     if machine and machine != "none":
@@ -136,7 +147,7 @@ def _call_estimate(form: Mapping[str, list[str]], rates: _Rates) -> tuple[Decima
     return usd, basis
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
+def _estimate(req: RequestView, prices: Prices) -> Estimate:
     if req.method.upper() != "POST":
         return NO_COST
     path = req.path.rstrip("/")
@@ -147,6 +158,16 @@ def estimate(req: RequestView, prices: Prices) -> Estimate:
     else:
         return NO_COST
     return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd, basis=f"{basis} at US list rates")
+
+
+def estimate(req: RequestView, prices: Prices) -> Estimate:
+    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
+    try:
+        return _estimate(req, prices)
+    except Unpriceable:
+        raise  # money in a currency without an fx rate: the pipeline refuses (402)
+    except Exception as e:  # junk in the request: the policy's default estimate applies
+        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 # --- cost -----------------------------------------------------------------------------------
@@ -163,6 +184,8 @@ class _Item:
     note: str
 
 
+_MAX_PLAUSIBLE_USD = Decimal(10) ** 9
+_MAX_CALL_SECONDS = 86400  # a day: well above Twilio's 4-hour call limit
 _MESSAGE_FREE = {"canceled", "failed"}
 _CALL_FREE = {"canceled", "busy", "no-answer", "failed"}
 
@@ -193,23 +216,22 @@ def _message_item(obj: Mapping[str, Any], rates: _Rates) -> tuple[Decimal, str]:
     to = str(obj.get("to") or "")
     if to.startswith("whatsapp:"):
         return rates.whatsapp, "1 WhatsApp message"
-    media = parse_decimal(obj.get("num_media")) or Decimal(0)
-    if media > 0 or str(obj.get("sid") or "").startswith("MM"):
+    if _count(obj.get("num_media"), 1) or str(obj.get("sid") or "").startswith("MM"):
         return rates.mms, "1 MMS"
-    n = parse_decimal(obj.get("num_segments"))
-    count = int(n) if n is not None and n >= 1 else segments(str(obj.get("body") or ""))
+    # Twilio's own count when present; an SMS body is at most 1600 characters (11 segments).
+    count = _count(obj.get("num_segments"), 1000) or segments(str(obj.get("body") or ""))
     return count * rates.sms, f"{count} SMS segment{'s' if count != 1 else ''}"
 
 
 def _call_item(obj: Mapping[str, Any], req: RequestView, rates: _Rates) -> tuple[Decimal, str]:
-    duration = parse_decimal(obj.get("duration"))
-    if duration is not None and duration > 0:
-        minutes = math.ceil(duration / 60)
+    duration = _count(obj.get("duration"), _MAX_CALL_SECONDS)
+    if duration is not None:
+        minutes = -(-duration // 60)
         return minutes * rates.call_minute, f"{minutes} min"
     if req.method.upper() == "POST" and _CALLS.match(req.path.rstrip("/")):
         return _call_estimate(req.form, rates)
-    seconds = rates.default_call_seconds
-    return math.ceil(seconds / 60) * rates.call_minute, "call of unknown length (maximum)"
+    minutes = -(-rates.default_call_seconds // 60)
+    return minutes * rates.call_minute, "call of unknown length (maximum)"
 
 
 def _combine(items: list[_Item], what: str) -> Cost:
@@ -278,8 +300,9 @@ def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
         c = _cost(req, status, body, prices)
     except Exception as e:  # a parser must never break the response
         return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}")
+    # Never negative; and no single call moves a billion dollars: that is a parsing accident.
+    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > _MAX_PLAUSIBLE_USD):
+        return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
     return c
 
 
