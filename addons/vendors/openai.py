@@ -70,7 +70,6 @@ def _rates(prices: Prices, model: object) -> _llm.Rates:
 @dataclass(frozen=True)
 class _Worst:
     usd: Decimal
-    input_usd: Decimal
     basis: str
 
 
@@ -79,7 +78,7 @@ def _worst(req: RequestView, prices: Prices, kind: str) -> _Worst:
     body = _body(req)
     model = body.get("model")
     rates = _rates(prices, model)
-    in_tokens = _llm.input_guess(req.body, _llm.tokens(table.get("image_input_tokens")) or 0)
+    in_tokens = _llm.input_guess(req.body, _llm.tokens(table.get("image_input_tokens")))
     n, limit, limit_note = _output_budget(body, kind, rates, table)
     r = rates.for_input(in_tokens)
     input_usd = in_tokens * r.input / _llm.MILLION
@@ -89,7 +88,7 @@ def _worst(req: RequestView, prices: Prices, kind: str) -> _Worst:
         basis += f" + {n}×{limit} output tokens ({limit_note})"
     if body.get("previous_response_id") or body.get("conversation"):
         basis += "; earlier conversation context not counted"
-    return _Worst(input_usd + output_usd, input_usd, basis)
+    return _Worst(input_usd + output_usd, basis)
 
 
 def _output_budget(body: Mapping[str, Any], kind: str, rates: _llm.Rates,
