@@ -24,6 +24,8 @@ except ImportError:  # loaded with -s from a checkout without installing: map ./
     sys.modules["spendgate"] = _module = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_module)
 
+from spendgate.admin import Admin  # noqa: E402
+from spendgate.metrics import Metrics  # noqa: E402
 from spendgate.runtime import Runtime  # noqa: E402
 from spendgate.stages.approve import Approve  # noqa: E402
 from spendgate.stages.authorize import Authorize  # noqa: E402
@@ -37,8 +39,11 @@ from spendgate.stages.swap import Swap  # noqa: E402
 
 def make_addons() -> list[object]:
     runtime = Runtime()
+    metrics = Metrics(runtime)
     return [
         runtime,
+        metrics,
+        Admin(runtime, metrics),
         Egress(runtime),
         Identify(runtime),
         Authorize(runtime),
