@@ -16,8 +16,8 @@ import click
 
 from . import reports
 from .keys import IssueError, key_spec
+from .paths import config_path, db_path
 from .policy import Config, ConfigError, load_config, resolve_credentials
-from .runtime import config_path, db_path
 from .store import KeyRecord, Store, hash_token, open_store
 
 GATEWAY = Path(__file__).resolve().parent / "gateway.py"

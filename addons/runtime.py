@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,23 +18,14 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from . import wire
+from .paths import config_path, db_path
 from .policy import Config, ConfigError, load_config, resolve_credentials
 from .store import KeyRecord, Store, open_store
 from .vendors.base import Prices
 
 log = logging.getLogger("spendgate")
 
-DEFAULT_CONFIG = "policies/spendgate.yaml"
-DEFAULT_DB = "data/spendgate.db"
 RELOAD_INTERVAL = 0.5  # seconds between checks of the policy file's mtime
-
-
-def config_path(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("SPENDGATE_CONFIG") or DEFAULT_CONFIG
-
-
-def db_path(explicit: str | None = None) -> str:
-    return explicit or os.environ.get("SPENDGATE_DB") or DEFAULT_DB
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ policies:
       anthropic: {{allow: ["POST /v1/messages"]}}
       twilio: {{allow: ["POST /2010-04-01/Accounts/*/Messages.json", "GET /2010-04-01/Accounts/*/Messages/*"]}}
       postmark: {{allow: ["POST /email", "POST /email/batch"]}}
+  held:
+    vendors:
+      stripe: {{allow: ["GET /v1/payment_intents/*"], approve: ["POST /v1/transfers"]}}
+    approval_timeout: 60s
   limited:
     vendors:
       stripe: {{allow: ["POST /v1/payment_intents"]}}

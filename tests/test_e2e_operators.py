@@ -147,7 +147,8 @@ def start_transfer(gateway: Gateway, token: str, amount: str) -> tuple[threading
 
 
 def pending(gateway: Gateway, amount_usd: str) -> dict:
-    for _ in range(60):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
         rows = json.loads(gateway.cli("approvals", "list", "--json").stdout)
         mine = [r for r in rows if r["estimated_usd"] == amount_usd]
         if mine:
@@ -157,7 +158,7 @@ def pending(gateway: Gateway, amount_usd: str) -> dict:
 
 
 def test_approve_from_the_cli_forwards_once(gateway: Gateway) -> None:
-    _, token = gateway.issue("billing")
+    _, token = gateway.issue("held")
     n = len(gateway.fakes.requests())
     thread, out = start_transfer(gateway, token, "1100")
     held = pending(gateway, "11")
@@ -169,7 +170,7 @@ def test_approve_from_the_cli_forwards_once(gateway: Gateway) -> None:
 
 
 def test_deny_from_the_cli(gateway: Gateway) -> None:
-    _, token = gateway.issue("billing")
+    _, token = gateway.issue("held")
     n = len(gateway.fakes.requests())
     thread, out = start_transfer(gateway, token, "1200")
     held = pending(gateway, "12")

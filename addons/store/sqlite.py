@@ -14,7 +14,6 @@ other gateway processes on the same machine.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import secrets
 import sqlite3
@@ -399,7 +398,3 @@ class SQLiteStore:
         if self._writer is not None:
             self._writer.join(timeout=10)
         self.conn.close()
-
-
-def default_db_path() -> str:
-    return os.environ.get("SPENDGATE_DB") or "data/spendgate.db"
