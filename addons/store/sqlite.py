@@ -135,6 +135,7 @@ class SQLiteStore:
     ) -> tuple[KeyRecord, str]:
         token = new_token()
         created = now()
+        created = created.replace(microsecond=created.microsecond // 1000 * 1000)  # as stored
         rec = KeyRecord(
             id="key_" + secrets.token_hex(6), policy=policy, token_sha256=hash_token(token),
             labels=dict(labels or {}), created_at=created,
