@@ -73,6 +73,11 @@ class Meter:
                 call.request_id = value[:200]
                 break
         call.cost = self.parse(flow, call)
+        if flow.request.method in ("GET", "HEAD") and call.cost.usd:
+            # Reading a message or a list shows prices billed by the calls that created
+            # them; counting them again would charge an agent for polling.
+            call.cost = Cost("zero", Decimal(0), call.cost.currency, call.cost.amount,
+                             note=f"read: shows ${call.cost.usd} billed earlier; not counted again")
         self.settle(call, call.cost)
         if not resp.stream:  # a streamed response's headers are already on their way
             if call.cost.usd is not None:
