@@ -51,6 +51,9 @@ def test_captured_flows_hold_no_secrets() -> None:
 def test_replay_reaches_the_captured_decisions_and_costs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in CREDS.items():
         monkeypatch.setenv(k, v)
+    # what the addons load before the first explicit configure
+    monkeypatch.setenv("SPENDGATE_CONFIG", str(ROOT / "policies" / "example.yaml"))
+    monkeypatch.setenv("SPENDGATE_DB", str(tmp_path / "ledger.db"))
     flows = load("demo.mitm")
     addons = make_addons()
     runtime, stages = addons[0], addons[1:]
