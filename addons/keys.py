@@ -55,6 +55,7 @@ def key_spec(config: Config, policy: Any, ttl: Any = None, cap_usd: Any = None,
             raise IssueError(f"{cap_usd!r} is not an amount in USD", "cap_usd")
         if cap < 0:
             raise IssueError("a cap must be >= 0", "cap_usd")
+        cap = Decimal(f"{cap:f}")  # stored and shown as 100, never 1E+2
         if pol.budget.key_usd is not None and cap > pol.budget.key_usd:
             raise IssueError(
                 f"a cap of {cap} would widen policy {policy!r}'s key_usd {pol.budget.key_usd}; "
