@@ -102,3 +102,21 @@ def test_calls_are_written_behind_and_flushed_on_close(tmp_path: Path) -> None:
     s.close()
     n = sqlite3.connect(tmp_path / "l.db").execute("SELECT count(*) FROM calls").fetchone()[0]
     assert n == 500
+
+
+def test_ledger_opens_with_the_sqlite_utils_cli(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    s = SQLiteStore(str(tmp_path / "l.db"))
+    s.record_call({"ts": "2026-11-23T00:00:00", "decision": "allow", "vendor": "stripe", "cost_usd": "1.50",
+                   "cost_nanos": 1_500_000_000})
+    s.close()
+    exe = str(Path(sys.executable).parent / "sqlite-utils")
+    tables = json.loads(subprocess.run([exe, "tables", str(tmp_path / "l.db"), "--counts"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert {t["table"] for t in tables} >= {"keys", "calls", "counters", "reservations", "approvals"}
+    rows = json.loads(subprocess.run([exe, "rows", str(tmp_path / "l.db"), "calls"],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert rows[0]["cost_usd"] == "1.50" and rows[0]["cost_nanos"] == 1_500_000_000
