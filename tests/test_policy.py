@@ -200,3 +200,19 @@ def test_credential_slots_and_real_keys() -> None:
     assert looks_real("0123456789abcdef0123456789abcdef") == "twilio"
     assert looks_real("vk_" + "a" * 40) is None
     assert looks_real("AC0123456789abcdef0123456789abcdef") is None
+
+
+def test_loop_breaker_counts_repeats_honours_idempotency_and_forgets() -> None:
+    from spendgate.stages.budget import LoopBreaker
+
+    lb = LoopBreaker()
+    assert [lb.repeated("fp", None, 3, 60) for _ in range(4)] == [False, False, False, True]
+    assert [lb.repeated("fp2", "idem-1", 2, 60) for _ in range(5)] == [False] * 5
+    lb.PRUNE_EVERY = 1
+    lb.repeated("other", None, 3, 0.0001)
+    import time
+
+    time.sleep(0.01)
+    lb._longest_window = 0.001
+    lb.repeated("x", None, 3, 0.0001)
+    assert len(lb) == 1  # only the fingerprint just seen survives the sweep

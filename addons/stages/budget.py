@@ -23,7 +23,7 @@ from mitmproxy import http
 
 from ..call import Call, fail_closed, get_call, refuse
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
-from ..policy import Policy
+from ..policy import Policy, VendorRules
 from ..runtime import Runtime
 from ..store import CapExceeded, KeyRecord
 from ..vendors import REGISTRY
@@ -56,12 +56,28 @@ def budget_caps(policy_name: str, policy: Policy, key: KeyRecord, at: datetime) 
     return caps
 
 
+def with_default(estimate: Estimate, rules: VendorRules | None) -> Estimate:
+    """A request that moves money without saying how much: use the policy's default."""
+    default = rules and (rules.default_estimate_usd or rules.max_request_usd)
+    return Estimate(
+        usd=default or Decimal(0), moves_money=estimate.moves_money, currency=estimate.currency,
+        amount=estimate.amount,
+        basis=(f"no amount in the request; policy default {fmt_usd(default)}" if default
+               else "no amount in the request and no default_estimate_usd: counted as $0"),
+    )
+
+
 class LoopBreaker:
+    PRUNE_EVERY = 1000  # requests between sweeps of fingerprints whose window has passed
+
     def __init__(self) -> None:
         self._seen: dict[str, deque[tuple[float, str | None]]] = {}
+        self._longest_window = 0.0
+        self._since_prune = 0
 
     def repeated(self, fingerprint: str, idem: str | None, repeats: int, window: float) -> bool:
         now = time.monotonic()
+        self._prune(now, window)
         seen = self._seen.setdefault(fingerprint, deque())
         while seen and now - seen[0][0] > window:
             seen.popleft()
@@ -71,6 +87,19 @@ class LoopBreaker:
             return True
         seen.append((now, idem))
         return False
+
+    def _prune(self, now: float, window: float) -> None:
+        """Forget fingerprints nobody repeated in time, so memory stays bounded."""
+        self._longest_window = max(self._longest_window, window)
+        self._since_prune += 1
+        if self._since_prune < self.PRUNE_EVERY:
+            return
+        self._since_prune = 0
+        for fp in [fp for fp, seen in self._seen.items() if not seen or now - seen[-1][0] > self._longest_window]:
+            del self._seen[fp]
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class Budget:
@@ -84,8 +113,7 @@ class Budget:
         if call is None or flow.response or call.key is None:
             return
         state = self.runtime.state
-        store = self.runtime.store
-        assert state is not None and store is not None
+        assert state is not None
         policy = state.config.policies.get(call.key.policy)
         if policy is None:
             return
@@ -95,19 +123,13 @@ class Budget:
         try:
             estimate = vendor.estimate(view, state.prices)
         except Unpriceable as e:
-            refuse(flow, "unpriceable", f"{e}")
-            estimate = Estimate(usd=None, moves_money=True, currency=e.currency, basis=str(e))
-        call.estimate = estimate
-        if estimate.usd is None:
-            default = rules and (rules.default_estimate_usd or rules.max_request_usd)
-            call.estimate = estimate = Estimate(
-                usd=default or Decimal(0), moves_money=estimate.moves_money, currency=estimate.currency,
-                amount=estimate.amount,
-                basis=(f"no amount in the request; policy default {fmt_usd(default)}" if default
-                       else "no amount in the request and no default_estimate_usd: counted as $0"),
-            )
-            if flow.response:
+            call.estimate = Estimate(usd=None, moves_money=True, currency=e.currency, basis=str(e))
+            if refuse(flow, "unpriceable", str(e)):
                 return
+            estimate = call.estimate
+        if estimate.usd is None:
+            estimate = with_default(estimate, rules)
+        call.estimate = estimate
         call.estimated_nanos = nanos = to_nanos(estimate.usd)
 
         cap = rules.max_request_usd if rules else None
