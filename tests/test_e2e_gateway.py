@@ -263,6 +263,24 @@ def test_bad_yaml_edit_keeps_old_policy_then_good_edit_applies(gateway: Gateway)
         gateway.write_policy(good)
 
 
+def test_vault_key_in_url_or_body_is_refused_and_redacted(gateway: Gateway) -> None:
+    _, token = gateway.issue("billing")
+    n, rows = len(gateway.fakes.requests()), len(gateway.calls())
+    with gateway.client() as c:
+        r = c.post(STRIPE + "/v1/payment_intents", headers={"X-Vault-Key": token},
+                   data={"amount": "100", "currency": "usd", "description": f"my key is {token}"})
+    assert_refused(gateway, r, 403, "vault_key_leak", n, rows)
+
+
+def test_two_different_vault_keys_are_ambiguous(gateway: Gateway) -> None:
+    _, a = gateway.issue("billing")
+    _, b = gateway.issue("billing")
+    n, rows = len(gateway.fakes.requests()), len(gateway.calls())
+    with gateway.client() as c:
+        r = c.get(STRIPE + "/v1/payment_intents/pi_1", headers={"X-Vault-Key": a, "Authorization": f"Bearer {b}"})
+    assert_refused(gateway, r, 401, "ambiguous_vault_key", n, rows)
+
+
 # --------------------------------------------------------------------------- secrets stay secret
 
 
@@ -297,3 +315,4 @@ def test_check_command_reports_file_line_field(tmp_path) -> None:  # noqa: ANN00
     assert r.returncode == 1
     assert f"{bad}:3: vendors.stripe.secret: credentials must be a reference" in r.stderr
     assert f"{bad}:6: policies.p.rate:" in r.stderr
+

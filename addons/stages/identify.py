@@ -91,6 +91,9 @@ class Identify:
         call = Call(vendor=vendor.name, host=flow.request.host)
         flow.metadata["spendgate"] = call
         host = flow.request.host.lower()
+        # Read the keys, then take them out of the flow before any decision is made.
+        slots = credential_slots(flow.request.headers, vendor)
+        redact(flow.request.headers, vendor)
 
         if flow.request.scheme != "https" or not flow.client_conn.tls_established:
             refuse(flow, "insecure_scheme",
@@ -105,8 +108,6 @@ class Identify:
             refuse(flow, "host_mismatch", f"TLS SNI {sni!r} does not match the tunnel to {host}")
             return
 
-        slots = credential_slots(flow.request.headers, vendor)
-        redact(flow.request.headers, vendor)
         for slot, value in slots:
             if not value.startswith(TOKEN_PREFIX) and (owner := looks_real(value)):
                 refuse(flow, "raw_credential",
@@ -122,9 +123,10 @@ class Identify:
             refuse(flow, "ambiguous_vault_key", "the request carries more than one vault key")
             return
         token = tokens.pop()
-        if _TOKEN_ANYWHERE.search(flow.request.path.encode()) or _TOKEN_ANYWHERE.search(
-            flow.request.get_content(strict=False) or b""
-        ):
+        body = flow.request.get_content(strict=False) or b""
+        if _TOKEN_ANYWHERE.search(flow.request.path.encode()) or _TOKEN_ANYWHERE.search(body):
+            flow.request.path = _TOKEN_IN_HEADER.sub("vk_[redacted]", flow.request.path)
+            flow.request.content = _TOKEN_ANYWHERE.sub(b"vk_[redacted]", body)
             refuse(flow, "vault_key_leak", "a vault key appears in the URL or body; it would reach the vendor")
             return
         store = self.runtime.store
