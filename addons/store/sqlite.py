@@ -63,6 +63,12 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _text(value: Any) -> Any:
+    """A value as SQLite can store it. mitmproxy decodes raw non-UTF-8 bytes (in an agent's path,
+    a vendor's header) to lone surrogates, which sqlite3 refuses: keep them as backslash escapes."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                            check_same_thread=False)
@@ -359,7 +365,7 @@ class SQLiteStore:
                 cols = [k for k in CALL_COLUMNS if k != "id"]
                 c.executemany(
                     f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    [tuple(r.get(k) for k in cols) for r in calls],
+                    [tuple(_text(r.get(k)) for k in cols) for r in calls],
                 )
             for res, actual in settles:
                 if res.id:
@@ -375,7 +381,7 @@ class SQLiteStore:
 
         try:
             self._transaction(write, conn=conn)
-        except sqlite3.Error as e:  # never lose the thread: log and keep the rows for a retry
+        except sqlite3.OperationalError as e:  # locked, busy, disk: keep the rows for a retry
             import logging
 
             logging.getLogger("spendgate").error("ledger write failed (%s); retrying", e)
@@ -383,6 +389,15 @@ class SQLiteStore:
                 self._queue.put(item)
                 with self._flushed:
                     self._pending += 1
+        except Exception:  # one row that can never be written must not stop the others, or this thread
+            import logging
+
+            if len(batch) > 1:
+                for item in batch:
+                    self._write_batch(conn, [item])
+            else:
+                logging.getLogger("spendgate").exception("ledger: dropped a %s that cannot be written",
+                                                         batch[0][0])
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until every queued row is committed."""
