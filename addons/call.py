@@ -18,7 +18,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from .money import from_nanos
+from .money import from_nanos, plain
 from .store import KeyRecord, Reservation
 from .vendors.base import Cost, Estimate, StreamMeter
 
@@ -103,8 +103,8 @@ class Call:
             "labels": dict(self.key.labels) if self.key else {},
             "decision": self.decision,
             "reason": self.reason,
-            "estimated_usd": str(from_nanos(self.estimated_nanos)),
-            "cost_usd": str(self.cost.usd) if self.cost and self.cost.usd is not None else None,
+            "estimated_usd": plain(from_nanos(self.estimated_nanos)),
+            "cost_usd": plain(self.cost.usd) if self.cost and self.cost.usd is not None else None,
             "cost_status": self.cost.status if self.cost else None,
         }
 

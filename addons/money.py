@@ -89,6 +89,11 @@ def from_nanos(nanos: int) -> Decimal:
     return d.quantize(Decimal(1)) if d == d.to_integral_value() else d.normalize()
 
 
+def plain(amount: Decimal | int) -> str:
+    """An exact decimal string without exponent notation (``0.000000285``, never ``2.85E-7``)."""
+    return format(Decimal(amount), "f")
+
+
 def fmt_usd(usd: Decimal | None) -> str:
     """A human string: ``$12.50``, ``$0.000285``, ``-`` for unknown."""
     if usd is None:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from .money import from_nanos
+from .money import from_nanos, plain
 from .policy import parse_duration
 
 GROUPS = {
@@ -74,8 +74,8 @@ def spend(db_path: str, by: str = "key", since: str | None = None) -> list[dict[
     return [
         {
             by: grp, "calls": calls, "allowed": allowed or 0, "refused": refused or 0,
-            "would_deny": would or 0, "spend_usd": str(from_nanos(sp or 0)),
-            "parsed_usd": str(from_nanos(parsed or 0)), "estimated_usd": str(from_nanos(est or 0)),
+            "would_deny": would or 0, "spend_usd": plain(from_nanos(sp or 0)),
+            "parsed_usd": plain(from_nanos(parsed or 0)), "estimated_usd": plain(from_nanos(est or 0)),
             "unknown": unknown or 0,
         }
         for grp, calls, allowed, refused, would, sp, parsed, est, unknown in rows
@@ -97,7 +97,7 @@ def render(rows: list[dict[str, Any]], fmt: str = "table") -> str:
     numeric = {c for c in cols if c != cols[0]}
     cells = [[str(r[c]) for c in cols] for r in rows]
     totals = ["TOTAL"] + [
-        str(sum((Decimal(r[c]) for r in rows), Decimal(0)).normalize()) if c.endswith("_usd")
+        plain(sum((Decimal(r[c]) for r in rows), Decimal(0)).normalize()) if c.endswith("_usd")
         else str(sum(int(r[c]) for r in rows))
         for c in cols[1:]
     ]

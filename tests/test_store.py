@@ -120,3 +120,11 @@ def test_ledger_opens_with_the_sqlite_utils_cli(tmp_path: Path) -> None:
     rows = json.loads(subprocess.run([exe, "rows", str(tmp_path / "l.db"), "calls"],
                                      capture_output=True, text=True, check=True).stdout)
     assert rows[0]["cost_usd"] == "1.50" and rows[0]["cost_nanos"] == 1_500_000_000
+
+
+def test_money_strings_never_use_exponents() -> None:
+    from spendgate.money import from_nanos, plain, to_nanos
+
+    assert plain(from_nanos(285)) == "0.000000285"
+    assert plain(from_nanos(to_nanos(Decimal("1E+2")))) == "100"
+    assert to_nanos(Decimal("0.00000015")) == 150

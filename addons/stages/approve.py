@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from mitmproxy import http
 
 from ..call import Call, fail_closed, get_call, refuse
-from ..money import from_nanos
+from ..money import from_nanos, plain
 from ..runtime import Runtime
 
 log = logging.getLogger("spendgate")
@@ -51,7 +51,7 @@ class Approve:
             "id": approval_id, "flow_id": flow.id, "key_id": call.key.id, "policy": call.policy,
             "vendor": call.vendor, "method": flow.request.method,
             "path": flow.request.path.split("?", 1)[0], "rule": call.approval_rule,
-            "estimated_usd": str(from_nanos(call.estimated_nanos)),
+            "estimated_usd": plain(from_nanos(call.estimated_nanos)),
             "expires_at": (datetime.now(UTC) + timedelta(seconds=timeout)).isoformat(timespec="milliseconds"),
         })
         call.approval_id = approval_id

@@ -140,7 +140,8 @@ class Budget:
 
         if view.method != "GET" and (estimate.moves_money or nanos > 0):
             fp = hashlib.sha256(
-                b"\0".join([call.key.id.encode(), view.method.encode(), view.path.encode(), view.body])
+                b"\0".join([call.key.id.encode(), view.method.encode(),
+                            view.path.encode(errors="surrogateescape"), view.body])
             ).hexdigest()
             idem = view.headers.get("idempotency-key")
             if self.loops.repeated(fp, idem, policy.loop.repeats, policy.loop.window) and refuse(

@@ -124,7 +124,9 @@ class Identify:
             return
         token = tokens.pop()
         body = flow.request.get_content(strict=False) or b""
-        if _TOKEN_ANYWHERE.search(flow.request.path.encode()) or _TOKEN_ANYWHERE.search(body):
+        # (surrogateescape: a raw non-UTF-8 byte in the path is read back as that byte, not a crash)
+        if _TOKEN_ANYWHERE.search(flow.request.path.encode(errors="surrogateescape")) or \
+                _TOKEN_ANYWHERE.search(body):
             flow.request.path = _TOKEN_IN_HEADER.sub("vk_[redacted]", flow.request.path)
             flow.request.content = _TOKEN_ANYWHERE.sub(b"vk_[redacted]", body)
             refuse(flow, "vault_key_leak", "a vault key appears in the URL or body; it would reach the vendor")

@@ -15,7 +15,7 @@ from decimal import Decimal
 from mitmproxy import http
 
 from ..call import Call, get_call
-from ..money import fmt_usd, from_nanos, to_nanos
+from ..money import fmt_usd, from_nanos, plain, to_nanos
 from ..runtime import Runtime
 from ..vendors import REGISTRY
 from ..vendors.base import Cost, StreamMeter
@@ -81,9 +81,9 @@ class Meter:
         self.settle(call, call.cost)
         if not resp.stream:  # a streamed response's headers are already on their way
             if call.cost.usd is not None:
-                resp.headers["X-Spendgate-Cost-Usd"] = str(call.cost.usd)
+                resp.headers["X-Spendgate-Cost-Usd"] = plain(call.cost.usd)
             if call.budget_left_nanos is not None:
-                resp.headers["X-Spendgate-Budget-Remaining-Usd"] = str(from_nanos(call.budget_left_nanos))
+                resp.headers["X-Spendgate-Budget-Remaining-Usd"] = plain(from_nanos(call.budget_left_nanos))
 
     def parse(self, flow: http.HTTPFlow, call: Call) -> Cost:
         state = self.runtime.state

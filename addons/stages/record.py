@@ -16,7 +16,7 @@ from mitmproxy import ctx, http
 
 from .. import wire
 from ..call import STATUS, Call, get_call
-from ..money import fmt_usd, from_nanos, to_nanos
+from ..money import fmt_usd, from_nanos, plain, to_nanos
 from ..runtime import Runtime
 
 log = logging.getLogger("spendgate")
@@ -40,15 +40,15 @@ def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
         "status": status,
         "decision": call.decision,
         "reason": call.reason,
-        "estimated_usd": str(from_nanos(call.estimated_nanos)),
+        "estimated_usd": plain(from_nanos(call.estimated_nanos)),
         "estimated_nanos": call.estimated_nanos,
-        "cost_usd": str(cost.usd) if cost and cost.usd is not None else None,
+        "cost_usd": plain(cost.usd) if cost and cost.usd is not None else None,
         "cost_nanos": to_nanos(cost.usd) if cost and cost.usd is not None else None,
         "cost_status": cost.status if cost else ("zero" if call.decision == "deny" else None),
         "flagged": int(bool(cost and cost.status in ("unknown", "estimated"))),
         "note": (cost.note if cost else call.message or "")[:500],
         "currency": (cost.currency if cost else None) or (call.estimate.currency if call.estimate else None),
-        "amount": str(cost.amount) if cost and cost.amount is not None else None,
+        "amount": plain(cost.amount) if cost and cost.amount is not None else None,
         "request_id": call.request_id,
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
     }
