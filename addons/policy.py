@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -34,6 +34,7 @@ from .vendors import REGISTRY
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = 3650 * 86400  # ten years: beyond that a TTL or window means "never", say so instead
 
 
 def parse_duration(value: Any) -> int:
@@ -49,6 +50,8 @@ def parse_duration(value: Any) -> int:
         seconds = int(m.group(1)) * _UNITS[m.group(2)]
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration must be at most 3650d")
     return seconds
 
 
@@ -58,7 +61,10 @@ Duration = Annotated[int, BeforeValidator(parse_duration)]
 def _money(value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
         raise ValueError("expected an amount in USD, e.g. 50 or 12.5")
-    d = Decimal(repr(value) if isinstance(value, float) else str(value))
+    try:
+        d = Decimal(repr(value) if isinstance(value, float) else str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not an amount in USD, e.g. 50 or 12.5") from None
     if not d.is_finite() or d < 0:
         raise ValueError("an amount must be a non-negative number")
     return d
@@ -200,6 +206,7 @@ class VendorConfig(_Model):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("upstream must be an http:// or https:// URL with a host")
+        parts.port  # noqa: B018  (raises ValueError for a port out of range)
         if parts.path not in ("", "/"):
             raise ValueError("upstream is scheme://host[:port] only, without a path")
         return v
@@ -381,10 +388,18 @@ def parse_config(text: str, filename: str = "<policy>") -> Config:
         raise ConfigError(
             [Problem(filename, mark.line + 1 if mark else None, "", f"invalid YAML: {e.problem}")]
         ) from None
+    except yaml.YAMLError as e:  # e.g. a control character (ReaderError)
+        raise ConfigError([Problem(filename, None, "", f"invalid YAML: {e}")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(filename, None, "", "invalid YAML: nested too deeply")]) from None
+    except (ValueError, TypeError, AttributeError) as e:  # yaml's constructors on `!!int x` and the like
+        raise ConfigError([Problem(filename, None, "", f"invalid YAML value: {e}")]) from None
     if not isinstance(data, dict):
         raise ConfigError([Problem(filename, 1, "", "expected a mapping with version: 1")])
     try:
         return Config.model_validate(data)
+    except RecursionError:
+        raise ConfigError([Problem(filename, None, "", "nested too deeply")]) from None
     except ValidationError as e:
         problems = []
         for err in e.errors():
