@@ -65,6 +65,17 @@ def redact(headers: http.Headers, vendor: Vendor) -> None:
             headers[name] = _TOKEN_IN_HEADER.sub("vk_[redacted]", value)
 
 
+_UNSAFE_IN_VALUE = re.compile(rb"\r\n[ \t]+|[\r\n\x00]")
+
+
+def unfold(headers: http.Headers) -> None:
+    """Replace CR, LF and NUL inside header values, and obs-fold continuations, with a space
+    (RFC 9110 5.5, RFC 9112 5.2). mitmproxy 12 forwards them as received, so a vendor that reads a
+    bare CR or a folded line as a line break would see headers the gateway never checked."""
+    if any(_UNSAFE_IN_VALUE.search(value) for _, value in headers.fields):
+        headers.fields = tuple((name, _UNSAFE_IN_VALUE.sub(b" ", value)) for name, value in headers.fields)
+
+
 def looks_real(value: str) -> str | None:
     """The vendor whose real-key pattern ``value`` matches, if any."""
     return next((v.name for v in REGISTRY.values() if v.real_key.match(value)), None)
@@ -91,6 +102,7 @@ class Identify:
         call = Call(vendor=vendor.name, host=flow.request.host)
         flow.metadata["spendgate"] = call
         host = flow.request.host.lower()
+        unfold(flow.request.headers)  # read and forward the same headers
         # Read the keys, then take them out of the flow before any decision is made.
         slots = credential_slots(flow.request.headers, vendor)
         redact(flow.request.headers, vendor)
