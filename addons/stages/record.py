@@ -72,6 +72,20 @@ def comment(call: Call, flow: http.HTTPFlow) -> str:
     return " · ".join(parts)
 
 
+def timed_out(flow: http.HTTPFlow, msg: str) -> bool:
+    """Did the vendor take too long? mitmproxy 12 has no per-request upstream read timeout: a silent
+    vendor is cut by ``tcp_timeout`` (inactivity of the agent's connection), which mitmproxy reports
+    as "Client disconnected." once nothing moved for that long. A connect timeout says "timed out"."""
+    low = msg.lower()
+    if "timeout" in low or "timed out" in low:
+        return True
+    waiting_since = (flow.response.timestamp_start if flow.response is not None else None) \
+        or flow.request.timestamp_end
+    if not msg.startswith("Client disconnected") or waiting_since is None:
+        return False
+    return time.time() - waiting_since >= getattr(ctx.options, "tcp_timeout", 600) - 0.1
+
+
 class Record:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -89,7 +103,7 @@ class Record:
             return
         msg = flow.error.msg if flow.error else ""
         if call.decision == "allow":
-            call.reason = "upstream_timeout" if "timeout" in msg.lower() else "upstream_unreachable"
+            call.reason = "upstream_timeout" if timed_out(flow, msg) else "upstream_unreachable"
             call.message = msg
         self.record(flow, STATUS.get(call.reason or "", 502))
 
