@@ -141,6 +141,10 @@ class Runtime:
             # Remember the mtime so the same bad file is reported once, not every tick.
             self.state = State(state.config, state.credentials, state.prices, state.path, mtime)
             log.error("spendgate: %s rejected, keeping the last good policy:\n%s", state.path, e)
+        except Exception as e:  # a loader bug must not end the watcher (and with it every later reload)
+            self.state = State(state.config, state.credentials, state.prices, state.path, mtime)
+            log.error("spendgate: %s could not be loaded (%s: %s), keeping the last good policy",
+                      state.path, type(e).__name__, e)
 
     def done(self) -> None:
         if self._watch is not None:
