@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.net.http.http1 import expected_http_body_size
+from mitmproxy.utils import human
 
 from . import wire
 from .paths import config_path, db_path
@@ -62,6 +64,8 @@ class Runtime:
         self.on_record: list[Callable[[dict[str, Any], Any], None]] = []
         self._db: str | None = None
         self._watch: asyncio.Task | None = None
+        self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
+        self._taking_stream_option = False
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -105,6 +109,31 @@ class Runtime:
         # Lazy: with "eager", mitmproxy dials the vendor at CONNECT time, before any policy ran.
         if getattr(ctx.options, "connection_strategy", "lazy") != "lazy":
             ctx.options.connection_strategy = "lazy"
+        # mitmproxy streams a request over stream_large_bodies upstream *before* the request hook,
+        # i.e. before any check, unswapped, to the real vendor host. So the gateway takes the option
+        # over and applies it to responses only (responseheaders); requests are always read whole
+        # (bounded by body_size_limit).
+        if "stream_large_bodies" in updated and not self._taking_stream_option:
+            limit = getattr(ctx.options, "stream_large_bodies", None)
+            self.stream_responses_over = human.parse_size(limit) if limit else None
+            if limit:
+                self._taking_stream_option = True
+                try:
+                    ctx.options.stream_large_bodies = None
+                finally:
+                    self._taking_stream_option = False
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Stream a response larger than stream_large_bodies to the agent (it is then not priced)."""
+        limit, resp = self.stream_responses_over, flow.response
+        if limit is None or resp is None or resp.stream:
+            return
+        try:
+            size = expected_http_body_size(flow.request, resp)
+        except ValueError:
+            return
+        if size is not None and size > limit:
+            resp.stream = True
 
     def _install(self, state: State) -> None:
         self.state = state
