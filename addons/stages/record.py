@@ -7,9 +7,11 @@ The row holds no secrets and no bodies.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 from mitmproxy import ctx, http
@@ -22,6 +24,7 @@ from ..runtime import Runtime
 log = logging.getLogger("spendgate")
 
 REFUSED_MARK = ":no_entry:"
+COMMIT_WAIT = 5.0  # seconds an answer waits, at most, for its ledger row to be committed
 
 
 def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
@@ -90,27 +93,30 @@ class Record:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    # Each hook returns what ``record`` returns: mitmproxy awaits it before the answer goes out.
+    def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response is not None and flow.response.status_code != 200:
-            self.record(flow, flow.response.status_code)
+            return self.record(flow, flow.response.status_code)
+        return None
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self.record(flow, flow.response.status_code if flow.response else None)
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        return self.record(flow, flow.response.status_code if flow.response else None)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         call = get_call(flow)
         if call is None or call.recorded:
-            return
+            return None
         msg = flow.error.msg if flow.error else ""
         if call.decision == "allow":
             call.reason = "upstream_timeout" if timed_out(flow, msg) else "upstream_unreachable"
             call.message = msg
-        self.record(flow, STATUS.get(call.reason or "", 502))
+        return self.record(flow, STATUS.get(call.reason or "", 502))
 
-    def record(self, flow: http.HTTPFlow, status: int | None) -> None:
+    def record(self, flow: http.HTTPFlow, status: int | None) -> Awaitable[None] | None:
+        """Queue the ledger row; returns an awaitable that resolves once it is committed."""
         call = get_call(flow)
         if call is None or call.recorded:
-            return
+            return None
         call.recorded = True
         wire.forget(call.wire_ref)
         store = self.runtime.store
@@ -126,10 +132,43 @@ class Record:
         if call.decision != "allow":
             flow.marked = REFUSED_MARK
         log.info(decision_line(row, self.json_logs))
+        return committed(store)
 
     @property
     def json_logs(self) -> bool:
         return getattr(ctx.options, "spendgate_log_format", "text") == "json"
+
+
+def committed(store: object) -> Awaitable[None] | None:
+    """Resolves once every row queued so far is committed; None outside an event loop.
+
+    The hooks return it, so mitmproxy sends the answer (a response, a refusal, the 502 of a
+    failed upstream) only after the call's row is in the ledger: a kill -9 loses no answered
+    call. The commit runs on the ledger's writer thread (group commit), never on the loop.
+    """
+    when_committed = getattr(store, "when_committed", None)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    if when_committed is None:
+        return None
+    done: asyncio.Future[None] = loop.create_future()
+
+    def resolve() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    when_committed(lambda: loop.call_soon_threadsafe(resolve))
+    return _wait(done)
+
+
+async def _wait(done: asyncio.Future[None]) -> None:
+    try:
+        await asyncio.wait_for(done, COMMIT_WAIT)
+    except TimeoutError:
+        log.error("spendgate: the ledger did not commit within %ss; answering anyway (the row stays queued)",
+                  COMMIT_WAIT)
 
 
 LOG_FIELDS = ("ts", "decision", "reason", "vendor", "method", "host", "path", "status", "key_id",
