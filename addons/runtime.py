@@ -104,6 +104,10 @@ class Runtime:
                 self.store = open_store(db)
                 self._db = db
                 log.info("spendgate: ledger %s", db)
+                # Holds of a gateway that died mid-call (kill -9, OOM) are never settled by it.
+                if released := getattr(self.store, "release_stale", lambda: 0)():
+                    log.warning("spendgate: released %d budget hold(s) over an hour old, left by a "
+                                "gateway that stopped mid-call", released)
             if self.state:
                 self.store.sync_static_keys(static_keys(self.state.config))
         # Lazy: with "eager", mitmproxy dials the vendor at CONNECT time, before any policy ran.
