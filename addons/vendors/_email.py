@@ -15,8 +15,6 @@ from typing import Any
 from ..money import parse_decimal
 from .base import Cost, CostStatus
 
-MAX_PLAUSIBLE_USD = Decimal(10) ** 9  # no single send costs a billion dollars
-
 
 def addresses(value: object) -> int:
     """How many addresses a ``To``/``cc``/``bcc`` value holds: a string (comma-separated,
@@ -52,8 +50,3 @@ def priced(emails: int, rate: Decimal, status: CostStatus, note: str) -> Cost:
     return Cost(status, usd, "USD", usd, note)
 
 
-def checked(c: Cost) -> Cost:
-    """``c`` if its USD is a plausible amount, else unknown: a cost is never negative."""
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > MAX_PLAUSIBLE_USD):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
-    return c

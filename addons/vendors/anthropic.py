@@ -29,10 +29,9 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from ..money import Unpriceable
 from . import _llm
 from ._sse import Event, SSEParser
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices, plausible
 
 _CACHE_1H = re.compile(rb'"ttl"\s*:\s*"1h"')
 
@@ -98,16 +97,6 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
     input_usd, output_usd, basis = _worst(req, prices)
     usd = input_usd + output_usd
     return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd, basis=basis)
-
-
-def estimate(req: RequestView, prices: Prices) -> Estimate:
-    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
-    try:
-        return _estimate(req, prices)
-    except Unpriceable:
-        raise  # money in a currency without an fx rate: the pipeline refuses (402)
-    except Exception as e:  # junk in the request: the policy's default estimate applies
-        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 # --- usage → cost ---------------------------------------------------------------------------
@@ -190,14 +179,6 @@ def _error_type(body: bytes) -> str:
     return str(err.get("type") or "error")[:80] if isinstance(err, Mapping) else "error"
 
 
-def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-         prices: Prices, estimate: Estimate) -> Cost:
-    try:
-        return _llm.checked(_cost(req, status, body, prices, estimate))
-    except Exception as e:  # a parser must never break the response
-        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-
-
 # --- streaming ------------------------------------------------------------------------------
 
 
@@ -249,7 +230,7 @@ class _Meter:
 
     def finish(self) -> Cost:
         try:
-            return _llm.checked(self._finish())
+            return plausible(self._finish())
         except Exception as e:
             return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
 
@@ -298,8 +279,8 @@ VENDOR = Vendor(
     key_headers=("x-api-key", "authorization"),
     real_key=re.compile(r"^sk-ant-[A-Za-z0-9_-]{8,}"),
     credential_headers=lambda c: {"x-api-key": c["secret"]},
-    estimate=estimate,
-    cost=cost,
+    estimate=_estimate,
+    cost=_cost,
     stream_meter=stream_meter,
     prices=load_prices("anthropic"),
 )

@@ -19,6 +19,8 @@ from urllib.parse import parse_qs
 
 import yaml
 
+from ..money import Unpriceable
+
 CostStatus = Literal["parsed", "estimated", "zero", "unknown"]
 
 PRICES_DIR = Path(__file__).resolve().parent.parent / "prices"
@@ -101,6 +103,49 @@ class StreamMeter(Protocol):
     def finish(self) -> Cost: ...
 
 
+# No single call moves a billion dollars: a bigger number is a parsing accident.
+MAX_PLAUSIBLE_USD = Decimal(10) ** 9
+
+CostParser = Callable[[RequestView, int, bytes, Prices, Estimate], Cost]
+
+
+def plausible(c: Cost) -> Cost:
+    """``c`` if its USD is a plausible amount, else unknown: a cost is never negative."""
+    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > MAX_PLAUSIBLE_USD):
+        return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
+    return c
+
+
+def guarded_estimate(estimate: Callable[[RequestView, Prices], Estimate]) -> Callable[[RequestView, Prices], Estimate]:
+    """A vendor estimator that raises only ``Unpriceable`` (the pipeline refuses with 402);
+    junk in the request gives "amount unknown", so the policy's default estimate applies."""
+
+    def guarded(req: RequestView, prices: Prices) -> Estimate:
+        try:
+            return estimate(req, prices)
+        except Unpriceable:
+            raise
+        except Exception as e:
+            return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
+
+    guarded.__wrapped__ = estimate  # type: ignore[attr-defined]
+    return guarded
+
+
+def guarded_cost(parse: CostParser) -> Callable[..., Cost]:
+    """A vendor cost parser that never raises and never returns a negative or absurd amount."""
+
+    def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
+             prices: Prices, estimate: Estimate) -> Cost:
+        try:
+            return plausible(parse(req, status, body, prices, estimate))
+        except Exception as e:  # a parser must never break the response
+            return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
+
+    cost.__wrapped__ = parse  # type: ignore[attr-defined]
+    return cost
+
+
 def _no_stream(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
     return None
 
@@ -113,10 +158,7 @@ def _zero_estimate(req: RequestView, prices: Prices) -> Estimate:
     return NO_COST
 
 
-def _unknown_cost(
-    req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-    prices: Prices, estimate: Estimate,
-) -> Cost:
+def _unknown_cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
     return Cost("unknown", None, note="no cost parser for this vendor")
 
 
@@ -131,10 +173,17 @@ class Vendor:
     credential_headers: Callable[[Mapping[str, str]], dict[str, str]]
     credential_fields: tuple[str, ...] = ("secret",)  # fields required under vendors.<name>
     rewrite_path: Callable[[str, Mapping[str, str]], str] = _same_path
+    # estimate(request, prices) and cost(request, status, body, prices, estimate), as the
+    # vendor module writes them; __post_init__ wraps both so they never raise (see guarded_*)
+    # and the pipeline calls cost(request, status, headers, body, prices, estimate).
     estimate: Callable[[RequestView, Prices], Estimate] = _zero_estimate
     cost: Callable[..., Cost] = _unknown_cost
     stream_meter: Callable[[RequestView, Prices, Estimate], StreamMeter | None] = _no_stream
     prices: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "estimate", guarded_estimate(self.estimate))
+        object.__setattr__(self, "cost", guarded_cost(self.cost))
 
     def serves(self, host: str) -> bool:
         host = host.lower().rstrip(".")

@@ -30,10 +30,20 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from ..money import Unpriceable
 from . import _llm
 from ._sse import Event, SSEParser, find_object
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, bearer, load_prices
+from .base import (
+    NO_COST,
+    Cost,
+    Estimate,
+    Prices,
+    RequestView,
+    StreamMeter,
+    Vendor,
+    bearer,
+    load_prices,
+    plausible,
+)
 
 _TOKEN_KINDS = {
     "/chat/completions": "chat",
@@ -123,16 +133,6 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
     return Estimate(usd=worst.usd, moves_money=True, currency="USD", amount=worst.usd, basis=worst.basis)
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
-    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
-    try:
-        return _estimate(req, prices)
-    except Unpriceable:
-        raise  # money in a currency without an fx rate: the pipeline refuses (402)
-    except Exception as e:  # junk in the request: the policy's default estimate applies
-        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
-
-
 # --- usage → cost ---------------------------------------------------------------------------
 
 
@@ -213,14 +213,6 @@ def _error_text(body: bytes) -> str:
     return "error"
 
 
-def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-         prices: Prices, estimate: Estimate) -> Cost:
-    try:
-        return _llm.checked(_cost(req, status, body, prices, estimate))
-    except Exception as e:  # a parser must never break the response
-        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-
-
 # --- streaming ------------------------------------------------------------------------------
 
 
@@ -269,7 +261,7 @@ class _Meter:
 
     def finish(self) -> Cost:
         try:
-            return _llm.checked(self._finish())
+            return plausible(self._finish())
         except Exception as e:
             return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
 
@@ -325,8 +317,8 @@ VENDOR = Vendor(
     key_headers=("authorization",),
     real_key=re.compile(r"^sk-(?!ant-)[A-Za-z0-9_-]{8,}"),
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
-    estimate=estimate,
-    cost=cost,
+    estimate=_estimate,
+    cost=_cost,
     stream_meter=stream_meter,
     prices=load_prices("openai"),
 )

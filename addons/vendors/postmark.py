@@ -23,9 +23,8 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from ..money import Unpriceable
 from . import _email
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, load_prices
 
 _FIELDS = ("To", "Cc", "Bcc")
 
@@ -73,16 +72,6 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
                     basis=f"{basis}: {emails} recipient{'s' if emails != 1 else ''} × email_usd")
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
-    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
-    try:
-        return _estimate(req, prices)
-    except Unpriceable:
-        raise  # money in a currency without an fx rate: the pipeline refuses (402)
-    except Exception as e:  # junk in the request: the policy's default estimate applies
-        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
-
-
 def _accepted(item: object) -> bool:
     return isinstance(item, Mapping) and item.get("ErrorCode") == 0 and not isinstance(item.get("ErrorCode"), bool)
 
@@ -99,7 +88,7 @@ def _batch_cost(req: RequestView, results: list[Any], rate: Decimal) -> Cost:
     return _email.priced(emails, rate, "parsed", note)
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices) -> Cost:
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
     if status >= 400:
         return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_code(body)}")
     if status < 200 or status >= 300:
@@ -137,18 +126,6 @@ def _error_code(body: bytes) -> str:
     return f"ErrorCode {obj.get('ErrorCode')}" if isinstance(obj, dict) else "error"
 
 
-def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-         prices: Prices, estimate: Estimate) -> Cost:
-    try:
-        return _email.checked(_cost(req, status, body, prices))
-    except Exception as e:  # a parser must never break the response
-        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-
-
-def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
-    return None  # Postmark does not stream
-
-
 VENDOR = Vendor(
     name="postmark",
     hosts=("api.postmarkapp.com",),
@@ -156,8 +133,7 @@ VENDOR = Vendor(
     # Postmark tokens are UUIDs.
     real_key=re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
     credential_headers=lambda c: {"x-postmark-server-token": c["secret"]},
-    estimate=estimate,
-    cost=cost,
-    stream_meter=stream_meter,
+    estimate=_estimate,
+    cost=_cost,
     prices=load_prices("postmark"),
 )

@@ -28,9 +28,8 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from ..money import Unpriceable
 from . import _email
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, bearer, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, bearer, load_prices
 
 _FIELDS = ("to", "cc", "bcc")
 _BROADCAST_SEND = re.compile(r"^/broadcasts/[^/]+/send$")
@@ -82,16 +81,6 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
                     basis=f"{basis}: {emails} recipient{'s' if emails != 1 else ''} × email_usd")
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
-    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
-    try:
-        return _estimate(req, prices)
-    except Unpriceable:
-        raise  # money in a currency without an fx rate: the pipeline refuses (402)
-    except Exception as e:  # junk in the request: the policy's default estimate applies
-        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
-
-
 def _batch_cost(req: RequestView, obj: Mapping[str, Any], rate: Decimal) -> Cost:
     data = obj.get("data")
     created = len(data) if isinstance(data, list) else 0
@@ -111,7 +100,7 @@ def _batch_cost(req: RequestView, obj: Mapping[str, Any], rate: Decimal) -> Cost
                          note + " (data[] and errors[] disagree: counted every message not rejected)")
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices) -> Cost:
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
     if status >= 400:
         return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_name(body)}")
     if status < 200 or status >= 300:
@@ -149,26 +138,13 @@ def _error_name(body: bytes) -> str:
     return str(obj.get("name") or "error")[:80] if isinstance(obj, dict) else "error"
 
 
-def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-         prices: Prices, estimate: Estimate) -> Cost:
-    try:
-        return _email.checked(_cost(req, status, body, prices))
-    except Exception as e:  # a parser must never break the response
-        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-
-
-def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
-    return None  # Resend does not stream
-
-
 VENDOR = Vendor(
     name="resend",
     hosts=("api.resend.com",),
     key_headers=("authorization",),
     real_key=re.compile(r"^re_[A-Za-z0-9_]{8,}"),
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
-    estimate=estimate,
-    cost=cost,
-    stream_meter=stream_meter,
+    estimate=_estimate,
+    cost=_cost,
     prices=load_prices("resend"),
 )

@@ -35,7 +35,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..money import Unpriceable, parse_decimal, to_usd
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, load_prices
 
 _GRAPHQL = re.compile(r"/admin/api/[^/]+/graphql\.json$|/admin/api/graphql\.json$")
 _REST_REFUND = re.compile(r"/admin/(api/[^/]+/)?orders/\d+/refunds\.json$")
@@ -46,7 +46,6 @@ _INLINE_PRICE = re.compile(r"\bprice\s*:\s*\{([^}]*)\}")
 _INLINE_AMOUNT = re.compile(r"\bamount\s*:\s*\"?(-?[0-9.]+)\"?")
 _INLINE_CURRENCY = re.compile(r"\bcurrencyCode\s*:\s*\"?([A-Za-z]{3})\"?")
 _APPROVAL_MUTATIONS = ("appSubscriptionCreate", "appPurchaseOneTimeCreate")
-_MAX_PLAUSIBLE_USD = Decimal(10) ** 9
 
 
 @dataclass(frozen=True)
@@ -178,16 +177,6 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
             return Estimate(usd=None, moves_money=True, basis="refund: no transactions in the request")
         return _estimate_money(total, prices, "refund", assumed=not refund.get("currency"))
     return NO_COST
-
-
-def estimate(req: RequestView, prices: Prices) -> Estimate:
-    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
-    try:
-        return _estimate(req, prices)
-    except Unpriceable:
-        raise  # money in a currency without an fx rate: the pipeline refuses (402)
-    except Exception as e:  # junk in the request: the policy's default estimate applies
-        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 def _no_currency(query: str, variables: Mapping[str, Any]) -> bool:
@@ -335,7 +324,7 @@ def _line_items_estimate(refund: Mapping[str, Any], prices: Prices) -> Cost:
                 priced.note + "; no transactions in the response")
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices) -> Cost:
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
     if status >= 400:
         return Cost("zero", Decimal(0), note=f"HTTP {status}")
     if status < 200 or status >= 300:
@@ -370,30 +359,13 @@ def _is_money_call(req: RequestView) -> bool:
     return False
 
 
-def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-         prices: Prices, estimate: Estimate) -> Cost:
-    try:
-        c = _cost(req, status, body, prices)
-    except Exception as e:  # a parser must never break the response
-        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-    # Never negative; and no single call moves a billion dollars: that is a parsing accident.
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > _MAX_PLAUSIBLE_USD):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
-    return c
-
-
-def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
-    return None  # the Admin API does not stream
-
-
 VENDOR = Vendor(
     name="shopify",
     hosts=("*.myshopify.com",),
     key_headers=("x-shopify-access-token",),
     real_key=re.compile(r"^shp(at|ca|pa|ss)_[A-Za-z0-9]{8,}"),
     credential_headers=lambda c: {"x-shopify-access-token": c["secret"]},
-    estimate=estimate,
-    cost=cost,
-    stream_meter=stream_meter,
+    estimate=_estimate,
+    cost=_cost,
     prices=load_prices("shopify"),
 )

@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..money import Unpriceable, from_minor, to_usd
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, bearer, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, bearer, load_prices
 
 # (path pattern, amount parameter or None, currency parameter or None when the request has none)
 _ENDPOINTS: tuple[tuple[re.Pattern[str], str | None, str | None, str], ...] = tuple(
@@ -72,7 +72,6 @@ _ENDPOINTS: tuple[tuple[re.Pattern[str], str | None, str | None, str], ...] = tu
     )
 )
 _NO_MONEY_STATUS = {"failed", "canceled"}
-_MAX_PLAUSIBLE_USD = Decimal(10) ** 9
 
 
 def _endpoint(req: RequestView) -> tuple[str | None, str | None, str] | None:
@@ -124,16 +123,6 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
     if not given:
         basis += " (currency not in the request: default_currency assumed)"
     return Estimate(usd=usd, moves_money=True, currency=currency, amount=major, basis=basis)
-
-
-def estimate(req: RequestView, prices: Prices) -> Estimate:
-    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
-    try:
-        return _estimate(req, prices)
-    except Unpriceable:
-        raise  # money in a currency without an fx rate: the pipeline refuses (402)
-    except Exception as e:  # junk in the request: the policy's default estimate applies
-        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
 
 
 def _minor_units(value: str) -> int | None:
@@ -234,7 +223,7 @@ _PARSERS = {
 }
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices) -> Cost:
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
     if status >= 500:
         return Cost("unknown", None, note=f"HTTP {status}: Stripe says the request may or may not have succeeded")
     if status >= 400:
@@ -285,30 +274,13 @@ def _error_code(body: bytes) -> str:
     return "error"
 
 
-def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-         prices: Prices, estimate: Estimate) -> Cost:
-    try:
-        c = _cost(req, status, body, prices)
-    except Exception as e:  # a parser must never break the response
-        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-    # Never negative; and no single call moves a billion dollars: that is a parsing accident.
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > _MAX_PLAUSIBLE_USD):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
-    return c
-
-
-def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
-    return None  # Stripe does not stream
-
-
 VENDOR = Vendor(
     name="stripe",
     hosts=("api.stripe.com", "files.stripe.com"),
     key_headers=("authorization",),
     real_key=re.compile(r"^(sk|rk)_(live|test)_[A-Za-z0-9]"),
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
-    estimate=estimate,
-    cost=cost,
-    stream_meter=stream_meter,
+    estimate=_estimate,
+    cost=_cost,
     prices=load_prices("stripe"),
 )

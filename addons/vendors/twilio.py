@@ -44,7 +44,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from ..money import Unpriceable, parse_decimal, to_usd
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, load_prices
 
 _ACCOUNT_PATH = re.compile(r"^(/\d{4}-\d{2}-\d{2}/Accounts/)([^/]+)")
 _MESSAGES = re.compile(r"^/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/Messages(\.json)?$")
@@ -160,16 +160,6 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
     return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd, basis=f"{basis} at US list rates")
 
 
-def estimate(req: RequestView, prices: Prices) -> Estimate:
-    """What the request may cost (see the module docstring). Raises only ``Unpriceable``."""
-    try:
-        return _estimate(req, prices)
-    except Unpriceable:
-        raise  # money in a currency without an fx rate: the pipeline refuses (402)
-    except Exception as e:  # junk in the request: the policy's default estimate applies
-        return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
-
-
 # --- cost -----------------------------------------------------------------------------------
 
 
@@ -184,7 +174,6 @@ class _Item:
     note: str
 
 
-_MAX_PLAUSIBLE_USD = Decimal(10) ** 9
 _MAX_CALL_SECONDS = 86400  # a day: well above Twilio's 4-hour call limit
 _MESSAGE_FREE = {"canceled", "failed"}
 _CALL_FREE = {"canceled", "busy", "no-answer", "failed"}
@@ -255,7 +244,7 @@ def _is_error(obj: Mapping[str, Any]) -> bool:
     return "code" in obj and "status" in obj and "sid" not in obj and isinstance(obj.get("status"), int)
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices) -> Cost:
+def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
     if status >= 400:
         return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_code(body)}")
     if status < 200 or status >= 300:
@@ -294,22 +283,6 @@ def _error_code(body: bytes) -> str:
     return str(obj.get("code") or "error")[:40] if isinstance(obj, dict) else "error"
 
 
-def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-         prices: Prices, estimate: Estimate) -> Cost:
-    try:
-        c = _cost(req, status, body, prices)
-    except Exception as e:  # a parser must never break the response
-        return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-    # Never negative; and no single call moves a billion dollars: that is a parsing accident.
-    if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > _MAX_PLAUSIBLE_USD):
-        return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
-    return c
-
-
-def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
-    return None  # Twilio's REST API does not stream
-
-
 VENDOR = Vendor(
     name="twilio",
     hosts=("api.twilio.com", "*.twilio.com"),
@@ -319,8 +292,7 @@ VENDOR = Vendor(
     credential_fields=("account_sid", "secret"),
     credential_headers=_basic,
     rewrite_path=rewrite_path,
-    estimate=estimate,
-    cost=cost,
-    stream_meter=stream_meter,
+    estimate=_estimate,
+    cost=_cost,
     prices=load_prices("twilio"),
 )
