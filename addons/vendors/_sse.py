@@ -161,3 +161,27 @@ def find_object(text: str, key: str) -> dict[str, Any] | None:
                 return value
         pos = text.rfind(needle, 0, pos)
     return None
+
+
+class EventMeter:
+    """Base of the LLM stream meters: splits the byte stream into events for ``_on``.
+
+    Keeps O(1) state: the parser's partial line plus whatever ``_on`` chooses to keep.
+    A bug in ``_on`` marks the meter broken instead of breaking the agent's stream.
+    """
+
+    def __init__(self) -> None:
+        self._parser = SSEParser()
+        self._broken: str | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            for event in self._parser.feed(bytes(chunk)):
+                self._on(event)
+        except Exception as e:
+            self._broken = type(e).__name__
+
+    def _on(self, event: Event) -> None:
+        raise NotImplementedError

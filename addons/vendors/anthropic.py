@@ -30,7 +30,7 @@ from decimal import Decimal
 from typing import Any
 
 from . import _llm
-from ._sse import Event, SSEParser
+from ._sse import Event, EventMeter
 from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices, plausible
 
 _CACHE_1H = re.compile(rb'"ttl"\s*:\s*"1h"')
@@ -182,28 +182,18 @@ def _error_type(body: bytes) -> str:
 # --- streaming ------------------------------------------------------------------------------
 
 
-class _Meter:
+class _Meter(EventMeter):
     """Prices a Messages SSE stream; keeps only the merged usage and a few flags."""
 
     def __init__(self, req: RequestView, prices: Prices, estimate: Estimate) -> None:
+        super().__init__()
         self._req = req
         self._prices = prices
         self._estimate = estimate
-        self._parser = SSEParser()
         self._usage: dict[str, Any] | None = None  # None until message_start
         self._model: str | None = None
         self._stopped = False
         self._error: str | None = None
-        self._broken: str | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        if self._broken:
-            return
-        try:
-            for event in self._parser.feed(bytes(chunk)):
-                self._on(event)
-        except Exception as e:
-            self._broken = type(e).__name__
 
     def _on(self, event: Event) -> None:
         obj = event.json()

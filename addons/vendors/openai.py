@@ -31,7 +31,7 @@ from decimal import Decimal
 from typing import Any
 
 from . import _llm
-from ._sse import Event, SSEParser, find_object
+from ._sse import Event, EventMeter, find_object
 from .base import (
     NO_COST,
     Cost,
@@ -216,29 +216,19 @@ def _error_text(body: bytes) -> str:
 # --- streaming ------------------------------------------------------------------------------
 
 
-class _Meter:
+class _Meter(EventMeter):
     """Prices a chat-completions or Responses SSE stream; keeps the latest usage only."""
 
     def __init__(self, req: RequestView, prices: Prices, estimate: Estimate) -> None:
+        super().__init__()
         self._req = req
         self._prices = prices
         self._estimate = estimate
-        self._parser = SSEParser()
         self._usage: dict[str, Any] | None = None
         self._model: str | None = None
         self._events = 0  # JSON events before any error
         self._error: str | None = None
         self._terminal: str | None = None
-        self._broken: str | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        if self._broken:
-            return
-        try:
-            for event in self._parser.feed(bytes(chunk)):
-                self._on(event)
-        except Exception as e:
-            self._broken = type(e).__name__
 
     def _on(self, event: Event) -> None:
         obj = event.json()
