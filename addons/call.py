@@ -119,6 +119,15 @@ def get_call(flow: http.HTTPFlow) -> Call | None:
     return call if isinstance(call, Call) else None
 
 
+def keyed_call(flow: http.HTTPFlow) -> Call | None:
+    """The flow's Call if identify accepted its key and no stage has refused it yet:
+    the guard every policy stage starts with (like blocklist.py's ``if flow.response``)."""
+    call = get_call(flow)
+    if call is None or call.key is None or flow.response is not None:
+        return None
+    return call
+
+
 def error_body(code: str, message: str, call: Call | None) -> bytes:
     """Stripe-shaped, so vendor SDKs surface the message."""
     return json.dumps({

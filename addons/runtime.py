@@ -21,7 +21,7 @@ from mitmproxy.utils import human
 
 from . import wire
 from .paths import config_path, db_path
-from .policy import Config, ConfigError, load_config, resolve_credentials
+from .policy import Config, ConfigError, Policy, load_config, resolve_credentials
 from .store import KeyRecord, Store, open_store
 from .vendors.base import Prices
 
@@ -66,6 +66,10 @@ class Runtime:
         self._watch: asyncio.Task | None = None
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
+
+    def policy(self, name: str) -> Policy | None:
+        """The named policy in the policy file now in force (None if it was removed)."""
+        return self.state.config.policies.get(name) if self.state else None
 
     def load(self, loader: Loader) -> None:
         loader.add_option(

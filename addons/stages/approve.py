@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from mitmproxy import http
 
-from ..call import Call, fail_closed, get_call, refuse
+from ..call import Call, fail_closed, keyed_call, refuse
 from ..money import from_nanos, plain
 from ..runtime import Runtime
 
@@ -36,12 +36,12 @@ class Approve:
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        call = get_call(flow)
-        if call is None or flow.response or call.approval_rule is None or call.key is None:
+        call = keyed_call(flow)
+        if call is None or call.approval_rule is None:
             return
-        state, store = self.runtime.state, self.runtime.store
-        assert state is not None and store is not None
-        policy = state.config.policies[call.key.policy]
+        store = self.runtime.store
+        policy = self.runtime.policy(call.key.policy)
+        assert store is not None and policy is not None
         if call.mode == "report":
             call.would_deny.append("approval_required")
             return  # report-only: note it, never hold

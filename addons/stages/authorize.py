@@ -12,7 +12,7 @@ import time
 
 from mitmproxy import http
 
-from ..call import fail_closed, get_call, refuse
+from ..call import fail_closed, keyed_call, refuse
 from ..policy import Rate, UnsafePath, first_match, path_segments
 from ..runtime import Runtime
 
@@ -42,16 +42,14 @@ class Authorize:
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        call = get_call(flow)
-        if call is None or flow.response or call.key is None:
+        call = keyed_call(flow)
+        if call is None:
             return
-        state = self.runtime.state
-        assert state is not None
-        policy = state.config.policies.get(call.key.policy)
+        policy = self.runtime.policy(call.key.policy)
         if policy is None:
             refuse(flow, "vendor_not_allowed", f"policy {call.key.policy!r} no longer exists")
             return
-        call.mode = state.config.policy_mode(call.key.policy)
+        call.mode = self.runtime.state.config.policy_mode(call.key.policy)  # type: ignore[union-attr]
         rules = policy.vendors.get(call.vendor or "")
         if rules is None:
             if refuse(flow, "vendor_not_allowed", f"policy {call.policy!r} does not allow {call.vendor}"):

@@ -21,7 +21,7 @@ from decimal import Decimal
 
 from mitmproxy import http
 
-from ..call import Call, fail_closed, get_call, refuse
+from ..call import Call, fail_closed, keyed_call, refuse
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
 from ..policy import Policy, VendorRules
 from ..runtime import Runtime
@@ -109,13 +109,12 @@ class Budget:
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
-        call = get_call(flow)
-        if call is None or flow.response or call.key is None:
+        call = keyed_call(flow)
+        if call is None:
             return
         state = self.runtime.state
-        assert state is not None
-        policy = state.config.policies.get(call.key.policy)
-        if policy is None:
+        policy = self.runtime.policy(call.key.policy)
+        if state is None or policy is None:
             return
         vendor = REGISTRY[call.vendor or ""]
         rules = policy.vendors.get(vendor.name)
