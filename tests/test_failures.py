@@ -368,7 +368,7 @@ def test_silent_upstream_is_cut_after_tcp_timeout_and_counted_at_the_estimate(fg
     with pytest.raises(httpx.RemoteProtocolError):
         post(fgw, token, f"slow{TCP_TIMEOUT + 4}")
     elapsed = time.monotonic() - started
-    assert TCP_TIMEOUT - 0.5 < elapsed < TCP_TIMEOUT + 1.5, elapsed
+    assert TCP_TIMEOUT - 0.5 < elapsed < TCP_TIMEOUT + 3, elapsed  # cut by the gateway, not the vendor
     [row] = row_for(fgw, key_id)
     assert (row["status"], row["decision"], row["reason"]) == (504, "allow", "upstream_timeout")
     assert (row["cost_status"], row["cost_usd"], row["flagged"]) == ("unknown", None, 1)
