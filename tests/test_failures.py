@@ -259,8 +259,10 @@ def fgw(tmp_path_factory: pytest.TempPathFactory, fakes: FakeVendors, certs: Pat
                        policy=failure_policy(hostile.url, refused_url, fakes.url),
                        extra=("--set", f"tcp_timeout={TCP_TIMEOUT}"))
     yield gw
-    log = read_log(gw)
-    gw.stop()
+    try:
+        log = read_log(gw)
+    finally:
+        gw.stop()
     assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
 
 
