@@ -450,6 +450,8 @@ def resolve_credentials(
                     value = Path(target).read_text().strip()
                 except OSError as e:
                     value, missing = None, f"cannot read {target}: {e.strerror}"
+                except UnicodeDecodeError:
+                    value, missing = None, f"{target} is not a text file"
             if not value:
                 problems.append(Problem(filename, None, f"vendors.{name}.{fld}", missing))
             else:

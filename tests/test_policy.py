@@ -216,3 +216,11 @@ def test_loop_breaker_counts_repeats_honours_idempotency_and_forgets() -> None:
     lb._longest_window = 0.001
     lb.repeated("x", None, 3, 0.0001)
     assert len(lb) == 1  # only the fingerprint just seen survives the sweep
+
+
+def test_binary_credential_file_is_a_config_error(tmp_path) -> None:  # noqa: ANN001
+    secret = tmp_path / "s"
+    secret.write_bytes(b"\xff\xfe\x00binary")
+    cfg = parse_config(GOOD.replace("env:SG_TEST_STRIPE", f"file:{secret}"))
+    with pytest.raises(ConfigError, match="is not a text file"):
+        resolve_credentials(cfg, environ={})
