@@ -1,0 +1,1214 @@
+"""Benchmark the gateway: what spendgate costs on top of a bare mitmdump, on this machine.
+
+    ./scripts/bench                  # the full benchmark (~15 minutes on 2 cores), a table
+    ./scripts/bench --json           # the same figures as JSON on stdout
+    ./scripts/bench --smoke          # a few seconds: every part on a small load, no targets
+
+Every load runs on this machine only (127.0.0.1): a local HTTPS fake vendor (a minimal
+asyncio server with a self-signed CA, answering a Stripe-shaped payment intent), and a
+keep-alive load client (asyncio, raw HTTP/1.1 over TLS, CONNECT through the proxy).
+The same load is sent three ways:
+
+- direct:    client → fake vendor;
+- bare:      client → ``mitmdump`` (no addons) → fake vendor (CONNECT 127.0.0.1:PORT);
+- spendgate: client → ``mitmdump -s addons/gateway.py`` → fake vendor: the client
+  CONNECTs to api.stripe.com:443 and sends ``GET /v1/payment_intents/pi_x`` with an
+  ``X-Vault-Key``; the policy's ``upstream:`` sends it to the fake vendor. The ledger
+  is on (one ``calls`` row per request).
+
+Both mitmdumps get the same options (lazy connection strategy, no flow output,
+confdir in a temp dir, the fake vendor's CA as trusted upstream CA).
+
+Then: vault-key lookup (10 vs 100 000 keys) and policy rule matching (10 vs 1 000
+rules), measured in-process; report queries over a ledger of 1 000 000 ``calls`` rows;
+revoke-to-refusal latency against the running gateway; and the gateway's resident
+memory (VmRSS) after 0, N/2 and N requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ADDONS = ROOT / "addons"  # the spendgate package under test; --addons DIR tries a scratch copy
+VENDOR_HOST = "api.stripe.com"
+PATH = "/v1/payment_intents/pi_x"
+REAL_STRIPE_KEY = "sk_test_51BENCHstripeSECRETnotReal0000"
+
+TARGETS = {
+    "throughput_ratio_min": 0.90,  # spendgate req/s ÷ bare mitmdump req/s
+    "p50_added_ms_max": 1.0,  # spendgate p50 − bare p50, at concurrency 1
+    "lookup_ratio_max": 2.0,  # key lookup p50 with 100 000 keys ÷ with 10 keys ("flat")
+    "revoke_ms_max": 100.0,  # revoke commit → first 401 revoked
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def make_certs(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a leaf for 127.0.0.1 / localhost / api.stripe.com, signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spendgate bench fake-vendor CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"),
+            x509.DNSName(VENDOR_HOST),
+        ]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem, cert_pem, key_pem = directory / "fake-ca.pem", directory / "fake.pem", directory / "fake-key.pem"
+    ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_pem.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return ca_pem, cert_pem, key_pem
+
+
+# --------------------------------------------------------------------------- the fake vendor
+
+PAYMENT_INTENT = {
+    "id": "pi_x", "object": "payment_intent", "amount": 2000, "amount_capturable": 0,
+    "amount_received": 2000, "capture_method": "automatic", "client_secret": "pi_x_secret_bench",
+    "confirmation_method": "automatic", "created": 1767225600, "currency": "usd", "customer": None,
+    "description": None, "latest_charge": "ch_bench", "livemode": False, "metadata": {},
+    "payment_method": "pm_card_visa", "payment_method_types": ["card"], "status": "succeeded",
+}
+
+
+def _fake_response(status: int, obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj, indent=2).encode()
+    reason = {200: "OK", 404: "Not Found"}[status]
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRequest-Id: req_bench\r\nStripe-Version: 2024-06-20\r\n"
+        "Connection: keep-alive\r\n\r\n"
+    ).encode() + body
+
+
+class FakeVendor(asyncio.Protocol):
+    """A minimal HTTP/1.1 keep-alive server: GET …/payment_intents/… → a payment intent."""
+
+    OK = _fake_response(200, PAYMENT_INTENT)
+    NOT_FOUND = _fake_response(404, {"error": {"type": "invalid_request_error", "message": "no such route"}})
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end]
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            target = head.split(b" ", 2)[1]
+            self.transport.write(self.OK if b"/payment_intents/" in target else self.NOT_FOUND)
+
+
+def serve_fake(port_file: str, cert: str, key: str) -> None:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(FakeVendor, "127.0.0.1", 0, ssl=ctx,
+                                                                backlog=512)
+        port = server.sockets[0].getsockname()[1]
+        Path(port_file + ".tmp").write_text(str(port))
+        os.replace(port_file + ".tmp", port_file)
+        await server.serve_forever()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- the load client
+
+
+@dataclass
+class Target:
+    """Where the client connects and what it sends."""
+
+    host: str  # the TLS server name and Host header
+    port: int
+    ca: str  # the CA the client trusts
+    proxy: int | None = None  # a proxy on 127.0.0.1, reached with CONNECT host:port
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def request(self) -> bytes:
+        host = self.host if self.port == 443 else f"{self.host}:{self.port}"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+        return (f"GET {PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: spendgate-bench\r\n"
+                f"Accept: application/json\r\n{extra}\r\n").encode()
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds
+    statuses: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    proxy_cpu: float | None = None  # seconds of CPU the proxy process used during the run
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        cpu = (round(self.proxy_cpu / self.requests * 1e6) if self.proxy_cpu is not None and self.requests
+               else None)
+        return {
+            "requests": self.requests,
+            "seconds": round(self.elapsed, 3),
+            "rps": round(self.requests / self.elapsed, 1) if self.elapsed else 0.0,
+            "p50_ms": round(quantile(lat, 0.50) * 1000, 3),
+            "p99_ms": round(quantile(lat, 0.99) * 1000, 3),
+            "mean_ms": round(statistics.fmean(lat) * 1000, 3) if lat else None,
+            "proxy_cpu_us_per_request": cpu,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "errors": dict(self.errors),
+        }
+
+    def merge(self, other: LoadResult) -> None:
+        self.requests += other.requests
+        self.elapsed += other.elapsed
+        self.latencies += other.latencies
+        self.statuses.update(other.statuses)
+        self.errors.update(other.errors)
+        if other.proxy_cpu is not None:
+            self.proxy_cpu = (self.proxy_cpu or 0.0) + other.proxy_cpu
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection over TLS, through a CONNECT proxy or not."""
+
+    def __init__(self, target: Target, ctx: ssl.SSLContext) -> None:
+        self.target, self.ctx = target, ctx
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        t = self.target
+        if t.proxy is None:
+            self.reader, self.writer = await asyncio.open_connection(
+                "127.0.0.1", t.port, ssl=self.ctx, server_hostname=t.host)
+            return
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.proxy)
+        writer.write(f"CONNECT {t.host}:{t.port} HTTP/1.1\r\nHost: {t.host}:{t.port}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.split(b" ", 2)[1] != b"200":
+            writer.close()
+            raise ConnectionError(f"CONNECT refused: {head.splitlines()[0].decode()}")
+        await writer.start_tls(self.ctx, server_hostname=t.host)
+        self.reader, self.writer = reader, writer
+
+    async def call(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        if self.writer is None:
+            await self.open()
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if b"content-length" in headers:
+            body = await self.reader.readexactly(int(headers[b"content-length"]))
+        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                parts.append(await self.reader.readexactly(size + 2))
+                if size == 0:
+                    break
+            body = b"".join(parts)
+        else:
+            body = b""
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, headers, body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def client_context(ca: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def run_load(target: Target, concurrency: int, *, seconds: float | None = None,
+                   requests: int | None = None, warmup: int = 0,
+                   on_start: Any = None) -> LoadResult:
+    """``concurrency`` keep-alive connections, each sending the next request as soon as the
+    last answer is read, for ``seconds`` or ``requests`` in all (after ``warmup`` each)."""
+    ctx = client_context(target.ca)
+    request = target.request()
+    conns = [Conn(target, ctx) for _ in range(concurrency)]
+
+    async def warm(c: Conn) -> None:
+        await c.open()
+        for _ in range(max(1, warmup // concurrency)):
+            await c.call(request)
+
+    await asyncio.gather(*(warm(c) for c in conns))
+    result = LoadResult()
+    left = [requests if requests is not None else -1]
+    if on_start is not None:
+        on_start()
+    start = time.perf_counter()
+    end = start + seconds if seconds is not None else float("inf")
+    last = [start]
+
+    async def worker(c: Conn) -> None:
+        perf = time.perf_counter
+        while True:
+            if left[0] == 0:
+                return
+            left[0] -= 1
+            t0 = perf()
+            if t0 >= end:
+                return
+            try:
+                status, _, _ = await c.call(request)
+            except (OSError, asyncio.IncompleteReadError, ValueError, ConnectionError) as e:
+                result.errors[type(e).__name__] += 1
+                c.close()
+                await asyncio.sleep(0.01)
+                continue
+            t1 = perf()
+            result.latencies.append(t1 - t0)
+            result.statuses[status] += 1
+            last[0] = t1
+
+    await asyncio.gather(*(worker(c) for c in conns))
+    result.requests = len(result.latencies)
+    result.elapsed = last[0] - start
+    for c in conns:
+        c.close()
+    return result
+
+
+# --------------------------------------------------------------------------- processes
+
+
+POLICY = """\
+version: 1
+vendors:
+  stripe: {{secret: env:STRIPE_SECRET_KEY, upstream: "https://127.0.0.1:{port}"}}
+  openai: {{secret: env:OPENAI_API_KEY, upstream: "https://127.0.0.1:{port}"}}
+  resend: {{secret: env:RESEND_API_KEY, upstream: "https://127.0.0.1:{port}"}}
+fx: {{EUR: 1.08, GBP: 1.27}}
+policies:
+  billing-agent:
+    vendors:
+      stripe:
+        allow:   ["POST /v1/payment_intents", "GET /v1/payment_intents/*", "POST /v1/payment_intents/*/confirm",
+                  "GET /v1/customers/*", "POST /v1/customers", "GET /v1/charges/*"]
+        deny:    ["* /v1/payment_methods/**", "* /v1/accounts/**", "POST /v1/transfers"]
+        approve: ["POST /v1/refunds"]
+        max_request_usd: 200
+        default_estimate_usd: 50
+      resend: {{allow: ["POST /emails"]}}
+    budget: {{key_usd: 500, key_daily_usd: 200, policy_daily_usd: 2000, policy_monthly_usd: 20000}}
+    rate: 100000000/hour      # per key; high enough never to refuse the benchmark (the limiter still runs)
+    ttl: 1h
+    approval_timeout: 5m
+    loop: {{repeats: 3, window: 10m}}
+  support-agent:
+    vendors:
+      openai: {{allow: ["POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings"]}}
+    budget: {{key_usd: 20, key_daily_usd: 10}}
+    rate: 120/minute
+egress: {{default: deny, allow: [], deny: []}}
+"""
+
+
+@dataclass
+class Proxy:
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        """user + system CPU time of the proxy process so far (immune to other load's wall time)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # mitmdump shuts down cleanly (ledger flushed)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_mitmdump(name: str, tmp: Path, confdir: Path, upstream_ca: Path, env: dict[str, str],
+                   addon_args: list[str]) -> Proxy:
+    """The same options for every run; only ``addon_args`` differ."""
+    port = free_port()
+    cmd = [
+        str(BIN / "mitmdump"), *addon_args,
+        "--listen-host", "127.0.0.1", "-p", str(port),
+        "--set", f"confdir={confdir}",
+        "--set", "connection_strategy=lazy",
+        "--set", "flow_detail=0",
+        "--set", "termlog_verbosity=" + os.environ.get("BENCH_VERBOSITY", "warn"),
+        "--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}",
+    ]
+    logfile = tmp / f"{name}.log"
+    proc = subprocess.Popen(cmd, stdout=logfile.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+    except RuntimeError as e:
+        raise RuntimeError(f"{name}: {e}\n{logfile.read_text()}") from None
+    return Proxy(name, port, proc, logfile)
+
+
+@dataclass
+class Bench:
+    tmp: Path
+    fake_port: int
+    fake_ca: Path
+    confdir: Path
+    env: dict[str, str]
+    policy: Path
+    db: Path
+    procs: list[Any] = field(default_factory=list)
+
+    @property
+    def gateway_ca(self) -> str:
+        return str(self.confdir / "mitmproxy-ca-cert.pem")
+
+    def target(self, mode: str, proxy: Proxy | None, token: str) -> Target:
+        headers = {"X-Vault-Key": token}
+        if mode == "direct":
+            return Target("127.0.0.1", self.fake_port, str(self.fake_ca), headers=headers)
+        if mode == "bare":
+            assert proxy is not None
+            return Target("127.0.0.1", self.fake_port, self.gateway_ca, proxy=proxy.port, headers=headers)
+        assert proxy is not None
+        return Target(VENDOR_HOST, 443, self.gateway_ca, proxy=proxy.port, headers=headers)
+
+    def bare(self) -> Proxy:
+        p = start_mitmdump("bare", self.tmp, self.confdir, self.fake_ca, self.env, [])
+        self.procs.append(p)
+        return p
+
+    def gateway(self) -> Proxy:
+        extra = []
+        if any('"spendgate_admin_listen"' in f.read_text() for f in ADDONS.glob("*.py")):
+            extra = ["--set", "spendgate_admin_listen="]  # no admin listener: no fixed port to collide on
+        p = start_mitmdump("spendgate", self.tmp, self.confdir, self.fake_ca, self.env, [
+            "-s", str(ADDONS / "gateway.py"),
+            "--set", f"spendgate_config={self.policy}", "--set", f"spendgate_db={self.db}", *extra,
+        ])
+        self.procs.append(p)
+        return p
+
+    def issue(self, policy: str = "billing-agent") -> tuple[str, str]:
+        from spendgate.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(str(self.db))
+        try:
+            rec, token = store.issue_key(policy, 3600, labels={"run": "bench"})
+        finally:
+            store.close()
+        return rec.id, token
+
+
+@contextlib.contextmanager
+def bench_env(tmp: Path):
+    certs = tmp / "fake-certs"
+    certs.mkdir()
+    fake_ca, cert, key = make_certs(certs)
+    port_file = tmp / "fake.port"
+    fake = subprocess.Popen([sys.executable, __file__, "_fake", str(port_file), str(cert), str(key)],
+                            stdin=subprocess.DEVNULL)
+    b = None
+    try:
+        deadline = time.monotonic() + 15
+        while not port_file.exists():
+            if fake.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the fake vendor did not start")
+            time.sleep(0.02)
+        port = int(port_file.read_text())
+        policy = tmp / "policy.yaml"
+        policy.write_text(POLICY.format(port=port))
+        env = {**os.environ, "STRIPE_SECRET_KEY": REAL_STRIPE_KEY, "OPENAI_API_KEY": "sk-proj-BENCHnotReal",
+               "RESEND_API_KEY": "re_BENCHnotReal", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        confdir = tmp / "confdir"
+        confdir.mkdir()
+        b = Bench(tmp, port, fake_ca, confdir, env, policy, tmp / "ledger.db")
+        yield b
+    finally:
+        for p in reversed(b.procs if b else []):
+            p.stop()
+        fake.terminate()
+        fake.wait(10)
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def measured(proxy: Proxy | None, target: Target, concurrency: int, **kw: Any) -> LoadResult:
+    """A load run, with the proxy's CPU time over the measured part (warm-up excluded)."""
+    cpu: list[float] = []
+
+    def mark() -> None:
+        if proxy is not None:
+            cpu.append(proxy.cpu_seconds())
+
+    res = asyncio.run(run_load(target, concurrency, on_start=mark, **kw))
+    if proxy is not None:
+        res.proxy_cpu = proxy.cpu_seconds() - cpu[0]
+    return res
+
+
+def part_throughput(b: Bench, concurrencies: list[int], seconds: float, rounds: int,
+                    warmup: int) -> dict[str, Any]:
+    """Three runs on the same load, interleaved ``rounds`` times so drift hits them alike."""
+    bare, gw = b.bare(), b.gateway()
+    _, token = b.issue()
+    out: dict[str, Any] = {}
+    for c in concurrencies:
+        totals = {m: LoadResult() for m in ("direct", "bare", "spendgate")}
+        for r in range(rounds):
+            for mode, proxy in (("direct", None), ("bare", bare), ("spendgate", gw)):
+                res = measured(proxy, b.target(mode, proxy, token), c, seconds=seconds, warmup=warmup)
+                log(f"c={c} round {r + 1}/{rounds} {mode}: {res.requests / res.elapsed:.0f} req/s "
+                    f"statuses={dict(res.statuses)} errors={dict(res.errors)}")
+                totals[mode].merge(res)
+        row = {m: t.summary() for m, t in totals.items()}
+        d, br, sg = row["direct"], row["bare"], row["spendgate"]
+        row["ratios"] = {
+            "spendgate_rps_over_bare": round(sg["rps"] / br["rps"], 3) if br["rps"] else None,
+            "bare_rps_over_direct": round(br["rps"] / d["rps"], 3) if d["rps"] else None,
+            "spendgate_p50_over_bare": round(sg["p50_ms"] / br["p50_ms"], 3) if br["p50_ms"] else None,
+            "spendgate_p99_over_bare": round(sg["p99_ms"] / br["p99_ms"], 3) if br["p99_ms"] else None,
+            "bare_p50_added_ms": round(br["p50_ms"] - d["p50_ms"], 3),
+            "spendgate_p50_added_over_bare_ms": round(sg["p50_ms"] - br["p50_ms"], 3),
+        }
+        out[str(c)] = row
+    ok = all(row["spendgate"]["statuses"].keys() == {"200"} for row in out.values())
+    if not ok:
+        log(f"WARNING: the spendgate run had non-200 answers; see {gw.log}")
+    return out
+
+
+def _bulk_keys(store: Any, n: int) -> list[str]:
+    from spendgate.store import hash_token, iso, now
+
+    tokens = ["vk_" + os.urandom(32).hex() for _ in range(n)]
+    created = iso(now())
+    rows = [(f"key_{i:012x}", "billing-agent", hash_token(t), json.dumps({"run": str(i % 100)}), created,
+             None, None, None, "issued") for i, t in enumerate(tokens)]
+    store.conn.execute("BEGIN")
+    store.conn.executemany(f"INSERT INTO keys ({store._KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    store.conn.execute("COMMIT")
+    return tokens
+
+
+def _timed(fn: Any, args: list[Any]) -> dict[str, float]:
+    """p50/p99/mean of ``fn(arg)`` over ``args``, in microseconds."""
+    ns = []
+    perf = time.perf_counter_ns
+    for a in args:
+        t0 = perf()
+        fn(*a)
+        ns.append(perf() - t0)
+    ns.sort()
+    return {"p50_us": round(quantile(ns, 0.5) / 1000, 2), "p99_us": round(quantile(ns, 0.99) / 1000, 2),
+            "mean_us": round(statistics.fmean(ns) / 1000, 2), "n": len(ns)}
+
+
+def part_lookup(tmp: Path, key_counts: list[int], rule_counts: list[int], lookups: int) -> dict[str, Any]:
+    from spendgate.policy import Rule, first_match, path_segments
+    from spendgate.store.sqlite import SQLiteStore
+
+    out: dict[str, Any] = {"keys": {}, "rules": {}}
+    rnd = random.Random(7)
+    for n in key_counts:
+        store = SQLiteStore(str(tmp / f"keys-{n}.db"))
+        t0 = time.perf_counter()
+        tokens = _bulk_keys(store, n)
+        insert_s = time.perf_counter() - t0
+        hits = [(rnd.choice(tokens),) for _ in range(lookups)]
+        misses = [("vk_" + os.urandom(32).hex(),) for _ in range(lookups)]
+        for t in hits + misses:  # warm up: the page cache, the statement cache, the interpreter
+            store.key_by_token(*t)
+        hit = _timed(store.key_by_token, hits)
+        miss = _timed(store.key_by_token, misses)
+        assert store.key_by_token(tokens[0]) is not None and store.key_by_token(misses[0][0]) is None
+        store.close()
+        out["keys"][str(n)] = {"hit": hit, "miss": miss, "bulk_insert_s": round(insert_s, 3)}
+        log(f"key_by_token with {n} keys: hit p50 {hit['p50_us']} µs, miss p50 {miss['p50_us']} µs")
+
+    target_rule = "GET /v1/payment_intents/*"
+    for n in rule_counts:
+        # n-1 rules that do not match, then the one that does: the worst case of a linear scan.
+        rules = [Rule.parse(f"{'GET' if i % 2 else 'POST'} /v1/resource_{i}/*/items/**") for i in range(n - 1)]
+        rules.append(Rule.parse(target_rule))
+        path = PATH
+        matched = [("GET", path)] * lookups
+        unmatched = [("GET", "/v1/nothing/here")] * lookups
+
+        def match(method: str, p: str, rules: list[Rule] = rules) -> Rule | None:
+            return first_match(rules, method, path_segments(p))
+
+        assert match("GET", path) is rules[-1] and match("GET", "/v1/nothing/here") is None
+        m = _timed(match, matched)
+        u = _timed(match, unmatched)
+        out["rules"][str(n)] = {"last_rule_matches": m, "no_match": u}
+        log(f"first_match over {n} rules: match-last p50 {m['p50_us']} µs, no-match p50 {u['p50_us']} µs")
+    return out
+
+
+def part_pipeline(tmp: Path, n: int) -> dict[str, Any]:
+    """spendgate's own hooks on one allowed request, in-process, through mitmproxy's real hook
+    dispatch (AddonManager.handle_lifecycle), with no network: what the gateway adds per
+    request, without the noise of sockets and other processes. Taken as the median of ``n``."""
+    return asyncio.run(_pipeline(tmp, n))
+
+
+async def _pipeline(tmp: Path, n: int) -> dict[str, Any]:
+    import importlib
+
+    from mitmproxy import http
+    from mitmproxy.proxy.layers.http import _hooks as hooks
+    from mitmproxy.test import taddons, tflow
+
+    from spendgate import wire
+    from spendgate.store.sqlite import SQLiteStore
+
+    db = tmp / "pipeline.db"
+    policy = tmp / "pipeline-policy.yaml"
+    policy.write_text(POLICY.format(port=9))
+    os.environ.update({"STRIPE_SECRET_KEY": REAL_STRIPE_KEY, "OPENAI_API_KEY": "sk-proj-BENCHnotReal",
+                       "RESEND_API_KEY": "re_BENCHnotReal",  # the options default to these two:
+                       "SPENDGATE_CONFIG": str(policy), "SPENDGATE_DB": str(db)})
+    store = SQLiteStore(str(db))
+    _, token = store.issue_key("billing-agent", 3600, labels={"run": "bench"})
+    store.close()
+    gateway = importlib.import_module("spendgate.gateway")
+    addons = gateway.make_addons()
+    body = FakeVendor.OK.split(b"\r\n\r\n", 1)[1]
+    with taddons.context(*addons) as tctx:
+        if "spendgate_admin_listen" in tctx.options:
+            tctx.options.update(spendgate_admin_listen="")
+        am = tctx.master.addons
+        req_us, resp_us, statuses = [], [], Counter()
+        perf = time.perf_counter_ns
+
+        def make_flow() -> http.HTTPFlow:
+            f = tflow.tflow(req=http.Request.make(
+                "GET", f"https://{VENDOR_HOST}{PATH}", b"",
+                {"Host": VENDOR_HOST, "User-Agent": "spendgate-bench", "Accept": "application/json",
+                 "X-Vault-Key": token}))
+            f.client_conn.sni = VENDOR_HOST
+            return f
+
+        # CPU time (all threads, the ledger writer's too) is steadier than wall time on a
+        # shared machine: the flows' own construction is measured apart and taken off.
+        c0 = time.process_time()
+        for _ in range(n):
+            make_flow()
+            http.Response.make(200, body, {"Content-Type": "application/json", "Request-Id": "req_bench"})
+        construct_cpu = time.process_time() - c0
+        c0 = 0.0
+        for i in range(n + 200):
+            if i == 200:
+                c0 = time.process_time()
+            f = make_flow()
+            t0 = perf()
+            await am.handle_lifecycle(hooks.HttpRequestHeadersHook(f))
+            await am.handle_lifecycle(hooks.HttpRequestHook(f))
+            if f.response is None:
+                wire.with_credentials(f.request)  # what assembling the upstream request head adds
+            t1 = perf()
+            if f.response is None:
+                f.response = http.Response.make(200, body, {
+                    "Content-Type": "application/json", "Request-Id": "req_bench"})
+            t2 = perf()
+            await am.handle_lifecycle(hooks.HttpResponseHeadersHook(f))
+            await am.handle_lifecycle(hooks.HttpResponseHook(f))
+            t3 = perf()
+            statuses[f.response.status_code] += 1
+            req_us.append((t1 - t0) / 1000)
+            resp_us.append((t3 - t2) / 1000)
+        store = addons[0].store
+        if store is not None:
+            store.flush()  # the writer thread's share of the work
+        cpu_us = (time.process_time() - c0 - construct_cpu) / n * 1e6
+        for a in addons:
+            if hasattr(a, "done"):
+                res = a.done()
+                if asyncio.iscoroutine(res):
+                    await res
+    req_us, resp_us = req_us[200:], resp_us[200:]  # the first ones warm caches up
+    total = sorted(a + b for a, b in zip(req_us, resp_us, strict=True))
+    out = {
+        "n": n,
+        "request_hooks_p50_us": round(statistics.median(req_us), 1),
+        "response_hooks_p50_us": round(statistics.median(resp_us), 1),
+        "total_p50_us": round(quantile(total, 0.5), 1),
+        "total_p99_us": round(quantile(total, 0.99), 1),
+        "cpu_us_per_request": round(cpu_us, 1),
+        "statuses": {str(k): v for k, v in statuses.items()},
+    }
+    log(f"pipeline in-process: {out['cpu_us_per_request']} µs CPU, {out['total_p50_us']} µs p50 per request "
+        f"(request {out['request_hooks_p50_us']}, response {out['response_hooks_p50_us']}) {dict(statuses)}")
+    return out
+
+
+def part_ledger(tmp: Path, rows: int) -> dict[str, Any]:
+    import sqlite_utils
+
+    from spendgate import reports
+    from spendgate.store.sqlite import CALL_COLUMNS, ensure_schema
+
+    path = tmp / "ledger-big.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    ensure_schema(sqlite_utils.Database(conn))
+    conn.execute("PRAGMA synchronous=OFF")
+    cols = [k for k in CALL_COLUMNS if k != "id"]
+    sql = f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    vendors = [("stripe", "api.stripe.com", "/v1/payment_intents"), ("openai", "api.openai.com", "/v1/chat/completions"),
+               ("anthropic", "api.anthropic.com", "/v1/messages"), ("twilio", "api.twilio.com", "/2010-04-01/x"),
+               ("resend", "api.resend.com", "/emails")]
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rnd = random.Random(11)
+    t0 = time.perf_counter()
+    conn.execute("BEGIN")
+    chunk = []
+    for i in range(rows):
+        vendor, host, p = vendors[i % len(vendors)]
+        ts = (start + dt.timedelta(seconds=i * 2592000 // max(rows, 1))).isoformat(timespec="milliseconds")
+        deny = rnd.random() < 0.05
+        nanos = rnd.randrange(0, 50_000_000_000)
+        chunk.append({
+            "ts": ts, "flow_id": f"f{i}", "key_id": f"key_{i % 1000:04d}", "policy": f"policy-{i % 7}",
+            "labels": json.dumps({"run": str(i % 200), "team": f"t{i % 5}"}, sort_keys=True),
+            "vendor": vendor, "method": "POST", "host": host, "path": p, "status": 402 if deny else 200,
+            "decision": "deny" if deny else "allow", "reason": "cap_exhausted" if deny else None,
+            "estimated_usd": str(nanos / 1e9), "estimated_nanos": nanos,
+            "cost_usd": None if deny else str(nanos / 1e9), "cost_nanos": None if deny else nanos,
+            "cost_status": "zero" if deny else "parsed", "flagged": 0, "note": "", "currency": "usd",
+            "amount": None, "request_id": f"req_{i}", "latency_ms": 1.5,
+        })
+        if len(chunk) == 10_000:
+            conn.executemany(sql, [tuple(r[k] for k in cols) for r in chunk])
+            chunk = []
+    if chunk:
+        conn.executemany(sql, [tuple(r[k] for k in cols) for r in chunk])
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    insert_s = time.perf_counter() - t0
+    size_mb = path.stat().st_size / 1e6
+    log(f"ledger: {rows} calls rows inserted in {insert_s:.1f} s ({size_mb:.0f} MB)")
+    out: dict[str, Any] = {"rows": rows, "insert_s": round(insert_s, 2), "db_mb": round(size_mb, 1),
+                           "report_ms": {}}
+    for by, since in (("key", None), ("policy", None), ("vendor", None), ("day", None),
+                      ("label:run", None), ("key", "2026-01-25")):
+        name = by + (f" --since {since}" if since else "")
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            got = reports.spend(str(path), by=by, since=since)
+            times.append(time.perf_counter() - t0)
+        out["report_ms"][name] = {"ms": round(min(times) * 1000, 1), "groups": len(got)}
+        log(f"report --by {name}: {min(times) * 1000:.0f} ms ({len(got)} groups)")
+    path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        Path(str(path) + "-wal").unlink()
+    return out
+
+
+async def _revoke_once(b: Bench, gw: Proxy) -> float:
+    """Loop requests with a fresh key; revoke it from another thread; return ms from the
+    revoke's commit to the first ``401 revoked`` answer."""
+    from spendgate.store.sqlite import SQLiteStore
+
+    key_id, token = b.issue()
+    target = b.target("spendgate", gw, token)
+    ctx = client_context(target.ca)
+    request = target.request()
+    conn = Conn(target, ctx)
+    for _ in range(5):
+        status, _, _ = await conn.call(request)
+        assert status == 200, status
+    committed: list[float] = []
+
+    def revoke() -> None:
+        store = SQLiteStore(str(b.db))
+        time.sleep(random.uniform(0.05, 0.15))
+        store.revoke(key_id)  # autocommit: returns after the COMMIT
+        committed.append(time.perf_counter())
+        store.conn.close()
+
+    thread = threading.Thread(target=revoke)
+    thread.start()
+    deadline = time.perf_counter() + 5
+    try:
+        while time.perf_counter() < deadline:
+            status, headers, _ = await conn.call(request)
+            t = time.perf_counter()
+            if status == 401 and headers.get(b"x-spendgate-reason") == b"revoked":
+                thread.join()
+                return (t - committed[0]) * 1000
+            assert status == 200, status
+        raise RuntimeError("the revoked key was still accepted after 5 s")
+    finally:
+        thread.join()
+        conn.close()
+
+
+def part_revoke(b: Bench, gw: Proxy, times: int) -> dict[str, Any]:
+    ms = sorted(asyncio.run(_revoke_once(b, gw)) for _ in range(times))
+    log(f"revoke → refusal: p50 {quantile(ms, 0.5):.2f} ms, max {ms[-1]:.2f} ms over {times}")
+    return {"n": times, "p50_ms": round(quantile(ms, 0.5), 3), "max_ms": round(ms[-1], 3)}
+
+
+def part_memory(b: Bench, gw: Proxy, bare: Proxy | None, requests: int, concurrency: int) -> dict[str, Any]:
+    _, token = b.issue()
+    out: dict[str, Any] = {"requests": requests, "concurrency": concurrency}
+    for proxy, mode in ((gw, "spendgate"), (bare, "bare")):
+        if proxy is None:
+            continue
+        target = b.target(mode, proxy, token)
+        asyncio.run(run_load(target, concurrency, requests=min(500, requests)))  # warm: caches, certs, pools
+        samples = [{"after": 0, "rss_mib": round(proxy.rss_kib() / 1024, 1)}]
+        done = 0
+        t0 = time.perf_counter()
+        for half in (requests // 2, requests - requests // 2):
+            res = asyncio.run(run_load(target, concurrency, requests=half))
+            done += res.statuses.get(200, 0)
+            samples.append({"after": done, "rss_mib": round(proxy.rss_kib() / 1024, 1)})
+            log(f"memory {mode}: {samples[-1]['rss_mib']} MiB after {done} requests "
+                f"({done / (time.perf_counter() - t0):.0f} req/s) statuses={dict(res.statuses)}")
+        out[mode] = {"samples": samples,
+                     "growth_mib": round(samples[-1]["rss_mib"] - samples[1]["rss_mib"], 1),
+                     "growth_from_start_mib": round(samples[-1]["rss_mib"] - samples[0]["rss_mib"], 1)}
+    return out
+
+
+def part_profile(b: Bench, gw: Proxy, seconds: float, concurrency: int, outdir: Path) -> dict[str, Any]:
+    """py-spy on the running gateway under load: the top functions by own time."""
+    pyspy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
+    if not pyspy:
+        log("py-spy not found; `./scripts/bench --profile` installs it into .venv")
+        return {"error": "py-spy not installed"}
+    _, token = b.issue()
+    outdir.mkdir(parents=True, exist_ok=True)
+    raw = outdir / "spendgate.collapsed"
+    cmd = [pyspy, "record", "--pid", str(gw.pid), "--duration", str(int(seconds)), "--rate", "250",
+           "--nonblocking"]
+    asyncio.run(run_load(b.target("spendgate", gw, token), concurrency, requests=500))  # warm
+    spy_raw = subprocess.Popen([*cmd, "--format", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    asyncio.run(run_load(b.target("spendgate", gw, token), concurrency, seconds=seconds + 1))
+    _, err = spy_raw.communicate(timeout=60)
+    if spy_raw.returncode != 0 or not raw.exists():
+        return {"error": err.decode(errors="replace")[-500:]}
+    return {"collapsed": str(raw), **summarize_profile(raw)}
+
+
+def summarize_profile(raw: Path) -> dict[str, Any]:
+    """Own and inclusive time per function (line numbers dropped) from py-spy's raw output."""
+    own: Counter = Counter()
+    incl: Counter = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = [f.rsplit(":", 1)[0] + ")" if f.endswith(")") else f for f in stack.split(";")]
+        count = int(n)
+        total += count
+        own[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+
+    def ours(frame: str) -> bool:  # spendgate's own files: (addons/...), not (mitmproxy/addons/...)
+        return "(addons/" in frame or "/main/addons/" in frame
+
+    def pct(items: Any) -> list[tuple[str, float]]:
+        return [(f, round(100 * c / total, 1)) for f, c in items]
+
+    return {
+        "samples": total,
+        "top_own": pct(own.most_common(25)),
+        "top_spendgate_inclusive": pct(sorted(((f, c) for f, c in incl.items() if ours(f)),
+                                              key=lambda x: -x[1])[:25]),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from importlib.metadata import version
+
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "mitmproxy": version("mitmproxy"), "platform": platform.platform(),
+            "background_busy_pct": background_busy(), "loadavg_start": os.getloadavg()[0]}
+
+
+def background_busy(seconds: float = 1.0) -> float | None:
+    """How busy the machine is before we start (other processes share these cores)."""
+    def sample() -> tuple[int, int]:
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = f[3] + (f[4] if len(f) > 4 else 0)
+        return sum(f) - idle, sum(f)
+
+    try:
+        b0, t0 = sample()
+        time.sleep(seconds)
+        b1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(100 * (b1 - b0) / max(1, t1 - t0), 1)
+
+
+def tree() -> str:
+    """The commit benchmarked (and whether the addons had uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "addons"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes in addons/" if dirty else "")
+
+
+def check_targets(res: dict[str, Any]) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    tp = res.get("throughput", {})
+    for c, row in tp.items():
+        r = row["ratios"]["spendgate_rps_over_bare"]
+        checks[f"throughput c={c} ≥ {TARGETS['throughput_ratio_min']}× bare"] = (r, r is not None and r >= TARGETS["throughput_ratio_min"])
+    if "1" in tp:
+        added = tp["1"]["ratios"]["spendgate_p50_added_over_bare_ms"]
+        checks[f"p50 added c=1 ≤ {TARGETS['p50_added_ms_max']} ms"] = (added, added <= TARGETS["p50_added_ms_max"])
+    keys = res.get("lookup", {}).get("keys", {})
+    if len(keys) >= 2:
+        lo, hi = keys[min(keys, key=int)]["hit"]["p50_us"], keys[max(keys, key=int)]["hit"]["p50_us"]
+        r = round(hi / lo, 2)
+        checks[f"key lookup flat ({max(keys, key=int)} vs {min(keys, key=int)} keys ≤ {TARGETS['lookup_ratio_max']}×)"] = (r, r <= TARGETS["lookup_ratio_max"])
+    if "revoke" in res:
+        m = res["revoke"]["max_ms"]
+        checks[f"revoke effective < {TARGETS['revoke_ms_max']:.0f} ms (max)"] = (m, m < TARGETS["revoke_ms_max"])
+    return {k: {"value": v, "ok": ok} for k, (v, ok) in checks.items()}
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    out = [f"machine: {m['nproc']} × {m['cpu']}, Python {m['python']}, mitmproxy {m['mitmproxy']}; "
+           f"busy before start {m['background_busy_pct']}%, load average {m['loadavg_start']:.2f} → "
+           f"{m.get('loadavg_end', 0):.2f}",
+           f"spendgate: {res['params']['addons']} ({res['params']['tree']})",
+           f"load: GET {PATH}, keep-alive, {res['params']['seconds']} s × {res['params']['rounds']} round(s) per run",
+           ""]
+    pl = res.get("pipeline")
+    if pl:
+        out += [f"spendgate hooks in-process (mitmproxy's dispatch, no sockets), per allowed request: "
+                f"{pl['cpu_us_per_request']} µs CPU; p50 {pl['total_p50_us']} µs (request hooks "
+                f"{pl['request_hooks_p50_us']}, response hooks {pl['response_hooks_p50_us']}), p99 {pl['total_p99_us']} µs",
+                ""]
+    tp = res.get("throughput")
+    if tp:
+        out += ["| conc. | run | req/s | p50 ms | p99 ms | proxy CPU µs/req | req/s ÷ bare | p50 ÷ bare "
+                "| p99 ÷ bare | CPU/req ÷ bare |",
+                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for c, row in tp.items():
+            br = row["bare"]
+            for mode in ("direct", "bare", "spendgate"):
+                s = row[mode]
+                cpu, bcpu = s["proxy_cpu_us_per_request"], br["proxy_cpu_us_per_request"]
+                out.append(f"| {c} | {mode} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+                           f"{cpu if cpu is not None else '–'} | "
+                           f"{s['rps'] / br['rps']:.2f} | {s['p50_ms'] / br['p50_ms']:.2f} | "
+                           f"{s['p99_ms'] / br['p99_ms']:.2f} | "
+                           f"{f'{cpu / bcpu:.2f}' if cpu and bcpu else '–'} |")
+        out.append("")
+        for c, row in tp.items():
+            r = row["ratios"]
+            out.append(f"c={c}: bare mitmdump adds {r['bare_p50_added_ms']:.2f} ms p50 over direct; "
+                       f"spendgate adds {r['spendgate_p50_added_over_bare_ms']:.2f} ms p50 over bare")
+        out.append("")
+    lk = res.get("lookup")
+    if lk:
+        out += ["| in-process | p50 µs | p99 µs |", "| --- | ---: | ---: |"]
+        for n, v in lk["keys"].items():
+            out.append(f"| key_by_token, {int(n):,} keys (hit) | {v['hit']['p50_us']} | {v['hit']['p99_us']} |")
+            out.append(f"| key_by_token, {int(n):,} keys (miss) | {v['miss']['p50_us']} | {v['miss']['p99_us']} |")
+        for n, v in lk["rules"].items():
+            out.append(f"| first_match, {int(n):,} rules (last matches) | {v['last_rule_matches']['p50_us']} | "
+                       f"{v['last_rule_matches']['p99_us']} |")
+            out.append(f"| first_match, {int(n):,} rules (none matches) | {v['no_match']['p50_us']} | "
+                       f"{v['no_match']['p99_us']} |")
+        out.append("")
+    lg = res.get("ledger")
+    if lg:
+        out += [f"ledger: {lg['rows']:,} calls rows ({lg['db_mb']} MB, inserted in {lg['insert_s']} s)",
+                "| spendgate report | ms | groups |", "| --- | ---: | ---: |"]
+        out += [f"| --by {k} | {v['ms']} | {v['groups']} |" for k, v in lg["report_ms"].items()]
+        out.append("")
+    rv = res.get("revoke")
+    if rv:
+        out += [f"revoke → first 401 revoked: p50 {rv['p50_ms']} ms, max {rv['max_ms']} ms ({rv['n']} revokes)", ""]
+    mem = res.get("memory")
+    if mem:
+        for mode in ("spendgate", "bare"):
+            if mode in mem:
+                s = mem[mode]["samples"]
+                out.append(f"{mode} mitmdump VmRSS: " + ", ".join(f"{x['rss_mib']} MiB after {x['after']:,}" for x in s)
+                           + f" requests (growth over the last {s[-1]['after'] - s[1]['after']:,}: "
+                             f"{mem[mode]['growth_mib']} MiB)")
+        out.append("")
+    if res.get("targets"):
+        out += ["targets:"] + [f"  [{'ok' if v['ok'] else 'MISSED'}] {k}: {v['value']}"
+                               for k, v in res["targets"].items()]
+    prof = res.get("profile")
+    if prof and "top_own" in prof:
+        out += ["", f"profile ({prof['samples']} samples; {prof['collapsed']}): top own time"]
+        out += [f"  {pct:5.1f}%  {f}" for f, pct in prof["top_own"][:15]]
+        out += ["spendgate frames, inclusive:"] + [f"  {pct:5.1f}%  {f}" for f, pct in prof["top_spendgate_inclusive"][:15]]
+    return "\n".join(out)
+
+
+def use_addons(directory: Path) -> None:
+    """Import ``spendgate`` from ``directory`` here and in the gateway (PYTHONPATH beats the
+    editable install's finder, which sits after the path finder)."""
+    global ADDONS
+    ADDONS = directory.resolve()
+    root = Path(tempfile.mkdtemp(prefix="spendgate-addons-"))
+    (root / "spendgate").symlink_to(ADDONS, target_is_directory=True)
+    sys.path.insert(0, str(root))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    for name in [m for m in sys.modules if m == "spendgate" or m.startswith("spendgate.")]:
+        del sys.modules[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["_fake"]:
+        serve_fake(*argv[1:4])
+        return 0
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true",
+                    help="a few seconds: small loads, 10 000 ledger rows, 300 requests for memory; no targets")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ap.add_argument("--seconds", type=float, help="length of each throughput run (default 8, smoke 0.5)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds of direct/bare/spendgate (default 2, smoke 1)")
+    ap.add_argument("--concurrency", default="1,20", help="comma-separated (default 1,20)")
+    ap.add_argument("--requests", type=int, help="requests for the memory check (default 100000, smoke 300)")
+    ap.add_argument("--memory-bare", action="store_true", help="also measure the bare mitmdump's memory")
+    ap.add_argument("--ledger-rows", type=int, help="calls rows for the report timing (default 1000000, smoke 10000)")
+    ap.add_argument("--keys", type=int, help="the larger key count (default 100000, smoke 2000)")
+    ap.add_argument("--only", default="pipeline,throughput,lookup,ledger,revoke,memory",
+                    help="comma-separated parts to run (pipeline,throughput,lookup,ledger,revoke,memory,profile)")
+    ap.add_argument("--profile", metavar="DIR", help="also profile the gateway under load with py-spy into DIR")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed (not with --smoke)")
+    ap.add_argument("--addons", metavar="DIR",
+                    help="benchmark the spendgate package in DIR (a scratch copy of addons/) instead")
+    args = ap.parse_args(argv)
+    if args.addons:
+        use_addons(Path(args.addons))
+    smoke = args.smoke
+    seconds = args.seconds or (0.5 if smoke else 8.0)
+    rounds = args.rounds or (1 if smoke else 2)
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+    requests = args.requests or (300 if smoke else 100_000)
+    ledger_rows = args.ledger_rows or (10_000 if smoke else 1_000_000)
+    big_keys = args.keys or (2000 if smoke else 100_000)
+    parts = set(args.only.split(","))
+    if args.profile:
+        parts.add("profile")
+
+    res: dict[str, Any] = {
+        "machine": machine(),
+        "params": {"smoke": smoke, "seconds": seconds, "rounds": rounds, "concurrency": concurrencies,
+                   "memory_requests": requests, "ledger_rows": ledger_rows, "keys": [10, big_keys],
+                   "rules": [10, 1000], "path": PATH,
+                   "addons": str(ADDONS), "tree": tree() if ADDONS == ROOT / "addons" else "scratch copy"},
+        "targets_spec": TARGETS,
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="spendgate-bench-") as tmpname:
+        tmp = Path(tmpname)
+        if "pipeline" in parts:
+            res["pipeline"] = part_pipeline(tmp, 300 if smoke else 5000)
+        if "lookup" in parts:
+            res["lookup"] = part_lookup(tmp, [10, big_keys], [10, 1000], 500 if smoke else 20_000)
+        if "ledger" in parts:
+            res["ledger"] = part_ledger(tmp, ledger_rows)
+        if parts & {"throughput", "revoke", "memory", "profile"}:
+            with bench_env(tmp) as b:
+                if "throughput" in parts:
+                    res["throughput"] = part_throughput(b, concurrencies, seconds, rounds,
+                                                        warmup=20 if smoke else 200)
+                gw = next((p for p in b.procs if p.name == "spendgate"), None) or b.gateway()
+                bare = next((p for p in b.procs if p.name == "bare"), None)
+                if "revoke" in parts:
+                    res["revoke"] = part_revoke(b, gw, 3 if smoke else 20)
+                if "profile" in parts:
+                    res["profile"] = part_profile(b, gw, 3 if smoke else 15, 20,
+                                                  Path(args.profile or tmp / "profile"))
+                if "memory" in parts:
+                    res["memory"] = part_memory(b, gw, bare if args.memory_bare else None, requests, 20)
+                for p in b.procs:  # at termlog_verbosity=warn, anything logged is worth a look
+                    lines = p.log.read_text().splitlines()
+                    if lines:
+                        log(f"{p.name} mitmdump logged {len(lines)} line(s), first: {lines[:3]}")
+    res["seconds"] = round(time.perf_counter() - started, 1)
+    res["machine"]["loadavg_end"] = os.getloadavg()[0]
+    if not smoke:
+        res["targets"] = check_targets(res)
+    if args.json:
+        print(json.dumps(res, indent=2, ensure_ascii=False))
+    else:
+        print(render(res))
+    if problems := broken(res):  # the benchmark itself is broken (not a missed target): fail, smoke too
+        for p in problems:
+            log(f"BROKEN: {p}")
+        return 2
+    if args.check and not smoke and not all(v["ok"] for v in res["targets"].values()):
+        return 1
+    return 0
+
+
+def broken(res: dict[str, Any]) -> list[str]:
+    """What says the benchmark did not measure what it claims: no answers, refusals, errors."""
+    problems = []
+    pl = res.get("pipeline")
+    if pl and set(pl["statuses"]) != {"200"}:
+        problems.append(f"in-process pipeline answered {pl['statuses']}, not only 200")
+    for c, row in res.get("throughput", {}).items():
+        for mode in ("direct", "bare", "spendgate"):
+            s = row[mode]
+            if not s["requests"] or set(s["statuses"]) != {"200"} or s["errors"]:
+                problems.append(f"c={c} {mode}: {s['requests']} requests, statuses {s['statuses']}, "
+                                f"errors {s['errors']}")
+    mem = res.get("memory", {})
+    for mode in ("spendgate", "bare"):
+        if mode in mem and mem[mode]["samples"][-1]["after"] < mem["requests"]:
+            problems.append(f"memory {mode}: only {mem[mode]['samples'][-1]['after']} requests answered")
+    return problems
+
+
+if __name__ == "__main__":
+    sys.exit(main())
