@@ -20,7 +20,7 @@ from mitmproxy import http
 
 from .money import from_nanos, plain
 from .store import KeyRecord, Reservation
-from .vendors.base import Cost, Estimate, StreamMeter
+from .vendors.base import Cost, Estimate, RequestView, StreamMeter
 
 log = logging.getLogger("spendgate")
 
@@ -76,6 +76,7 @@ class Call:
     would_deny: list[str] = field(default_factory=list)
     approval_rule: str | None = None
     approval_id: str | None = None
+    view: RequestView | None = None  # the request as the budget stage estimated it
     estimate: Estimate | None = None
     estimated_nanos: int = 0
     reservation: Reservation | None = None
@@ -193,10 +194,11 @@ def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
         return async_wrapper
 
     @functools.wraps(hook)
-    def wrapper(self: Any, flow: http.HTTPFlow) -> None:
+    def wrapper(self: Any, flow: http.HTTPFlow) -> Any:
         try:
-            hook(self, flow)
+            return hook(self, flow)  # (a hook may return an awaitable; mitmproxy awaits it)
         except Exception:
             _refuse(self, flow)
+            return None
 
     return wrapper

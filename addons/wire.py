@@ -15,6 +15,7 @@ as an invalid key, so a miss fails closed rather than open.
 
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 import secrets
 from collections.abc import Callable
@@ -68,7 +69,9 @@ def with_credentials(request: http.Request) -> http.Request:
         return request
     copy = http.Request.__new__(http.Request)
     copy.__dict__.update(request.__dict__)
-    copy.data = dataclasses.replace(request.data, headers=http.Headers(fields))
+    # copy.copy, not dataclasses.replace: replace re-runs mitmproxy's per-field type checks (~40 µs)
+    copy.data = copy_module.copy(request.data)
+    copy.data.headers = http.Headers(fields)
     return copy
 
 

@@ -25,13 +25,22 @@ _TOKEN_ANYWHERE = re.compile(rb"vk_[A-Za-z0-9_-]{32,}")
 _TOKEN_IN_HEADER = re.compile(r"vk_[A-Za-z0-9_-]{16,}")
 
 
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")  # as mitmproxy's Headers decodes values
+
+
 def credential_slots(headers: http.Headers, vendor: Vendor) -> list[tuple[str, str]]:
     """Every (slot, value) where an agent may have put a key: X-Vault-Key, the vendor's
     headers, Authorization (Bearer, or Basic user and password)."""
-    slots = [(VAULT_HEADER, v.strip()) for v in headers.get_all(VAULT_HEADER)]
-    for name in dict.fromkeys((*vendor.key_headers, "authorization")):
-        for value in headers.get_all(name):
-            value = value.strip()
+    names = tuple(dict.fromkeys((VAULT_HEADER, *vendor.key_headers, "authorization")))
+    found: dict[str, list[str]] = {}
+    for raw_name, raw_value in headers.fields:  # one pass: Headers.get_all rescans per name
+        name = raw_name.decode("latin-1").lower()
+        if name in names:
+            found.setdefault(name, []).append(_text(raw_value).strip())
+    slots: list[tuple[str, str]] = []
+    for name in names:
+        for value in found.get(name, ()):
             if name != "authorization":
                 slots.append((name, value))
                 continue
@@ -51,18 +60,35 @@ def credential_slots(headers: http.Headers, vendor: Vendor) -> list[tuple[str, s
 
 
 REDACTED = "spendgate:redacted"
+_REDACTED_B = REDACTED.encode()
+_TOKEN_IN_HEADER_B = re.compile(rb"vk_[A-Za-z0-9_-]{16,}")
 
 
 def redact(headers: http.Headers, vendor: Vendor) -> None:
     """Take every key the agent sent out of the flow as soon as it has been read, so a
     vault key (or a real key an agent should not hold) never shows in mitmweb, saved
-    flows or logs, whatever the decision. The swap stage puts the placeholder in."""
-    for name in dict.fromkeys((VAULT_HEADER, "authorization", *vendor.key_headers)):
-        if name in headers:
-            headers[name] = REDACTED
-    for name, value in list(headers.items()):
-        if _TOKEN_IN_HEADER.search(value):
-            headers[name] = _TOKEN_IN_HEADER.sub("vk_[redacted]", value)
+    flows or logs, whatever the decision. The swap stage puts the placeholder in.
+
+    A key header keeps one field, at its first place, holding ``spendgate:redacted``
+    (what ``headers[name] = ...`` does); a vault key anywhere else is masked."""
+    slots = {n.encode() for n in (VAULT_HEADER, "authorization", *vendor.key_headers)}
+    out: list[tuple[bytes, bytes]] = []
+    seen: set[bytes] = set()
+    changed = False
+    for name, value in headers.fields:
+        lname = name.lower()
+        if lname in slots:
+            changed = True
+            if lname not in seen:
+                seen.add(lname)
+                out.append((name, _REDACTED_B))
+        elif _TOKEN_IN_HEADER_B.search(value):
+            changed = True
+            out.append((name, _TOKEN_IN_HEADER_B.sub(b"vk_[redacted]", value)))
+        else:
+            out.append((name, value))
+    if changed:
+        headers.fields = tuple(out)
 
 
 _UNSAFE_IN_VALUE = re.compile(rb"\r\n[ \t]+|[\r\n\x00]")

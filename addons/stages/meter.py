@@ -19,7 +19,7 @@ from ..money import fmt_usd, from_nanos, plain, to_nanos
 from ..runtime import Runtime
 from ..vendors import REGISTRY
 from ..vendors.base import Cost, StreamMeter
-from .budget import request_view
+from .budget import header_dict, request_view
 
 log = logging.getLogger("spendgate")
 
@@ -52,7 +52,7 @@ class Meter:
         assert state is not None
         vendor = REGISTRY[call.vendor or ""]
         try:
-            meter = vendor.stream_meter(request_view(flow), state.prices, call.estimate)
+            meter = vendor.stream_meter(call.view or request_view(flow), state.prices, call.estimate)
         except Exception:
             log.exception("spendgate: %s stream_meter failed", vendor.name)
             meter = None
@@ -68,11 +68,12 @@ class Meter:
             self.release(call)  # refused after the hold was taken (e.g. approval denied)
             return
         resp = flow.response
+        headers = header_dict(resp.headers)
         for name in REQUEST_ID_HEADERS:
-            if value := resp.headers.get(name):
+            if value := headers.get(name):
                 call.request_id = value[:200]
                 break
-        call.cost = self.parse(flow, call)
+        call.cost = self.parse(flow, call, headers)
         if flow.request.method in ("GET", "HEAD") and call.cost.usd:
             # Reading a message or a list shows prices billed by the calls that created
             # them; counting them again would charge an agent for polling.
@@ -85,7 +86,7 @@ class Meter:
             if call.budget_left_nanos is not None:
                 resp.headers["X-Spendgate-Budget-Remaining-Usd"] = plain(from_nanos(call.budget_left_nanos))
 
-    def parse(self, flow: http.HTTPFlow, call: Call) -> Cost:
+    def parse(self, flow: http.HTTPFlow, call: Call, headers: dict[str, str]) -> Cost:
         state = self.runtime.state
         assert state is not None and flow.response is not None
         vendor = REGISTRY[call.vendor or ""]
@@ -96,8 +97,7 @@ class Meter:
                     return Cost("unknown", None, note="stream meter failed")
                 return meter.finish()
             body = flow.response.get_content(strict=False) or b""
-            headers = {k.lower(): v for k, v in flow.response.headers.items()}
-            return vendor.cost(request_view(flow), flow.response.status_code, headers, body,
+            return vendor.cost(call.view or request_view(flow), flow.response.status_code, headers, body,
                                state.prices, call.estimate)
         except Exception as e:  # a vendor parser bug must not break the response
             log.exception("spendgate: %s cost parser failed", vendor.name)

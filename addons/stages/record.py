@@ -92,6 +92,14 @@ def timed_out(flow: http.HTTPFlow, msg: str) -> bool:
 class Record:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.log_decisions = True
+
+    def configure(self, updated: set[str]) -> None:
+        # mitmproxy turns every log record into an event for every addon (and a self-pipe write),
+        # shown or not: log decisions only where someone reads them (the terminal at info, mitmweb).
+        verbosity = getattr(ctx.options, "termlog_verbosity", "info")
+        shown = logging.getLevelName(verbosity.upper())
+        self.log_decisions = not isinstance(shown, int) or shown <= logging.INFO or _has_event_log()
 
     # Each hook returns what ``record`` returns: mitmproxy awaits it before the answer goes out.
     def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -131,12 +139,21 @@ class Record:
         flow.comment = comment(call, flow)
         if call.decision != "allow":
             flow.marked = REFUSED_MARK
-        log.info(decision_line(row, self.json_logs))
+        if self.log_decisions:
+            log.info(decision_line(row, self.json_logs))
         return committed(store)
 
     @property
     def json_logs(self) -> bool:
         return getattr(ctx.options, "spendgate_log_format", "text") == "json"
+
+
+def _has_event_log() -> bool:
+    """Is mitmweb's (or mitmproxy console's) event log loaded?"""
+    try:
+        return ctx.master.addons.get("eventstore") is not None
+    except AttributeError:  # no master (unit tests)
+        return False
 
 
 def committed(store: object) -> Awaitable[None] | None:

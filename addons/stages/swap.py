@@ -42,14 +42,14 @@ class Swap:
             call.mode = "enforce"  # nothing to forward with, whatever the mode
             refuse(flow, "vendor_not_allowed", f"no credentials are configured for {vendor.name}")
             return
-        headers = flow.request.headers
-        # identify already redacted every key the agent sent; drop the redacted slots
-        for name in (VAULT_HEADER, "authorization", *vendor.key_headers):
-            headers.pop(name, None)
         real = vendor.credential_headers(creds)
         call.wire_ref, placeholder = wire.register(call.key.id, real)
-        for name in real:
-            headers[name] = placeholder
+        # identify already redacted every key the agent sent: drop those slots, then add the
+        # placeholders (one pass over the fields; Headers.pop rescans them per name)
+        drop = {n.lower().encode() for n in (VAULT_HEADER, "authorization", *vendor.key_headers, *real)}
+        flow.request.headers.fields = tuple(
+            f for f in flow.request.headers.fields if f[0].lower() not in drop
+        ) + tuple((name.encode(), placeholder.encode()) for name in real)
         flow.request.path = vendor.rewrite_path(flow.request.path, creds)
         upstream = state.config.vendors[vendor.name].upstream
         if upstream:

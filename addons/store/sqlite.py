@@ -19,7 +19,7 @@ import queue
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from hmac import compare_digest
@@ -225,13 +225,10 @@ class SQLiteStore:
         ts = iso(now())
         self.conn.execute("BEGIN IMMEDIATE")
         try:
+            used = self.used_by_scope(caps)
             for scope, cap in caps.items():
-                row = self.conn.execute(
-                    "SELECT used_nanos + reserved_nanos FROM counters WHERE scope = ?", (scope,)
-                ).fetchone()
-                used = row[0] if row else 0
-                if used + nanos > cap:
-                    raise CapExceeded(scope, cap, used)
+                if used[scope] + nanos > cap:
+                    raise CapExceeded(scope, cap, used[scope])
             for scope in caps:
                 self.conn.execute(
                     "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
@@ -271,10 +268,18 @@ class SQLiteStore:
         self._submit("settle", (Reservation("", 0, tuple(scopes)), nanos))
 
     def used(self, scope: str) -> int:
-        row = self.conn.execute(
-            "SELECT used_nanos + reserved_nanos FROM counters WHERE scope = ?", (scope,)
-        ).fetchone()
-        return row[0] if row else 0
+        """Spent plus held in ``scope``, in nanos."""
+        return self.used_by_scope([scope])[scope]
+
+    def used_by_scope(self, scopes: Iterable[str]) -> dict[str, int]:
+        """Spent plus held, per scope, in one query (0 for a scope never used)."""
+        out = dict.fromkeys(scopes, 0)
+        rows = self.conn.execute(
+            f"SELECT scope, used_nanos + reserved_nanos FROM counters WHERE scope IN ({','.join('?' * len(out))})",
+            tuple(out),
+        ).fetchall()
+        out.update(rows)
+        return out
 
     def release_stale(self, older_than: timedelta = timedelta(hours=1)) -> int:
         """Release holds left by a gateway that died mid-call (run at start-up)."""
