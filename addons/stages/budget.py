@@ -50,15 +50,16 @@ def budget_caps(policy_name: str, policy: Policy, key: KeyRecord, at: datetime) 
     """Scope name → cap in nano-dollars, for every cap that applies to this key."""
     b = policy.budget
     caps = {}
+    day = at.date().isoformat()  # YYYY-MM-DD (a tenth of the cost of f"{at:%Y-%m-%d}")
     key_total = [c for c in (b.key_usd, key.cap_usd) if c is not None]
     if key_total:
         caps[f"key:{key.id}"] = to_nanos(min(key_total))
     if b.key_daily_usd is not None:
-        caps[f"key:{key.id}:day:{at:%Y-%m-%d}"] = to_nanos(b.key_daily_usd)
+        caps[f"key:{key.id}:day:{day}"] = to_nanos(b.key_daily_usd)
     if b.policy_daily_usd is not None:
-        caps[f"policy:{policy_name}:day:{at:%Y-%m-%d}"] = to_nanos(b.policy_daily_usd)
+        caps[f"policy:{policy_name}:day:{day}"] = to_nanos(b.policy_daily_usd)
     if b.policy_monthly_usd is not None:
-        caps[f"policy:{policy_name}:month:{at:%Y-%m}"] = to_nanos(b.policy_monthly_usd)
+        caps[f"policy:{policy_name}:month:{day[:7]}"] = to_nanos(b.policy_monthly_usd)
     return caps
 
 

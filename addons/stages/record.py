@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from mitmproxy import ctx, http
@@ -35,7 +35,7 @@ def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
         "flow_id": flow.id,
         "key_id": call.key_id,
         "policy": call.policy,
-        "labels": json.dumps(call.key.labels, sort_keys=True) if call.key else "{}",
+        "labels": call.key.labels_json if call.key else "{}",
         "vendor": call.vendor,
         "method": req.method,
         "host": call.host or req.host,
@@ -130,7 +130,8 @@ class Record:
         store = self.runtime.store
         assert store is not None
         row = ledger_row(flow, call, status)
-        store.record_call(row)
+        on_commit, answer = commit_waiter()
+        store.record_call(row, on_commit)
         for listener in self.runtime.on_record:
             try:
                 listener(row, call)
@@ -141,7 +142,7 @@ class Record:
             flow.marked = REFUSED_MARK
         if self.log_decisions:
             log.info(decision_line(row, self.json_logs))
-        return committed(store)
+        return answer
 
     @property
     def json_logs(self) -> bool:
@@ -156,28 +157,25 @@ def _has_event_log() -> bool:
         return False
 
 
-def committed(store: object) -> Awaitable[None] | None:
-    """Resolves once every row queued so far is committed; None outside an event loop.
+def commit_waiter() -> tuple[Callable[[], None] | None, Awaitable[None] | None]:
+    """A callback for the ledger's writer thread, and an awaitable it resolves; (None, None)
+    outside an event loop.
 
-    The hooks return it, so mitmproxy sends the answer (a response, a refusal, the 502 of a
-    failed upstream) only after the call's row is in the ledger: a kill -9 loses no answered
-    call. The commit runs on the ledger's writer thread (group commit), never on the loop.
+    The hooks return the awaitable, so mitmproxy sends the answer (a response, a refusal, the
+    502 of a failed upstream) only after the call's row is in the ledger: a kill -9 loses no
+    answered call. The commit runs on the ledger's writer thread (group commit), never on the loop.
     """
-    when_committed = getattr(store, "when_committed", None)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return None
-    if when_committed is None:
-        return None
+        return None, None
     done: asyncio.Future[None] = loop.create_future()
 
     def resolve() -> None:
         if not done.done():
             done.set_result(None)
 
-    when_committed(lambda: loop.call_soon_threadsafe(resolve))
-    return _wait(done)
+    return (lambda: loop.call_soon_threadsafe(resolve)), _wait(done)
 
 
 async def _wait(done: asyncio.Future[None]) -> None:

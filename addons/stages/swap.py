@@ -55,5 +55,6 @@ class Swap:
         if upstream:
             u = urlsplit(upstream)
             flow.request.scheme = u.scheme
+            # port first, straight into the data: the host setter then updates Host/authority once
+            flow.request.data.port = u.port or (443 if u.scheme == "https" else 80)
             flow.request.host = u.hostname or flow.request.host
-            flow.request.port = u.port or (443 if u.scheme == "https" else 80)

@@ -7,9 +7,11 @@ them. ``open_store(path)`` picks the backend (SQLite today).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -56,6 +58,11 @@ class KeyRecord:
         if self.expires_at is not None and (at or now()) >= self.expires_at:
             return "expired"
         return "active"
+
+    @functools.cached_property
+    def labels_json(self) -> str:
+        """The labels as the ledger stores them (sorted JSON)."""
+        return json.dumps(self.labels, sort_keys=True)
 
     def public(self) -> dict[str, Any]:
         """What `keys show`/`--json` and the admin API print: never the hash."""
@@ -105,7 +112,7 @@ class Store(Protocol):
     def used(self, scope: str) -> int: ...
     def used_by_scope(self, scopes: Iterable[str]) -> dict[str, int]: ...
     # calls
-    def record_call(self, row: dict[str, Any]) -> None: ...
+    def record_call(self, row: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 

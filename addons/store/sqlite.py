@@ -7,13 +7,14 @@ other gateway processes on the same machine.
 - Budget reservations are one ``BEGIN IMMEDIATE`` transaction: the check and the
   hold are atomic across processes.
 - ``calls`` rows go through a queue written by one writer thread, in batches (group
-  commit), so no commit ever runs on mitmproxy's event loop. ``when_committed`` lets the
+  commit), so no commit ever runs on mitmproxy's event loop. ``record_call(row, on_commit)`` lets the
   record stage hold an answer until its row is committed: a ``kill -9`` then loses no row
   of an answered call.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import secrets
@@ -71,6 +72,29 @@ def _text(value: Any) -> Any:
     return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
 
 
+def _notify(batch: list[tuple[str, Any, Callable[[], None] | None]]) -> None:
+    for _, _, on_commit in batch:
+        if on_commit is not None:
+            try:
+                on_commit()
+            except Exception:  # e.g. the event loop is gone at shutdown
+                import logging
+
+                logging.getLogger("spendgate").exception("ledger: commit callback failed")
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_record(row: tuple) -> KeyRecord:
+    """A ``keys`` row as a KeyRecord (frozen). Cached by the whole row, so a changed row (a revoke,
+    a new expiry) is parsed afresh: the request path still reads the row every time."""
+    (kid, policy, sha, labels, created, expires, revoked, cap, source) = row
+    return KeyRecord(
+        id=kid, policy=policy, token_sha256=sha, labels=json.loads(labels or "{}"),
+        created_at=_dt(created), expires_at=_dt(expires), revoked_at=_dt(revoked),
+        cap_usd=Decimal(cap) if cap is not None else None, source=source or "issued",
+    )
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                            check_same_thread=False)
@@ -117,7 +141,8 @@ class SQLiteStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.conn = _connect(path)
         ensure_schema(sqlite_utils.Database(self.conn))
-        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        # (kind, item, callback after commit): "call" rows, "settle" holds, "barrier" (callback only)
+        self._queue: queue.SimpleQueue[tuple[str, Any, Callable[[], None] | None]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._stop = threading.Event()
         self._flushed = threading.Condition()
@@ -126,14 +151,7 @@ class SQLiteStore:
     # ------------------------------------------------------------------ keys
 
     def _key(self, row: sqlite3.Row | tuple | None) -> KeyRecord | None:
-        if row is None:
-            return None
-        (kid, policy, sha, labels, created, expires, revoked, cap, source) = row
-        return KeyRecord(
-            id=kid, policy=policy, token_sha256=sha, labels=json.loads(labels or "{}"),
-            created_at=_dt(created), expires_at=_dt(expires), revoked_at=_dt(revoked),
-            cap_usd=Decimal(cap) if cap is not None else None, source=source or "issued",
-        )
+        return None if row is None else _key_record(tuple(row))
 
     _KEY_COLS = "id, policy, token_sha256, labels, created_at, expires_at, revoked_at, cap_usd, source"
 
@@ -331,20 +349,21 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ calls (write-behind)
 
-    def record_call(self, row: dict[str, Any]) -> None:
-        self._submit("call", row)
+    def record_call(self, row: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None:
+        """Queue a ``calls`` row; ``on_commit`` is called (from the writer thread) once it is committed."""
+        self._submit("call", row, on_commit)
 
     def when_committed(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (from the writer thread) once everything queued so far is committed."""
-        self._submit("barrier", callback)
+        self._submit("barrier", None, callback)
 
-    def _submit(self, kind: str, item: Any) -> None:
+    def _submit(self, kind: str, item: Any, on_commit: Callable[[], None] | None = None) -> None:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="spendgate-ledger", daemon=True)
             self._writer.start()
         with self._flushed:
             self._pending += 1
-        self._queue.put((kind, item))
+        self._queue.put((kind, item, on_commit))
 
     @property
     def queue_depth(self) -> int:
@@ -353,7 +372,7 @@ class SQLiteStore:
     def _write_loop(self) -> None:
         conn = _connect(self.path)
         while not self._stop.is_set() or not self._queue.empty():
-            batch: list[tuple[str, Any]] = []
+            batch: list[tuple[str, Any, Callable[[], None] | None]] = []
             try:
                 batch.append(self._queue.get(timeout=FLUSH_INTERVAL))
                 while len(batch) < 1000:
@@ -367,9 +386,10 @@ class SQLiteStore:
                     self._flushed.notify_all()
         conn.close()
 
-    def _write_batch(self, conn: sqlite3.Connection, batch: list[tuple[str, Any]]) -> None:
-        calls = [item for kind, item in batch if kind == "call"]
-        settles = [item for kind, item in batch if kind == "settle"]
+    def _write_batch(self, conn: sqlite3.Connection,
+                     batch: list[tuple[str, Any, Callable[[], None] | None]]) -> None:
+        calls = [item for kind, item, _ in batch if kind == "call"]
+        settles = [item for kind, item, _ in batch if kind == "settle"]
 
         def write(c: sqlite3.Connection) -> None:
             if calls:
@@ -391,7 +411,8 @@ class SQLiteStore:
                         )
 
         try:
-            self._transaction(write, conn=conn)
+            if calls or settles:  # a batch of barriers only has nothing to commit
+                self._transaction(write, conn=conn)
         except sqlite3.OperationalError as e:  # locked, busy, disk: keep the rows for a retry
             import logging
 
@@ -409,15 +430,9 @@ class SQLiteStore:
             else:
                 logging.getLogger("spendgate").exception("ledger: dropped a %s that cannot be written",
                                                          batch[0][0])
+                _notify(batch)  # logged and gone: its answer need not wait any longer
         else:
-            for kind, item in batch:
-                if kind == "barrier":
-                    try:
-                        item()
-                    except Exception:  # e.g. the event loop is gone at shutdown
-                        import logging
-
-                        logging.getLogger("spendgate").exception("ledger: commit callback failed")
+            _notify(batch)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until every queued row is committed."""
