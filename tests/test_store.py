@@ -104,6 +104,38 @@ def test_calls_are_written_behind_and_flushed_on_close(tmp_path: Path) -> None:
     assert n == 500
 
 
+def test_on_commit_fires_once_the_row_is_readable_elsewhere(tmp_path: Path) -> None:
+    s = SQLiteStore(str(tmp_path / "l.db"))
+    seen: list[int] = []
+    fired = threading.Event()
+
+    def on_commit() -> None:  # another connection, as `spendgate report` or a kill -9 survivor sees it
+        seen.append(sqlite3.connect(tmp_path / "l.db").execute("SELECT count(*) FROM calls").fetchone()[0])
+        fired.set()
+
+    s.record_call({"ts": "2026-11-23T00:00:00", "decision": "allow", "path": "/x"}, on_commit)
+    assert fired.wait(5) and seen == [1]
+    # a row that can never be written is logged and dropped, and its answer is released all the same
+    fired.clear()
+    s.record_call({"ts": "2026-11-23T00:00:00", "decision": "allow", "path": object()}, on_commit)
+    assert fired.wait(5) and seen == [1, 1]
+    s.close()
+
+
+def test_a_revoke_is_seen_through_the_parsed_key_cache(store: SQLiteStore) -> None:
+    rec, token = store.issue_key("p", 60)
+    assert store.key_by_token(token).state() == "active"  # parsed, cached by its row
+    other = SQLiteStore(store.path)  # the CLI: another connection
+    other.revoke(rec.id)
+    other.close()
+    assert store.key_by_token(token).state() == "revoked"
+
+
+def test_used_by_scope_reads_every_scope_at_once(store: SQLiteStore) -> None:
+    store.reserve(7, {"a": 100, "b": 100})
+    assert store.used_by_scope(["a", "b", "never"]) == {"a": 7, "b": 7, "never": 0}
+
+
 def test_ledger_opens_with_the_sqlite_utils_cli(tmp_path: Path) -> None:
     import json
     import subprocess
