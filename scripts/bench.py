@@ -627,6 +627,22 @@ def _timed(fn: Any, args: list[Any]) -> dict[str, float]:
             "mean_us": round(statistics.fmean(ns) / 1000, 2), "n": len(ns)}
 
 
+@contextlib.contextmanager
+def _uncached_key_rows() -> Any:
+    """Parse every looked-up row afresh (the store's parsed-row cache off), if it has one."""
+    from spendgate.store import sqlite as store_sqlite
+
+    cached = getattr(store_sqlite, "_key_record", None)
+    if cached is None or not hasattr(cached, "__wrapped__"):
+        yield
+        return
+    store_sqlite._key_record = cached.__wrapped__
+    try:
+        yield
+    finally:
+        store_sqlite._key_record = cached
+
+
 def part_lookup(tmp: Path, key_counts: list[int], rule_counts: list[int], lookups: int) -> dict[str, Any]:
     from spendgate.policy import Rule, first_match, path_segments
     from spendgate.store.sqlite import SQLiteStore
@@ -642,12 +658,19 @@ def part_lookup(tmp: Path, key_counts: list[int], rule_counts: list[int], lookup
         misses = [("vk_" + os.urandom(32).hex(),) for _ in range(lookups)]
         for t in hits + misses:  # warm up: the page cache, the statement cache, the interpreter
             store.key_by_token(*t)
-        hit = _timed(store.key_by_token, hits)
+        # "hit": the index lookup and the row parsed into a KeyRecord, the same work for 10 keys as
+        # for 100 000 (the target compares these); "hit_cached": a key whose row was parsed before
+        # (the store caches 4 096 parsed rows), the usual case for a fleet's active keys.
+        with _uncached_key_rows():
+            hit = _timed(store.key_by_token, hits)
+        hit_cached = _timed(store.key_by_token, [(tokens[0],)] * lookups)
         miss = _timed(store.key_by_token, misses)
         assert store.key_by_token(tokens[0]) is not None and store.key_by_token(misses[0][0]) is None
         store.close()
-        out["keys"][str(n)] = {"hit": hit, "miss": miss, "bulk_insert_s": round(insert_s, 3)}
-        log(f"key_by_token with {n} keys: hit p50 {hit['p50_us']} µs, miss p50 {miss['p50_us']} µs")
+        out["keys"][str(n)] = {"hit": hit, "hit_cached": hit_cached, "miss": miss,
+                               "bulk_insert_s": round(insert_s, 3)}
+        log(f"key_by_token with {n} keys: hit p50 {hit['p50_us']} µs (parsed before: "
+            f"{hit_cached['p50_us']} µs), miss p50 {miss['p50_us']} µs")
 
     target_rule = "GET /v1/payment_intents/*"
     for n in rule_counts:
@@ -1052,6 +1075,9 @@ def render(res: dict[str, Any]) -> str:
         out += ["| in-process | p50 µs | p99 µs |", "| --- | ---: | ---: |"]
         for n, v in lk["keys"].items():
             out.append(f"| key_by_token, {int(n):,} keys (hit) | {v['hit']['p50_us']} | {v['hit']['p99_us']} |")
+            if "hit_cached" in v:
+                out.append(f"| key_by_token, {int(n):,} keys (hit, row parsed before) | "
+                           f"{v['hit_cached']['p50_us']} | {v['hit_cached']['p99_us']} |")
             out.append(f"| key_by_token, {int(n):,} keys (miss) | {v['miss']['p50_us']} | {v['miss']['p99_us']} |")
         for n, v in lk["rules"].items():
             out.append(f"| first_match, {int(n):,} rules (last matches) | {v['last_rule_matches']['p50_us']} | "
