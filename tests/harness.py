@@ -20,13 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
 
 from spendgate.fakes import FakeVendors
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SHARED = ROOT.parent / "shared"
 
 # What the gateway injects. They look real on purpose: tests grep for them everywhere.
 REAL_CREDENTIALS = {
@@ -200,7 +198,3 @@ def start_gateway(tmp: Path, fakes: FakeVendors, certs: Path, policy: str | None
         gw.stop()
         raise RuntimeError(f"gateway did not start:\n{gw.log.read_text()}")
     return gw
-
-
-def requires_shared() -> pytest.MarkDecorator:
-    return pytest.mark.skipif(not SHARED.exists(), reason="../shared (team fixtures) is not present")

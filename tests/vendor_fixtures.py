@@ -1,7 +1,7 @@
 """Shared helpers for the vendor tests: the fixture corpus, request parsing, chunked feeding.
 
-The corpus lives in ``../shared/fixtures/vendors`` next to the project; a user's own
-clone has no ``../shared``, so tests that need it skip with a clear reason.
+The corpus is ``tests/fixtures/vendors`` (a copy of the team's ``../shared/fixtures/vendors``,
+with its ``SOURCES.md``), so every clone, CI's included, runs the cost tests against it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import pytest
 
 from spendgate.vendors.base import Cost, Estimate, Prices, RequestView, Vendor
 
-SHARED = (Path(__file__).parents[1] / ".." / "shared").resolve()
-FIXTURES = SHARED / "fixtures" / "vendors"
+FIXTURES = Path(__file__).parent / "fixtures" / "vendors"
 
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(),
-    reason=f"vendor fixture corpus not found at {FIXTURES} (it ships beside the project, in ../shared)",
+    reason=f"vendor fixture corpus not found at {FIXTURES}",
 )
 
 
