@@ -224,3 +224,12 @@ def test_binary_credential_file_is_a_config_error(tmp_path) -> None:  # noqa: AN
     cfg = parse_config(GOOD.replace("env:SG_TEST_STRIPE", f"file:{secret}"))
     with pytest.raises(ConfigError, match="is not a text file"):
         resolve_credentials(cfg, environ={})
+
+
+def test_header_dict_reads_headers_as_mitmproxy_does() -> None:
+    from mitmproxy import http
+
+    from spendgate.stages.budget import header_dict
+
+    h = http.Headers([(b"Idempotency-Key", b"a"), (b"X-One", "é".encode()), (b"idempotency-key", b"b")])
+    assert header_dict(h) == {k.lower(): v for k, v in h.items()} == {"idempotency-key": "a, b", "x-one": "é"}

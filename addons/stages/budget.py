@@ -31,9 +31,14 @@ from ..vendors.base import Estimate, RequestView
 
 
 def header_dict(headers: http.Headers) -> dict[str, str]:
-    """Lower-case name → value (the last one wins), decoded as mitmproxy decodes them; one pass
-    over the raw fields, which costs a tenth of ``{k.lower(): v for k, v in headers.items()}``."""
-    return {k.decode("latin-1").lower(): v.decode("utf-8", "surrogateescape") for k, v in headers.fields}
+    """Lower-case name → value, as ``{k.lower(): v for k, v in headers.items()}`` gives it (repeated
+    headers joined with ", ", values decoded as mitmproxy decodes them), in one pass over the raw
+    fields, at a tenth of the cost."""
+    out: dict[str, str] = {}
+    for k, v in headers.fields:
+        name, value = k.decode("latin-1").lower(), v.decode("utf-8", "surrogateescape")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
 
 
 def request_view(flow: http.HTTPFlow) -> RequestView:
