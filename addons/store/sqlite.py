@@ -141,7 +141,7 @@ class SQLiteStore:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.conn = _connect(path)
         ensure_schema(sqlite_utils.Database(self.conn))
-        # (kind, item, callback after commit): "call" rows, "settle" holds, "barrier" (callback only)
+        # (kind, item, callback after commit): "call" rows and "settle" holds
         self._queue: queue.SimpleQueue[tuple[str, Any, Callable[[], None] | None]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._stop = threading.Event()
@@ -353,10 +353,6 @@ class SQLiteStore:
         """Queue a ``calls`` row; ``on_commit`` is called (from the writer thread) once it is committed."""
         self._submit("call", row, on_commit)
 
-    def when_committed(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (from the writer thread) once everything queued so far is committed."""
-        self._submit("barrier", None, callback)
-
     def _submit(self, kind: str, item: Any, on_commit: Callable[[], None] | None = None) -> None:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="spendgate-ledger", daemon=True)
@@ -411,8 +407,7 @@ class SQLiteStore:
                         )
 
         try:
-            if calls or settles:  # a batch of barriers only has nothing to commit
-                self._transaction(write, conn=conn)
+            self._transaction(write, conn=conn)
         except sqlite3.OperationalError as e:  # locked, busy, disk: keep the rows for a retry
             import logging
 
