@@ -184,5 +184,8 @@ class Budget:
                         f"estimated {fmt_usd(from_nanos(nanos))} does not fit in {e.scope}: "
                         f"{fmt_usd(from_nanos(left))} left of {fmt_usd(from_nanos(e.cap_nanos))}")
                 return
-        used = store.used_by_scope(caps)
-        call.budget_left_nanos = min(cap - used[scope] for scope, cap in caps.items())
+        if call.reservation is not None:
+            call.budget_left_nanos = call.reservation.left_nanos  # read inside the hold's transaction
+        else:
+            used = store.used_by_scope(caps)
+            call.budget_left_nanos = min(cap - used[scope] for scope, cap in caps.items())

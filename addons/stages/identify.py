@@ -61,7 +61,7 @@ def credential_slots(headers: http.Headers, vendor: Vendor) -> list[tuple[str, s
 
 REDACTED = "spendgate:redacted"
 _REDACTED_B = REDACTED.encode()
-_TOKEN_IN_HEADER_B = re.compile(rb"vk_[A-Za-z0-9_-]{16,}")
+_TOKEN_IN_HEADER_B = re.compile(_TOKEN_IN_HEADER.pattern.encode())
 
 
 def redact(headers: http.Headers, vendor: Vendor) -> None:

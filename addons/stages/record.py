@@ -93,6 +93,7 @@ class Record:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.log_decisions = True
+        self.json_logs = False
 
     def configure(self, updated: set[str]) -> None:
         # mitmproxy turns every log record into an event for every addon (and a self-pipe write),
@@ -100,6 +101,7 @@ class Record:
         verbosity = getattr(ctx.options, "termlog_verbosity", "info")
         shown = logging.getLevelName(verbosity.upper())
         self.log_decisions = not isinstance(shown, int) or shown <= logging.INFO or _has_event_log()
+        self.json_logs = getattr(ctx.options, "spendgate_log_format", "text") == "json"
 
     # Each hook returns what ``record`` returns: mitmproxy awaits it before the answer goes out.
     def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -143,10 +145,6 @@ class Record:
         if self.log_decisions:
             log.info(decision_line(row, self.json_logs))
         return answer
-
-    @property
-    def json_logs(self) -> bool:
-        return getattr(ctx.options, "spendgate_log_format", "text") == "json"
 
 
 def _has_event_log() -> bool:

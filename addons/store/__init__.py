@@ -86,6 +86,7 @@ class Reservation:
     id: str
     nanos: int
     scopes: tuple[str, ...]
+    left_nanos: int | None = None  # the tightest scope's room after this hold, as its transaction saw it
 
 
 class CapExceeded(Exception):

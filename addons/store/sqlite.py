@@ -239,7 +239,6 @@ class SQLiteStore:
         ``BEGIN IMMEDIATE`` transaction takes SQLite's write lock, so concurrent
         reservations from other processes are serialised: a cap can't be overshot.
         """
-        res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps))
         ts = iso(now())
         self.conn.execute("BEGIN IMMEDIATE")
         try:
@@ -247,6 +246,8 @@ class SQLiteStore:
             for scope, cap in caps.items():
                 if used[scope] + nanos > cap:
                     raise CapExceeded(scope, cap, used[scope])
+            res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps),
+                              left_nanos=min(cap - used[scope] - nanos for scope, cap in caps.items()))
             for scope in caps:
                 self.conn.execute(
                     "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
