@@ -78,13 +78,13 @@ def _raw_body(mode: str) -> tuple[bytes, list[tuple[str, str]]]:
         "nan": (PI_BODY.replace(b"2000,", b"NaN,", 2), []),
         "deep": (b"[" * 100_000 + b"]" * 100_000, []),
         "bad-utf8": (PI_BODY.replace(b"pi_hostile", b"pi_\xff\xfe"), []),
-        "gzip": (gzip.compress(PI_BODY), [("Content-Encoding", "gzip")]),
+        "gzip": (gzip.compress(PI_BODY, mtime=0), [("Content-Encoding", "gzip")]),
         "deflate": (zlib.compress(PI_BODY), [("Content-Encoding", "deflate")]),
         "br": (brotli.compress(PI_BODY), [("Content-Encoding", "br")]),
         "identity": (PI_BODY, [("Content-Encoding", "identity")]),
         "bogus-gzip": (b"\x00\x01 not gzip " + PI_BODY, [("Content-Encoding", "gzip")]),
         "bogus-br": (b"\x00\x01 not brotli " + PI_BODY, [("Content-Encoding", "br")]),
-        "truncated-gzip": (gzip.compress(PI_BODY)[:20], [("Content-Encoding", "gzip")]),
+        "truncated-gzip": (gzip.compress(PI_BODY, mtime=0)[:20], [("Content-Encoding", "gzip")]),
     }
     return bodies[mode]
 
@@ -197,7 +197,7 @@ class Hostile:
                 await writer.drain()
             return
         if mode in ("chunked", "gzip-chunked"):
-            body = gzip.compress(PI_BODY) if mode == "gzip-chunked" else PI_BODY
+            body = gzip.compress(PI_BODY, mtime=0) if mode == "gzip-chunked" else PI_BODY
             enc = "Content-Encoding: gzip\r\n" if mode == "gzip-chunked" else ""
             parts = [body[:7], body[7:30], body[30:]]
             writer.write((head + f"Content-Type: application/json\r\n{enc}Transfer-Encoding: chunked\r\n\r\n")
