@@ -17,7 +17,7 @@ from vendor_fixtures import FIXTURES, json_request
 
 from spendgate.money import Unpriceable
 from spendgate.vendors import REGISTRY
-from spendgate.vendors.base import Cost, Estimate, Prices, RequestView
+from spendgate.vendors.base import Cost, Estimate, Prices, RequestView, ResponseView
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -122,7 +122,7 @@ def test_every_vendor_is_covered() -> None:
 def test_cost_of_arbitrary_bytes(vr: tuple[str, RequestView], status: int, body: bytes,
                                  prices: Prices, estimate: Estimate) -> None:
     name, req = vr
-    assert_valid(REGISTRY[name].cost(req, status, {}, body, prices, estimate))
+    assert_valid(REGISTRY[name].cost(req, ResponseView(status, {}, body), prices, estimate))
 
 
 @SETTINGS
@@ -131,7 +131,7 @@ def test_cost_of_arbitrary_json(vr: tuple[str, RequestView], status: int, value:
                                 prices: Prices, estimate: Estimate) -> None:
     name, req = vr
     body = json.dumps(value, allow_nan=True).encode()
-    assert_valid(REGISTRY[name].cost(req, status, {}, body, prices, estimate))
+    assert_valid(REGISTRY[name].cost(req, ResponseView(status, {}, body), prices, estimate))
 
 
 def _fixture_bodies() -> list[tuple[str, Any]]:
@@ -165,7 +165,7 @@ def test_cost_of_mutated_fixtures(data: st.DataObject, status: int, prices: Pric
     vendor, body = data.draw(st.sampled_from(FIXTURE_BODIES))
     req = data.draw(st.sampled_from(REQUESTS[vendor]))
     mutated = json.dumps(_mutate(body, data), allow_nan=True).encode()
-    assert_valid(REGISTRY[vendor].cost(req, status, {}, mutated, prices, estimate))
+    assert_valid(REGISTRY[vendor].cost(req, ResponseView(status, {}, mutated), prices, estimate))
 
 
 SSE_LINES = st.one_of(

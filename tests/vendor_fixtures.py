@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from spendgate.vendors.base import Cost, Estimate, Prices, RequestView, Vendor
+from spendgate.vendors.base import Cost, Estimate, Prices, RequestView, ResponseView, Vendor
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vendors"
 
@@ -67,7 +67,7 @@ def cost_of(vendor: Vendor, req: RequestView, body: bytes, prices: Prices | None
             status: int = 200, estimate: Estimate | None = None) -> Cost:
     prices = prices or Prices()
     est = estimate if estimate is not None else vendor.estimate(req, prices)
-    return vendor.cost(req, status, {"content-type": "application/json"}, body, prices, est)
+    return vendor.cost(req, ResponseView(status, {"content-type": "application/json"}, body), prices, est)
 
 
 def splits(data: bytes, how: str, seed: int = 0) -> Iterator[bytes]:

@@ -18,7 +18,7 @@ from ..call import Call, get_call
 from ..money import fmt_usd, from_nanos, plain, to_nanos
 from ..runtime import Runtime
 from ..vendors import REGISTRY
-from ..vendors.base import Cost, StreamMeter
+from ..vendors.base import Cost, ResponseView, StreamMeter
 from .budget import header_dict, request_view
 
 log = logging.getLogger("spendgate")
@@ -97,8 +97,8 @@ class Meter:
                     return Cost("unknown", None, note="stream meter failed")
                 return meter.finish()
             body = flow.response.get_content(strict=False) or b""
-            return vendor.cost(call.view or request_view(flow), flow.response.status_code, headers, body,
-                               state.prices, call.estimate)
+            resp = ResponseView(flow.response.status_code, headers, body)
+            return vendor.cost(call.view or request_view(flow), resp, state.prices, call.estimate)
         except Exception as e:  # a vendor parser bug must not break the response
             log.exception("spendgate: %s cost parser failed", vendor.name)
             return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")

@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..money import parse_decimal
-from .base import Cost
+from .base import Cost, RequestView
 
 MILLION = Decimal(1_000_000)
 MAX_COUNT = 10**15
@@ -175,6 +175,15 @@ def _resolve(models: Mapping[str, Any], aliases: Mapping[str, Any], name: str) -
         if isinstance(target, str) and target in models:
             return target
     return None
+
+
+def model_of(obj: Mapping[str, Any], req: RequestView) -> object:
+    """The model a response names (the dated id it actually ran), else the request's."""
+    model = obj.get("model")
+    if isinstance(model, str) and model:
+        return model
+    body = req.json
+    return body.get("model") if isinstance(body, Mapping) else None
 
 
 def describe(rates: Rates, asked: object) -> str:

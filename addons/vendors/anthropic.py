@@ -23,7 +23,6 @@ Prices come from ``prices/anthropic.yaml`` (policy ``prices: {anthropic: …}`` 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -31,7 +30,18 @@ from typing import Any
 
 from . import _llm
 from ._sse import Event, EventMeter
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, StreamMeter, Vendor, load_prices, plausible
+from .base import (
+    NO_COST,
+    Cost,
+    Estimate,
+    Prices,
+    RequestView,
+    ResponseView,
+    StreamMeter,
+    Vendor,
+    load_prices,
+    plausible,
+)
 
 _CACHE_1H = re.compile(rb'"ttl"\s*:\s*"1h"')
 
@@ -129,11 +139,6 @@ def _priced(usage: Mapping[str, Any], model: object, prices: Prices, extra: str 
     return _llm.usd_cost(_usage(usage), _rates(prices, model), model, _web_search_usd(prices), extra)
 
 
-def _model(obj: Mapping[str, Any], req: RequestView) -> object:
-    model = obj.get("model")
-    return model if isinstance(model, str) and model else _body(req).get("model")
-
-
 def _fallback(req: RequestView, prices: Prices, estimate: Estimate | None, why: str) -> Cost:
     usd = getattr(estimate, "usd", None)
     if not isinstance(usd, Decimal) and _kind(req) == "messages":
@@ -144,24 +149,17 @@ def _fallback(req: RequestView, prices: Prices, estimate: Estimate | None, why: 
     return Cost("estimated", usd, "USD", usd, f"{why}; counted at the estimate")
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
-    if status >= 400:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_type(body)}")
-    if status < 200 or status >= 300:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}: nothing billed")
-    if body.lstrip().startswith((b"event:", b"data:")):  # an SSE body not announced as such
+def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
+    if resp.body.lstrip().startswith((b"event:", b"data:")):  # an SSE body not announced as such
         meter = _Meter(req, prices, estimate)
-        meter.feed(body)
+        meter.feed(resp.body)
         return meter.finish()
-    try:
-        obj = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        obj = None
+    obj = resp.json
     kind = _kind(req)
     if isinstance(obj, dict) and obj.get("type") == "error":
-        return Cost("zero", Decimal(0), note=f"error: {_error_type(body)}")
+        return Cost("zero", Decimal(0), note=f"error: {resp.error_label()}")
     if isinstance(obj, dict) and isinstance(usage := obj.get("usage"), Mapping):
-        return _priced(usage, _model(obj, req), prices)
+        return _priced(usage, _llm.model_of(obj, req), prices)
     if kind is None:
         return Cost("zero", Decimal(0), note="endpoint not billed")
     if kind == "other":
@@ -169,14 +167,6 @@ def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: 
     if not isinstance(obj, dict):
         return Cost("unknown", None, note="response is not JSON")
     return _fallback(req, prices, estimate, "usage missing from response")
-
-
-def _error_type(body: bytes) -> str:
-    try:
-        err = json.loads(body).get("error")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return "error"
-    return str(err.get("type") or "error")[:80] if isinstance(err, Mapping) else "error"
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -269,8 +259,8 @@ VENDOR = Vendor(
     key_headers=("x-api-key", "authorization"),
     real_key=re.compile(r"^sk-ant-[A-Za-z0-9_-]{8,}"),
     credential_headers=lambda c: {"x-api-key": c["secret"]},
-    estimate=_estimate,
-    cost=_cost,
+    estimator=_estimate,
+    parser=_cost,
     stream_meter=stream_meter,
     prices=load_prices("anthropic"),
 )

@@ -54,6 +54,46 @@ class RequestView:
 
 
 @dataclass(frozen=True)
+class ResponseView:
+    """The parts of a vendor's (non-streamed) response a cost parser may look at.
+
+    ``json`` is decoded once, on first use; ``None`` when the body is not JSON.
+    """
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+
+    @cached_property
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body) if self.body else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def error_label(self) -> str:
+        """A short label for an error body, from whichever shape the vendor uses:
+        ``{"error": {"decline_code"|"code"|"type"}}`` (Stripe, OpenAI, Anthropic),
+        ``{"code"}`` (Twilio), ``{"ErrorCode"}`` (Postmark), ``{"name"}`` (Resend)."""
+        obj = self.json
+        if not isinstance(obj, dict):
+            return "error"
+        err = obj.get("error")
+        if isinstance(err, Mapping):
+            return str(err.get("decline_code") or err.get("code") or err.get("type") or "error")[:80]
+        if "ErrorCode" in obj:
+            return f"ErrorCode {obj.get('ErrorCode')}"[:80]
+        for key in ("code", "name"):
+            if obj.get(key) is not None and not isinstance(obj.get(key), (dict, list)):
+                return str(obj[key])[:80]
+        return "error"
+
+
+@dataclass(frozen=True)
 class Prices:
     """Rates in force: shipped tables, overridden by the policy's ``prices:``, plus ``fx:``."""
 
@@ -106,7 +146,9 @@ class StreamMeter(Protocol):
 # No single call moves a billion dollars: a bigger number is a parsing accident.
 MAX_PLAUSIBLE_USD = Decimal(10) ** 9
 
-CostParser = Callable[[RequestView, int, bytes, Prices, Estimate], Cost]
+# cost(request, response, prices, estimate): called only for 2xx responses (see Vendor.cost).
+CostParser = Callable[[RequestView, ResponseView, Prices, Estimate], Cost]
+Estimator = Callable[[RequestView, Prices], Estimate]
 
 
 def plausible(c: Cost) -> Cost:
@@ -114,36 +156,6 @@ def plausible(c: Cost) -> Cost:
     if c.usd is not None and (not c.usd.is_finite() or c.usd < 0 or c.usd > MAX_PLAUSIBLE_USD):
         return Cost("unknown", None, note=f"implausible cost {c.usd}: {c.note}"[:300])
     return c
-
-
-def guarded_estimate(estimate: Callable[[RequestView, Prices], Estimate]) -> Callable[[RequestView, Prices], Estimate]:
-    """A vendor estimator that raises only ``Unpriceable`` (the pipeline refuses with 402);
-    junk in the request gives "amount unknown", so the policy's default estimate applies."""
-
-    def guarded(req: RequestView, prices: Prices) -> Estimate:
-        try:
-            return estimate(req, prices)
-        except Unpriceable:
-            raise
-        except Exception as e:
-            return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
-
-    guarded.__wrapped__ = estimate  # type: ignore[attr-defined]
-    return guarded
-
-
-def guarded_cost(parse: CostParser) -> Callable[..., Cost]:
-    """A vendor cost parser that never raises and never returns a negative or absurd amount."""
-
-    def cost(req: RequestView, status: int, headers: Mapping[str, str], body: bytes,
-             prices: Prices, estimate: Estimate) -> Cost:
-        try:
-            return plausible(parse(req, status, body, prices, estimate))
-        except Exception as e:  # a parser must never break the response
-            return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
-
-    cost.__wrapped__ = parse  # type: ignore[attr-defined]
-    return cost
 
 
 def _no_stream(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
@@ -158,13 +170,19 @@ def _zero_estimate(req: RequestView, prices: Prices) -> Estimate:
     return NO_COST
 
 
-def _unknown_cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
+def _unknown_cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
     return Cost("unknown", None, note="no cost parser for this vendor")
 
 
 @dataclass(frozen=True)
 class Vendor:
-    """One paid API: where it lives, where its SDK puts the key, and what its calls cost."""
+    """One paid API: where it lives, where its SDK puts the key, and what its calls cost.
+
+    A module gives its plain functions (``estimator``, ``parser``); the pipeline calls the
+    methods :meth:`estimate` and :meth:`cost`, which add what every vendor shares: they
+    never raise (except ``Unpriceable`` from an estimate), a non-2xx response is handled
+    before the parser sees it, and a cost is never negative or absurd.
+    """
 
     name: str
     hosts: tuple[str, ...]  # exact host names, or "*.example.com" for any subdomain
@@ -173,17 +191,35 @@ class Vendor:
     credential_headers: Callable[[Mapping[str, str]], dict[str, str]]
     credential_fields: tuple[str, ...] = ("secret",)  # fields required under vendors.<name>
     rewrite_path: Callable[[str, Mapping[str, str]], str] = _same_path
-    # estimate(request, prices) and cost(request, status, body, prices, estimate), as the
-    # vendor module writes them; __post_init__ wraps both so they never raise (see guarded_*)
-    # and the pipeline calls cost(request, status, headers, body, prices, estimate).
-    estimate: Callable[[RequestView, Prices], Estimate] = _zero_estimate
-    cost: Callable[..., Cost] = _unknown_cost
+    estimator: Estimator = _zero_estimate
+    parser: CostParser = _unknown_cost
     stream_meter: Callable[[RequestView, Prices, Estimate], StreamMeter | None] = _no_stream
     prices: Mapping[str, Any] = field(default_factory=dict)
+    # A 5xx may still have acted (Stripe: "may or may not have succeeded"): the note for an
+    # "unknown" cost; empty means a 5xx billed nothing.
+    server_error_unknown: str = ""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "estimate", guarded_estimate(self.estimate))
-        object.__setattr__(self, "cost", guarded_cost(self.cost))
+    def estimate(self, req: RequestView, prices: Prices) -> Estimate:
+        """What ``req`` may cost. Raises only ``Unpriceable`` (the pipeline refuses with 402);
+        junk in the request gives "amount unknown", so the policy's default estimate applies."""
+        try:
+            return self.estimator(req, prices)
+        except Unpriceable:
+            raise
+        except Exception as e:
+            return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
+
+    def cost(self, req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
+        """The cost of a non-streamed response: never raises, never negative or absurd."""
+        if not resp.ok:
+            if resp.status >= 500 and self.server_error_unknown:
+                return Cost("unknown", None, note=f"HTTP {resp.status}: {self.server_error_unknown}")
+            label = resp.error_label() if resp.status >= 400 else "nothing billed"
+            return Cost("zero", Decimal(0), note=f"HTTP {resp.status}: {label}")
+        try:
+            return plausible(self.parser(req, resp, prices, estimate))
+        except Exception as e:  # a parser must never break the response
+            return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
 
     def serves(self, host: str) -> bool:
         host = host.lower().rstrip(".")

@@ -23,7 +23,6 @@ Prices come from ``prices/openai.yaml`` (policy ``prices: {openai: …}`` overri
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from .base import (
     Estimate,
     Prices,
     RequestView,
+    ResponseView,
     StreamMeter,
     Vendor,
     bearer,
@@ -167,25 +167,12 @@ def _fallback(req: RequestView, prices: Prices, estimate: Estimate | None, why: 
     return Cost("estimated", usd, "USD", usd, f"{why}; counted at the estimate")
 
 
-def _model_of(obj: Mapping[str, Any], req: RequestView) -> object:
-    model = obj.get("model")
-    return model if isinstance(model, str) and model else _body(req).get("model")
-
-
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
-    if status >= 400:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_text(body)}")
-    if status < 200 or status >= 300:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}: no response body billed")
-    stripped = body.lstrip()
-    if stripped.startswith((b"data:", b"event:")):  # an SSE body not announced as such
+def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
+    if resp.body.lstrip().startswith((b"data:", b"event:")):  # an SSE body not announced as such
         meter = _Meter(req, prices, estimate)
-        meter.feed(body)
+        meter.feed(resp.body)
         return meter.finish()
-    try:
-        obj = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        obj = None
+    obj = resp.json
     kind = _kind(req)
     if not isinstance(obj, dict):
         if kind is None:
@@ -194,23 +181,13 @@ def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: 
     src = obj.get("response") if isinstance(obj.get("response"), dict) else obj
     usage = src.get("usage")
     if isinstance(usage, Mapping):
-        return _priced(usage, _model_of(src, req), prices)
+        return _priced(usage, _llm.model_of(src, req), prices)
     if kind is None:
         return Cost("zero", Decimal(0), note="endpoint not billed")
     if kind == "other":
         return Cost("unknown", None, note="billed endpoint without token usage in the response")
     state = src.get("status") or obj.get("type") or "no usage"
     return _fallback(req, prices, estimate, f"usage missing from response ({state})")
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        err = json.loads(body).get("error")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return "error"
-    if isinstance(err, Mapping):
-        return str(err.get("code") or err.get("type") or "error")[:80]
-    return "error"
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -307,8 +284,8 @@ VENDOR = Vendor(
     key_headers=("authorization",),
     real_key=re.compile(r"^sk-(?!ant-)[A-Za-z0-9_-]{8,}"),
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
-    estimate=_estimate,
-    cost=_cost,
+    estimator=_estimate,
+    parser=_cost,
     stream_meter=stream_meter,
     prices=load_prices("openai"),
 )

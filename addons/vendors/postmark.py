@@ -17,14 +17,13 @@ Each ``To``, ``Cc`` and ``Bcc`` address is one email (comma-separated strings;
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 from . import _email
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Vendor, load_prices
 
 _FIELDS = ("To", "Cc", "Bcc")
 
@@ -88,18 +87,11 @@ def _batch_cost(req: RequestView, results: list[Any], rate: Decimal) -> Cost:
     return _email.priced(emails, rate, "parsed", note)
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
-    if status >= 400:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_code(body)}")
-    if status < 200 or status >= 300:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}")
+def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
     kind = _kind(req)
     if kind is None:
         return Cost("zero", Decimal(0), note="not a send: not billed")
-    try:
-        obj = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        obj = None
+    obj = resp.json
     rate = _rate(prices)
     if isinstance(obj, list):
         return _batch_cost(req, obj, rate)
@@ -118,14 +110,6 @@ def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: 
     return _email.priced(emails, rate, "parsed", f"sent to {emails} recipient{'s' if emails != 1 else ''}")
 
 
-def _error_code(body: bytes) -> str:
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return "error"
-    return f"ErrorCode {obj.get('ErrorCode')}" if isinstance(obj, dict) else "error"
-
-
 VENDOR = Vendor(
     name="postmark",
     hosts=("api.postmarkapp.com",),
@@ -133,7 +117,7 @@ VENDOR = Vendor(
     # Postmark tokens are UUIDs.
     real_key=re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"),
     credential_headers=lambda c: {"x-postmark-server-token": c["secret"]},
-    estimate=_estimate,
-    cost=_cost,
+    estimator=_estimate,
+    parser=_cost,
     prices=load_prices("postmark"),
 )

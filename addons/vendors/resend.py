@@ -22,14 +22,13 @@ against the quota, priced at ``email_usd`` from ``prices/resend.yaml`` (policy
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 from . import _email
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, bearer, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Vendor, bearer, load_prices
 
 _FIELDS = ("to", "cc", "bcc")
 _BROADCAST_SEND = re.compile(r"^/broadcasts/[^/]+/send$")
@@ -100,18 +99,11 @@ def _batch_cost(req: RequestView, obj: Mapping[str, Any], rate: Decimal) -> Cost
                          note + " (data[] and errors[] disagree: counted every message not rejected)")
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
-    if status >= 400:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_name(body)}")
-    if status < 200 or status >= 300:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}")
+def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
     kind = _kind(req)
     if kind is None:
         return Cost("zero", Decimal(0), note="not a send: not billed")
-    try:
-        obj = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        obj = None
+    obj = resp.json
     if not isinstance(obj, dict):
         return Cost("unknown", None, note="send response is not a JSON object")
     if "statusCode" in obj and "id" not in obj:
@@ -130,21 +122,13 @@ def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: 
     return _email.priced(emails, rate, "parsed", f"sent to {emails} recipient{'s' if emails != 1 else ''}")
 
 
-def _error_name(body: bytes) -> str:
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return "error"
-    return str(obj.get("name") or "error")[:80] if isinstance(obj, dict) else "error"
-
-
 VENDOR = Vendor(
     name="resend",
     hosts=("api.resend.com",),
     key_headers=("authorization",),
     real_key=re.compile(r"^re_[A-Za-z0-9_]{8,}"),
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
-    estimate=_estimate,
-    cost=_cost,
+    estimator=_estimate,
+    parser=_cost,
     prices=load_prices("resend"),
 )

@@ -27,7 +27,6 @@ policy's ``fx`` (estimate: ``Unpriceable`` propagates; cost: unknown).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..money import Unpriceable, parse_decimal, to_usd
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Vendor, load_prices
 
 _GRAPHQL = re.compile(r"/admin/api/[^/]+/graphql\.json$|/admin/api/graphql\.json$")
 _REST_REFUND = re.compile(r"/admin/(api/[^/]+/)?orders/\d+/refunds\.json$")
@@ -324,15 +323,8 @@ def _line_items_estimate(refund: Mapping[str, Any], prices: Prices) -> Cost:
                 priced.note + "; no transactions in the response")
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
-    if status >= 400:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}")
-    if status < 200 or status >= 300:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}")
-    try:
-        obj = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        obj = None
+def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
+    obj = resp.json
     money_call = _is_money_call(req)
     if not isinstance(obj, dict):
         return Cost("unknown", None, note="response is not JSON") if money_call else Cost(
@@ -365,7 +357,7 @@ VENDOR = Vendor(
     key_headers=("x-shopify-access-token",),
     real_key=re.compile(r"^shp(at|ca|pa|ss)_[A-Za-z0-9]{8,}"),
     credential_headers=lambda c: {"x-shopify-access-token": c["secret"]},
-    estimate=_estimate,
-    cost=_cost,
+    estimator=_estimate,
+    parser=_cost,
     prices=load_prices("shopify"),
 )

@@ -43,7 +43,6 @@ code alone:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -51,7 +50,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..money import Unpriceable, from_minor, to_usd
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, bearer, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Vendor, bearer, load_prices
 
 # (path pattern, amount parameter or None, currency parameter or None when the request has none)
 _ENDPOINTS: tuple[tuple[re.Pattern[str], str | None, str | None, str], ...] = tuple(
@@ -223,27 +222,18 @@ _PARSERS = {
 }
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
-    if status >= 500:
-        return Cost("unknown", None, note=f"HTTP {status}: Stripe says the request may or may not have succeeded")
-    if status >= 400:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_code(body)}")
-    if status < 200 or status >= 300:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}")
+def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
     if req.method.upper() in ("GET", "HEAD"):
         return Cost("zero", Decimal(0), note="read: moves no money")
     if _is_object_path(req.path):
         return Cost("zero", Decimal(0), note="update of an existing object: moves no money")
-    try:
-        obj = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        obj = None
+    obj = resp.json
     if not isinstance(obj, dict):
         if _endpoint(req) is None:
             return Cost("zero", Decimal(0), note="endpoint moves no money")
         return Cost("unknown", None, note="response is not a JSON object")
     if "error" in obj:
-        return Cost("zero", Decimal(0), note=f"error: {_error_code(body)}")
+        return Cost("zero", Decimal(0), note=f"error: {resp.error_label()}")
     if obj.get("object") in ("list", "search_result"):
         return Cost("zero", Decimal(0), note="a list reports earlier calls: moves no money")
     parser = _PARSERS.get(str(obj.get("object")))
@@ -264,23 +254,14 @@ def _is_object_path(path: str) -> bool:
     return len(segments) >= 3 and segments[0] == "v1" and (len(segments) - 1) % 2 == 0
 
 
-def _error_code(body: bytes) -> str:
-    try:
-        err = json.loads(body).get("error")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return "error"
-    if isinstance(err, Mapping):
-        return str(err.get("decline_code") or err.get("code") or err.get("type") or "error")[:80]
-    return "error"
-
-
 VENDOR = Vendor(
     name="stripe",
     hosts=("api.stripe.com", "files.stripe.com"),
     key_headers=("authorization",),
     real_key=re.compile(r"^(sk|rk)_(live|test)_[A-Za-z0-9]"),
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
-    estimate=_estimate,
-    cost=_cost,
+    estimator=_estimate,
+    parser=_cost,
+    server_error_unknown="Stripe says the request may or may not have succeeded",
     prices=load_prices("stripe"),
 )

@@ -35,7 +35,6 @@ Cost (after), from the response:
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -44,7 +43,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from ..money import Unpriceable, parse_decimal, to_usd
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, Vendor, load_prices
+from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Vendor, load_prices
 
 _ACCOUNT_PATH = re.compile(r"^(/\d{4}-\d{2}-\d{2}/Accounts/)([^/]+)")
 _MESSAGES = re.compile(r"^/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/Messages(\.json)?$")
@@ -244,18 +243,11 @@ def _is_error(obj: Mapping[str, Any]) -> bool:
     return "code" in obj and "status" in obj and "sid" not in obj and isinstance(obj.get("status"), int)
 
 
-def _cost(req: RequestView, status: int, body: bytes, prices: Prices, estimate: Estimate) -> Cost:
-    if status >= 400:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}: {_error_code(body)}")
-    if status < 200 or status >= 300:
-        return Cost("zero", Decimal(0), note=f"HTTP {status}")
-    try:
-        obj = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        obj = None
+def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
+    obj = resp.json
     is_post = req.method.upper() == "POST"
     if not isinstance(obj, dict):
-        if not is_post or estimate(req, prices).usd == 0:
+        if not is_post or not (estimate.moves_money or estimate.usd):
             return Cost("zero", Decimal(0), note="not billed")
         return Cost("unknown", None, note="response is not a JSON object")
     if _is_error(obj):
@@ -275,14 +267,6 @@ def _looks_like_call(obj: Mapping[str, Any]) -> bool:
     return str(obj.get("sid") or "").startswith("CA") or "duration" in obj
 
 
-def _error_code(body: bytes) -> str:
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return "error"
-    return str(obj.get("code") or "error")[:40] if isinstance(obj, dict) else "error"
-
-
 VENDOR = Vendor(
     name="twilio",
     hosts=("api.twilio.com", "*.twilio.com"),
@@ -292,7 +276,7 @@ VENDOR = Vendor(
     credential_fields=("account_sid", "secret"),
     credential_headers=_basic,
     rewrite_path=rewrite_path,
-    estimate=_estimate,
-    cost=_cost,
+    estimator=_estimate,
+    parser=_cost,
     prices=load_prices("twilio"),
 )
