@@ -69,7 +69,7 @@ def main() -> None:
     try:
         fake_port, proxy_port = free_port(), free_port()
         fake_log = WORK / "fakes.log"
-        procs.append(subprocess.Popen([sys.executable, "-m", "spendgate.fakes", "--port", str(fake_port)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "fakes", "--port", str(fake_port)],
                                       stdout=fake_log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT))
         wait_for(fake_log, "listening", procs[-1], "fake vendors")
 

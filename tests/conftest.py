@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from harness import BIN, Gateway, start_gateway
 
-from spendgate.fakes import FakeVendors
+from fakes import FakeVendors
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from spendgate.fakes import FakeVendors
+from fakes import FakeVendors
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

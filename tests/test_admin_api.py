@@ -32,8 +32,8 @@ from mitmproxy.test import taddons
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from fakes import FakeVendors
 from spendgate.admin import ROUTES, Admin, is_loopback, parse_listen, resolve_token, token_ref
-from spendgate.fakes import FakeVendors
 from spendgate.metrics import Metrics
 from spendgate.runtime import Runtime
 

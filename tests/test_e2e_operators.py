@@ -12,7 +12,7 @@ import httpx
 import pytest
 from harness import SECRET_VALUES, Gateway, free_port, start_gateway
 
-from spendgate.fakes import FakeVendors
+from fakes import FakeVendors
 
 STRIPE = "https://api.stripe.com"
 WEB_TOKEN = "test-web-token"

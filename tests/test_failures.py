@@ -45,7 +45,7 @@ import httpx
 import pytest
 from harness import REAL_CREDENTIALS, Gateway, start_gateway
 
-from spendgate.fakes import FakeVendors
+from fakes import FakeVendors
 from spendgate.store.sqlite import SQLiteStore
 
 STRIPE = "https://api.stripe.com"

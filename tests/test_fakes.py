@@ -14,13 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from spendgate.fakes import FakeVendors, prompt_tokens, shopify_decimal, sms_segments, stripe_params
+from fakes import FakeVendors, prompt_tokens, shopify_decimal, sms_segments, stripe_params
 
+ROOT = Path(__file__).resolve().parents[1]  # `python -m fakes` runs from the repository root
 TWILIO_SID = "AC" + "a" * 32
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -467,7 +469,7 @@ def test_malformed_body(fake: FakeVendors, openai_client: Any) -> None:
 
 def test_main_runs_until_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "spendgate.fakes", "--port", "0"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "fakes", "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
     try:
         assert proc.stdout is not None

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from harness import Gateway, free_port, start_gateway
 
+from fakes import FakeVendors
 from spendgate.admin import Admin
-from spendgate.fakes import FakeVendors
 from spendgate.metrics import CONTENT_TYPE, Metrics, decimal_str
 from spendgate.runtime import Runtime
 

@@ -1,0 +1,7 @@
+"""``python -m fakes``: the offline fake vendors (``--help`` for the options)."""
+
+import sys
+
+from fakes.server import main
+
+sys.exit(main())

@@ -1,0 +1,223 @@
+"""Fake OpenAI: chat completions (streamed or not, ``stream_options.include_usage``), the
+Responses API and embeddings, with real-shaped usage blocks."""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from typing import Any
+
+from fakes.base import (
+    DEFAULT_COMPLETION_TOKENS,
+    JSON,
+    BadRequest,
+    Request,
+    Response,
+    Route,
+    completion_tokens,
+    int_param,
+    json_response,
+    now,
+    prompt_tokens,
+    rand,
+    rand_hex,
+    reply_pieces,
+    route,
+    sse_event,
+    sse_response,
+    text_tokens,
+)
+
+OPENAI_SNAPSHOTS = {
+    "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
+    "gpt-4o": "gpt-4o-2024-08-06",
+    "gpt-4.1": "gpt-4.1-2025-04-14",
+    "gpt-4.1-mini": "gpt-4.1-mini-2025-04-14",
+    "gpt-4.1-nano": "gpt-4.1-nano-2025-04-14",
+    "o3-mini": "o3-mini-2025-01-31",
+    "o4-mini": "o4-mini-2025-04-16",
+}
+
+
+def openai_error(status: int, message: str | None = None, **extra: Any) -> JSON:
+    kinds = {
+        400: ("invalid_request_error", None, "Invalid request."),
+        401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+        403: ("invalid_request_error", "unsupported_country_region_territory", "Forbidden."),
+        404: ("invalid_request_error", "model_not_found", "The model does not exist."),
+        429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests."),
+    }
+    type_, code, default = kinds.get(status, ("server_error", None, "The server had an error."))
+    err: JSON = {"message": message or default, "type": type_, "param": None, "code": code}
+    err.update(extra)
+    return {"error": err}
+
+
+def openai_model(name: Any) -> str:
+    return OPENAI_SNAPSHOTS.get(str(name), str(name))
+
+
+def openai_usage(prompt: int, completion: int) -> JSON:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0, "audio_tokens": 0,
+            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+        },
+    }  # fmt: skip
+
+
+def openai_chat_completions(req: Request) -> Response:
+    body = req.json()
+    if not isinstance(body, dict) or "model" not in body or "messages" not in body:
+        raise BadRequest(400, "Missing required parameter: 'model' or 'messages'.")
+    n = int_param(body.get("n") or 1, "n")
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    per_choice = completion_tokens(limit)
+    finish = "length" if per_choice < DEFAULT_COMPLETION_TOKENS else "stop"
+    usage = openai_usage(prompt_tokens(body["messages"]), per_choice * n)
+    head = {
+        "id": f"chatcmpl-{rand(29)}", "created": now(), "model": openai_model(body["model"]),
+        "service_tier": "default", "system_fingerprint": f"fp_{rand_hex(10)}",
+    }  # fmt: skip
+    pieces = reply_pieces(per_choice)
+    if not body.get("stream"):
+        choices = [
+            {
+                "index": i, "logprobs": None, "finish_reason": finish,
+                "message": {"role": "assistant", "content": "".join(pieces), "refusal": None,
+                            "annotations": []},
+            }  # fmt: skip
+            for i in range(n)
+        ]
+        return json_response({**head, "object": "chat.completion", "choices": choices,
+                              "usage": usage})  # fmt: skip
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[JSON], **more: Any) -> bytes:
+        return sse_event({**head, "object": "chat.completion.chunk", "choices": choices,
+                          **extra, **more})  # fmt: skip
+
+    events = []
+    for i in range(n):
+        delta: JSON = {"role": "assistant", "content": "", "refusal": None}
+        events.append(chunk([{"index": i, "delta": delta, "logprobs": None,
+                              "finish_reason": None}]))  # fmt: skip
+        for piece in pieces:
+            events.append(chunk([{"index": i, "delta": {"content": piece}, "logprobs": None,
+                                  "finish_reason": None}]))  # fmt: skip
+        events.append(chunk([{"index": i, "delta": {}, "logprobs": None,
+                              "finish_reason": finish}]))  # fmt: skip
+    if include_usage:
+        events.append(chunk([], usage=usage))
+    events.append(sse_event("[DONE]"))
+    return sse_response(events)
+
+
+def _responses_usage(input_tokens: int, output_tokens: int) -> JSON:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def openai_responses(req: Request) -> Response:
+    body = req.json()
+    if not isinstance(body, dict) or "model" not in body:
+        raise BadRequest(400, "Missing required parameter: 'model'.", param="model")
+    output_tokens = completion_tokens(body.get("max_output_tokens"))
+    complete = output_tokens >= DEFAULT_COMPLETION_TOKENS
+    usage = _responses_usage(prompt_tokens(body.get("input"), body.get("instructions")),
+                             output_tokens)  # fmt: skip
+    pieces = reply_pieces(output_tokens)
+    text = "".join(pieces)
+    resp_id, msg_id = f"resp_{rand_hex(48)}", f"msg_{rand_hex(48)}"
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    message = {"id": msg_id, "type": "message", "status": "completed" if complete else
+               "incomplete", "role": "assistant", "content": [part]}  # fmt: skip
+    final = {
+        "id": resp_id, "object": "response", "created_at": now(),
+        "status": "completed" if complete else "incomplete",
+        "completed_at": now() if complete else None, "error": None,
+        "incomplete_details": None if complete else {"reason": "max_output_tokens"},
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"), "model": openai_model(body["model"]),
+        "output": [message], "parallel_tool_calls": True,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+        "store": body.get("store", True), "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
+        "tools": [], "top_p": body.get("top_p", 1.0), "truncation": "disabled",
+        "usage": usage, "user": None, "metadata": body.get("metadata") or {},
+    }  # fmt: skip
+    if not body.get("stream"):
+        return json_response(final)
+    pending = {**final, "status": "in_progress", "completed_at": None,
+               "incomplete_details": None, "output": [], "usage": None}  # fmt: skip
+    where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    steps: list[JSON] = [
+        {"type": "response.created", "response": pending},
+        {"type": "response.in_progress", "response": pending},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**message, "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **where,
+         "part": {**part, "text": "", "logprobs": []}},
+        *({"type": "response.output_text.delta", **where, "delta": p, "logprobs": []}
+          for p in pieces),
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": message},
+        {"type": "response.completed" if complete else "response.incomplete", "response": final},
+    ]  # fmt: skip
+    return sse_response(
+        [sse_event({**step, "sequence_number": i}, step["type"]) for i, step in enumerate(steps)]
+    )
+
+
+def _embedding_vector(seed: int, dims: int) -> list[float]:
+    return [round(math.sin(seed * 7.1 + j * 0.37) * 0.05, 7) for j in range(dims)]
+
+
+def openai_embeddings(req: Request) -> Response:
+    body = req.json()
+    if not isinstance(body, dict) or "model" not in body or "input" not in body:
+        raise BadRequest(400, "Missing required parameter: 'model' or 'input'.")
+    raw = body["input"]
+    inputs = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    model = str(body["model"])
+    dims = int_param(body.get("dimensions") or (3072 if "large" in model else 1536), "dimensions")
+    data, total = [], 0
+    for i, item in enumerate(inputs):
+        total += len(item) if isinstance(item, list) else text_tokens(str(item))
+        vector = _embedding_vector(i + len(str(item)), dims)
+        embedding: Any = vector
+        if body.get("encoding_format") == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    return json_response({
+        "object": "list", "data": data, "model": model,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    })  # fmt: skip
+
+
+VENDOR = "openai"
+ERROR = openai_error
+
+
+def request_id() -> tuple[str, str] | None:
+    """The header this vendor names its request id in, with a fresh id."""
+    return "x-request-id", f"req_{rand_hex(32)}"
+
+ROUTES: list[Route] = [
+    route("POST", r"/v1/chat/completions", VENDOR, openai_chat_completions),
+    route("POST", r"/v1/responses", VENDOR, openai_responses),
+    route("POST", r"/v1/embeddings", VENDOR, openai_embeddings),
+]
