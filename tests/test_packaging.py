@@ -4,6 +4,7 @@ checkout."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,11 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_contains_no_fake(tmp_path: Path) -> None:
+    # Build from a copy: setuptools reuses a checkout's build/ directory, whose leftovers would
+    # make the answer depend on what was built there before.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "data", "certs", "*.egg-info", "__pycache__", ".*_cache", "tests"))  # fmt: skip
+    out = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check", "-w", str(out), str(src)],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    (wheel,) = tmp_path.glob("spendgate-*.whl")
+    (wheel,) = out.glob("spendgate-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "spendgate/gateway.py" in names and "spendgate/vendors/stripe.py" in names  # a real wheel
     assert "spendgate/prices/stripe.yaml" in names
