@@ -1,7 +1,16 @@
 """What the pipeline learns about one request, carried in ``flow.metadata["spendgate"]``.
 
 Stages fill a :class:`Call` in order; ``record`` turns it into a ledger row and a
-flow comment. ``refuse()`` is the one way a stage says no.
+flow comment. A stage says no in one of two ways:
+
+- ``refuse()``: always, whatever the policy's mode. For what is not the policy's to waive:
+  identity (no key, unknown, expired, revoked, a real key), transport (plain http, a spoofed
+  host), a vault key that would leak to the vendor, a vendor without credentials, an internal
+  error, and a human's answer to an approval.
+- ``apply_verdicts()``: the policy's verdicts (``policy.Deny`` values from ``policy.decide`` and
+  the stateful checks). The call's ``mode`` decides what a Deny does: ``enforce`` refuses at the
+  first one, and the checks after it do not run (pass a generator: it is not resumed);
+  ``report`` runs every check and records every Deny as ``would_deny``.
 """
 
 from __future__ import annotations
@@ -10,8 +19,9 @@ import functools
 import inspect
 import json
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -19,6 +29,7 @@ from typing import Any
 from mitmproxy import http
 
 from .money import from_nanos, plain
+from .policy import Approve, Deny, Verdict
 from .store import KeyRecord, Reservation
 from .vendors.base import Cost, Estimate, RequestView, StreamMeter
 
@@ -48,19 +59,9 @@ STATUS: dict[str, int] = {
     "rate_limited": 429,
     "loop_detected": 429,
     "upstream_unreachable": 502,
-    "upstream_failed": 503,
     "upstream_timeout": 504,
     "internal_error": 503,
 }
-
-# Decisions about *what a valid key may do*. In report-only mode these are recorded as
-# would_deny and the request goes on. Identity failures (no key, bad key, real key,
-# spoofed host, plain http) are always enforced: without a valid key there is no policy
-# to report against, and forwarding would hand the real credential to anyone.
-POLICY_CODES = frozenset({
-    "vendor_not_allowed", "endpoint_not_allowed", "request_over_limit", "cap_exhausted",
-    "unpriceable", "rate_limited", "loop_detected", "approval_denied", "approval_timeout",
-})
 
 
 @dataclass
@@ -69,11 +70,11 @@ class Call:
     host: str | None = None  # the vendor host of the tunnel (before any upstream override)
     key: KeyRecord | None = None
     policy: str | None = None
-    mode: str = "enforce"  # enforce | report
+    mode: str = "enforce"  # enforce | report: what apply_verdicts does with a Deny
     decision: str = "allow"  # allow | deny | would_deny
-    reason: str | None = None
+    reason: str | None = None  # the refusal code; in report mode the first would-deny's
     message: str | None = None
-    would_deny: list[str] = field(default_factory=list)
+    would_deny: list[Deny] = field(default_factory=list)  # report mode: every policy Deny, in order
     approval_rule: str | None = None
     approval_id: str | None = None
     view: RequestView | None = None  # the request as the budget stage estimated it
@@ -93,6 +94,13 @@ class Call:
     @property
     def key_id(self) -> str | None:
         return self.key.id if self.key else None
+
+    def report_note(self) -> str:
+        """Report mode: what enforce mode would have done, for the ledger's ``note``."""
+        parts = [f"{d.code} ({d.message})" for d in self.would_deny]
+        if self.mode == "report" and self.approval_rule and self.decision != "deny":
+            parts.append(f"approval_required ({self.approval_rule!r} would hold it for a human)")
+        return "would deny: " + "; ".join(parts) if parts else ""
 
     def summary(self) -> dict[str, Any]:
         """A plain, secret-free dict: what saved flows (``-w``) and copies carry."""
@@ -142,18 +150,9 @@ def error_body(code: str, message: str, call: Call | None) -> bytes:
     }).encode()
 
 
-def refuse(flow: http.HTTPFlow, code: str, message: str, headers: dict[str, str] | None = None) -> bool:
-    """Refuse ``flow`` with ``code`` (SPEC §4). Returns True if the request is stopped.
-
-    In report-only mode a policy decision is recorded as ``would_deny`` and the
-    request continues (returns False).
-    """
+def refuse(flow: http.HTTPFlow, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """Refuse ``flow`` with ``code`` (SPEC §4) now, whatever the mode: the request is stopped."""
     call = get_call(flow)
-    if call is not None and call.mode == "report" and code in POLICY_CODES:
-        call.would_deny.append(code)
-        if call.decision == "allow":
-            call.decision, call.reason, call.message = "would_deny", code, message
-        return False
     if call is not None:
         call.decision, call.reason, call.message = "deny", code, message
     flow.response = http.Response.make(
@@ -161,7 +160,29 @@ def refuse(flow: http.HTTPFlow, code: str, message: str, headers: dict[str, str]
         error_body(code, message, call),
         {"Content-Type": "application/json", "X-Spendgate-Reason": code, **(headers or {})},
     )
-    return True
+
+
+def apply_verdicts(flow: http.HTTPFlow, call: Call, verdicts: Iterable[Verdict | None]) -> None:
+    """Apply a stage's policy verdicts, in order, under ``call.mode``.
+
+    ``enforce``: the first :class:`~spendgate.policy.Deny` refuses the flow and iteration stops
+    (a generator of checks is not resumed, so the later checks do not run or count).
+    ``report``: every verdict is taken; each Deny is kept in ``call.would_deny``, the first one
+    is the call's reason, and the request goes on. An ``Approve`` names the rule that holds the
+    request (the approve stage acts on it); ``Allow`` and ``None`` say nothing.
+    """
+    for verdict in verdicts:
+        if isinstance(verdict, Approve):
+            call.approval_rule = verdict.rule
+        elif isinstance(verdict, Deny):
+            if call.mode != "report":
+                headers = {} if verdict.retry_after is None else {
+                    "Retry-After": str(math.ceil(verdict.retry_after))}
+                refuse(flow, verdict.code, verdict.message, headers)
+                return
+            call.would_deny.append(verdict)
+            if call.decision == "allow":
+                call.decision, call.reason, call.message = "would_deny", verdict.code, verdict.message
 
 
 def usd(nanos: int | None) -> Decimal | None:
@@ -178,9 +199,6 @@ def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
     def _refuse(self: Any, flow: http.HTTPFlow) -> None:
         log.exception("spendgate: %s.%s failed; refusing the request",
                       type(self).__name__, hook.__name__)
-        call = get_call(flow)
-        if call is not None:
-            call.mode = "enforce"
         refuse(flow, "internal_error", "the gateway could not check this request; it was not sent")
 
     if inspect.iscoroutinefunction(hook):

@@ -1,7 +1,31 @@
-"""The policy file: pydantic models of the YAML, path rules, and loading with line numbers.
+"""The policy file: pydantic models of the YAML, path rules, loading with line numbers, and the
+policy verdict.
 
 No mitmproxy imports: the CLI (`spendgate check`) and the gateway share this module.
 The format is versioned (``version: 1``), as smokescreen's ACLs are.
+
+**Verdicts are values.** :func:`decide` is a pure function of the loaded :class:`Config` and
+one request (policy name, vendor, method, path); it returns :class:`Allow`, :class:`Deny`
+(code, message, the rule that decided) or :class:`Approve` (the ``approve:`` rule that holds
+the request). Checks that need state (the rate limiter, the loop breaker, the budget holds)
+live in their stages and return :class:`Deny` values too. No check refuses anything itself:
+the stages hand their verdicts to ``call.apply_verdicts``, which is the one place the policy's
+``mode`` acts (``enforce``: the first Deny refuses the request and the later checks do not run;
+``report``: every check runs and every Deny is recorded as ``would_deny``). What is always
+enforced (identity, transport, vault-key leaks, internal errors) never goes through a verdict:
+stages call ``call.refuse`` for those.
+
+**Adding a rule kind** (say ``max_body_bytes`` per vendor):
+
+1. add the field to its model below (:class:`VendorRules` or :class:`Policy`), with a validator
+   that raises ``ValueError`` on bad input: the loader then reports file, line and field;
+2. if it depends only on the request, check it in :func:`decide` (return a :class:`Deny` with
+   a SPEC §4 code, a message naming the request and the rule, and ``rule=`` the policy text);
+   if it needs state, write a small check in the stage that owns that state, returning
+   ``Deny | None``, and yield it from the stage's checks (the mode is applied for you);
+3. add rows to the table in ``tests/test_verdicts.py`` (a YAML snippet × a request → the
+   verdict), and, for a stateful check, a row to ``tests/test_report_mode.py``;
+4. a new code needs its HTTP status in ``call.STATUS`` and a line in the README's table.
 """
 
 from __future__ import annotations
@@ -320,7 +344,9 @@ class Config(_Model):
         return self
 
     def policy_mode(self, policy: str) -> str:
-        return self.policies[policy].mode or self.mode
+        """``enforce`` or ``report``; a policy that no longer exists is enforced (nothing to report)."""
+        pol = self.policies.get(policy)
+        return "enforce" if pol is None else pol.mode or self.mode
 
 
 class _CrossErrors(ValueError):
@@ -460,6 +486,64 @@ def resolve_credentials(
     if problems:
         raise ConfigError(problems)
     return out
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class Allow:
+    """The request may go on; ``rule`` is the ``allow:`` rule that matched."""
+
+    rule: str | None = None
+
+
+@dataclass(frozen=True)
+class Deny:
+    """The policy refuses the request (in report mode: would refuse it)."""
+
+    code: str  # a SPEC §4 refusal code (call.STATUS maps it to an HTTP status)
+    message: str  # for the agent, the ledger and the log: no secrets
+    rule: str | None = None  # the policy text that decided (None: no rule matched)
+    retry_after: float | None = None  # seconds, for rate_limited
+
+
+@dataclass(frozen=True)
+class Approve:
+    """The request waits for a human (``approve:`` rule ``rule``)."""
+
+    rule: str
+
+
+Verdict = Allow | Deny | Approve
+
+
+def decide(config: Config, policy: str, vendor: str, method: str, path: str) -> Verdict:
+    """May a key of ``policy`` call ``method path`` on ``vendor``? The rules only, no state.
+
+    ``path`` is the request path as sent (a query is ignored); it is matched decoded (see
+    :func:`path_segments`) and an ambiguous path is refused. Deny wins over approve and allow;
+    a request no rule matches is refused.
+    """
+    pol = config.policies.get(policy)
+    if pol is None:
+        return Deny("vendor_not_allowed", f"policy {policy!r} no longer exists")
+    rules = pol.vendors.get(vendor)
+    if rules is None:
+        return Deny("vendor_not_allowed", f"policy {policy!r} does not allow {vendor}")
+    method, path = method.upper(), path.split("?", 1)[0]
+    what = f"{method} {path}"
+    try:
+        segments = path_segments(path)
+    except UnsafePath as e:
+        return Deny("endpoint_not_allowed", f"{what}: {e}")
+    if rule := first_match(rules.deny, method, segments):
+        return Deny("endpoint_not_allowed", f"{what} is denied by {rule.text!r}", rule.text)
+    if rule := first_match(rules.approve, method, segments):
+        return Approve(rule.text)
+    if rule := first_match(rules.allow, method, segments):
+        return Allow(rule.text)
+    return Deny("endpoint_not_allowed", f"{what} is not allowed by policy {policy!r}")
 
 
 # --------------------------------------------------------------------------- egress

@@ -1,4 +1,8 @@
-"""Stage 5, approve: hold a request that matches an ``approve:`` rule until a human decides.
+"""Approve: hold a request that matches an ``approve:`` rule until a human decides.
+
+Authorize names the rule (``policy.decide`` returned ``Approve``). In report mode nothing is
+held: the ledger's note says the request would have waited for a human. A human's answer
+(denied, or nobody in time) is not the policy's to waive, so it refuses in any mode.
 
 The flow is intercepted the mitmproxy way, so mitmweb shows it as intercepted and
 *resuming it there approves it*. From a shell, ``spendgate approve ID`` /
@@ -43,8 +47,7 @@ class Approve:
         policy = self.runtime.policy(call.key.policy)
         assert store is not None and policy is not None
         if call.mode == "report":
-            call.would_deny.append("approval_required")
-            return  # report-only: note it, never hold
+            return  # never hold; record notes it (Call.report_note)
         approval_id = "apr_" + secrets.token_hex(6)
         timeout = policy.approval_timeout
         store.add_approval({

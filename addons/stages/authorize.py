@@ -1,19 +1,20 @@
-"""Stage 3, authorize: may this key call this vendor endpoint, at this rate?
+"""Authorize: may this key call this vendor endpoint, at this rate?
 
-Rules are ``METHOD /path`` patterns matched on the decoded path (see
-``policy.path_segments``); deny wins over allow and approve; no match is refused.
-Rate limits are per key and per gateway process (GCRA: O(1) memory per key).
+The endpoint rules are ``policy.decide`` (pure, table-tested in ``tests/test_verdicts.py``):
+``METHOD /path`` patterns matched on the decoded path; deny wins over approve and allow; no
+match is refused. Rate limits are per key and per gateway process (GCRA: O(1) memory per key).
+Both are verdicts: the policy's mode decides whether they refuse (see ``call.apply_verdicts``).
 """
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Iterator
 
 from mitmproxy import http
 
-from ..call import fail_closed, keyed_call, refuse
-from ..policy import Rate, UnsafePath, first_match, path_segments
+from ..call import Call, apply_verdicts, fail_closed, keyed_call
+from ..policy import Config, Deny, Rate, Verdict, decide
 from ..runtime import Runtime
 
 
@@ -45,37 +46,18 @@ class Authorize:
         call = keyed_call(flow)
         if call is None:
             return
-        policy = self.runtime.policy(call.key.policy)
-        if policy is None:
-            refuse(flow, "vendor_not_allowed", f"policy {call.key.policy!r} no longer exists")
-            return
-        call.mode = self.runtime.state.config.policy_mode(call.key.policy)  # type: ignore[union-attr]
-        rules = policy.vendors.get(call.vendor or "")
-        if rules is None:
-            if refuse(flow, "vendor_not_allowed", f"policy {call.policy!r} does not allow {call.vendor}"):
-                return
-        else:
-            method, path = flow.request.method.upper(), flow.request.path.split("?", 1)[0]
-            what = f"{method} {path}"
-            try:
-                segments = path_segments(path)
-            except UnsafePath as e:
-                refuse(flow, "endpoint_not_allowed", f"{what}: {e}")
-                return
-            if rule := first_match(rules.deny, method, segments):
-                stopped = refuse(flow, "endpoint_not_allowed", f"{what} is denied by {rule.text!r}")
-            elif rule := first_match(rules.approve, method, segments):
-                call.approval_rule, stopped = rule.text, False
-            elif first_match(rules.allow, method, segments):
-                stopped = False
-            else:
-                stopped = refuse(flow, "endpoint_not_allowed",
-                                 f"{what} is not allowed by policy {call.policy!r}")
-            if stopped:
-                return
-        if policy.rate is not None:
+        state = self.runtime.state
+        assert state is not None
+        call.mode = state.config.policy_mode(call.key.policy)
+        apply_verdicts(flow, call, self.checks(flow, call, state.config))
+
+    def checks(self, flow: http.HTTPFlow, call: Call, config: Config) -> Iterator[Verdict | None]:
+        """The endpoint rules, then the rate limit (counted only if enforce mode got that far)."""
+        assert call.key is not None
+        yield decide(config, call.key.policy, call.vendor or "", flow.request.method, flow.request.path)
+        policy = config.policies.get(call.key.policy)
+        if policy is not None and policy.rate is not None:
             wait = self.limiter.hit(call.key.id, policy.rate)
             if wait > 0:
-                refuse(flow, "rate_limited",
-                       f"key {call.key.id} is over its rate of {policy.rate.text}",
-                       {"Retry-After": str(math.ceil(wait))})
+                yield Deny("rate_limited", f"key {call.key.id} is over its rate of {policy.rate.text}",
+                           f"rate: {policy.rate.text}", retry_after=wait)

@@ -16,18 +16,19 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import deque
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
 from mitmproxy import http
 
-from ..call import Call, fail_closed, keyed_call, refuse
+from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
-from ..policy import Policy, VendorRules
+from ..policy import Deny, Policy, VendorRules
 from ..runtime import Runtime
 from ..store import CapExceeded, KeyRecord
 from ..vendors import REGISTRY
-from ..vendors.base import Estimate, RequestView
+from ..vendors.base import Estimate, Prices, RequestView
 
 
 def header_dict(headers: http.Headers) -> dict[str, str]:
@@ -128,26 +129,29 @@ class Budget:
         policy = self.runtime.policy(call.key.policy)
         if state is None or policy is None:
             return
+        apply_verdicts(flow, call, self.checks(flow, call, state.prices, policy))
+
+    def checks(self, flow: http.HTTPFlow, call: Call, prices: Prices, policy: Policy) -> Iterator[Deny | None]:
+        """Price, per-request limit, loop breaker, then the hold (verdicts; see ``call.apply_verdicts``)."""
+        assert call.key is not None
         vendor = REGISTRY[call.vendor or ""]
         rules = policy.vendors.get(vendor.name)
         view = call.view = request_view(flow)  # the meter stage reads it again
         try:
-            estimate = vendor.estimate(view, state.prices)
+            estimate = vendor.estimate(view, prices)
         except Unpriceable as e:
-            call.estimate = Estimate(usd=None, moves_money=True, currency=e.currency, basis=str(e))
-            if refuse(flow, "unpriceable", str(e)):
-                return
-            estimate = call.estimate
+            estimate = call.estimate = Estimate(usd=None, moves_money=True, currency=e.currency, basis=str(e))
+            yield Deny("unpriceable", str(e))
         if estimate.usd is None:
             estimate = with_default(estimate, rules)
         call.estimate = estimate
         call.estimated_nanos = nanos = to_nanos(estimate.usd)
 
         cap = rules.max_request_usd if rules else None
-        if cap is not None and estimate.usd > cap and refuse(
-            flow, "request_over_limit", f"estimated {fmt_usd(estimate.usd)} is over max_request_usd {fmt_usd(cap)}"
-        ):
-            return
+        if cap is not None and estimate.usd > cap:
+            yield Deny("request_over_limit",
+                       f"estimated {fmt_usd(estimate.usd)} is over max_request_usd {fmt_usd(cap)}",
+                       f"max_request_usd: {cap}")
 
         if view.method != "GET" and (estimate.moves_money or nanos > 0):
             fp = hashlib.sha256(
@@ -155,23 +159,22 @@ class Budget:
                             view.path.encode(errors="surrogateescape"), view.body])
             ).hexdigest()
             idem = view.headers.get("idempotency-key")
-            if self.loops.repeated(fp, idem, policy.loop.repeats, policy.loop.window) and refuse(
-                flow, "loop_detected",
-                f"the same request was sent {policy.loop.repeats} times within "
-                f"{policy.loop.window}s; send an Idempotency-Key to retry safely",
-            ):
-                return
+            if self.loops.repeated(fp, idem, policy.loop.repeats, policy.loop.window):
+                yield Deny("loop_detected",
+                           f"the same request was sent {policy.loop.repeats} times within "
+                           f"{policy.loop.window}s; send an Idempotency-Key to retry safely",
+                           f"loop: {policy.loop.repeats} in {policy.loop.window}s")
 
-        self.hold(flow, call, policy, nanos)
+        yield self.hold(call, policy, nanos)
 
-    def hold(self, flow: http.HTTPFlow, call: Call, policy: Policy, nanos: int) -> None:
+    def hold(self, call: Call, policy: Policy, nanos: int) -> Deny | None:
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
         assert store is not None
         caps = budget_caps(call.policy, policy, call.key, datetime.now(UTC))
         call.scopes = list(caps)
         if not caps:
-            return
+            return None
         if nanos > 0:
             try:
                 call.reservation = store.reserve(nanos, caps)
@@ -180,12 +183,13 @@ class Budget:
                 call.budget_left_nanos = left
                 # In report-only mode the call goes on without a hold; its cost is still
                 # counted when it is settled.
-                refuse(flow, "cap_exhausted",
-                        f"estimated {fmt_usd(from_nanos(nanos))} does not fit in {e.scope}: "
-                        f"{fmt_usd(from_nanos(left))} left of {fmt_usd(from_nanos(e.cap_nanos))}")
-                return
+                return Deny("cap_exhausted",
+                            f"estimated {fmt_usd(from_nanos(nanos))} does not fit in {e.scope}: "
+                            f"{fmt_usd(from_nanos(left))} left of {fmt_usd(from_nanos(e.cap_nanos))}",
+                            e.scope)
         if call.reservation is not None:
             call.budget_left_nanos = call.reservation.left_nanos  # read inside the hold's transaction
         else:
             used = store.used_by_scope(caps)
             call.budget_left_nanos = min(cap - used[scope] for scope, cap in caps.items())
+        return None

@@ -49,7 +49,7 @@ def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
         "cost_nanos": to_nanos(cost.usd) if cost and cost.usd is not None else None,
         "cost_status": cost.status if cost else ("zero" if call.decision == "deny" else None),
         "flagged": int(bool(cost and cost.status in ("unknown", "estimated"))),
-        "note": (cost.note if cost else call.message or "")[:500],
+        "note": note(call)[:500],
         "currency": (cost.currency if cost else None) or (call.estimate.currency if call.estimate else None),
         "amount": plain(cost.amount) if cost and cost.amount is not None else None,
         "request_id": call.request_id,
@@ -57,11 +57,20 @@ def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
     }
 
 
+def note(call: Call) -> str:
+    """The cost's note, or the refusal's message; in report mode, every would-deny reason first."""
+    if report := call.report_note():
+        return f"{report} · {call.cost.note}" if call.cost and call.cost.note else report
+    return call.cost.note if call.cost else call.message or ""
+
+
 def comment(call: Call, flow: http.HTTPFlow) -> str:
     labels = ",".join(f"{k}={v}" for k, v in (call.key.labels if call.key else {}).items())
     who = f"{call.key_id or 'no key'}" + (f" ({labels})" if labels else "")
     parts = [call.decision.upper() if call.decision != "allow" else "allow"]
-    if call.reason:
+    if call.would_deny and call.decision == "would_deny":
+        parts.append("+".join(d.code for d in call.would_deny))
+    elif call.reason:
         parts.append(call.reason)
     parts += [call.vendor or flow.request.host, who]
     if call.cost and call.cost.usd is not None:

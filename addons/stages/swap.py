@@ -38,8 +38,7 @@ class Swap:
         assert state is not None
         vendor = REGISTRY[call.vendor or ""]
         creds = state.credentials.get(vendor.name)
-        if not creds:
-            call.mode = "enforce"  # nothing to forward with, whatever the mode
+        if not creds:  # nothing to forward with, whatever the mode
             refuse(flow, "vendor_not_allowed", f"no credentials are configured for {vendor.name}")
             return
         real = vendor.credential_headers(creds)
