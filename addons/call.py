@@ -53,6 +53,9 @@ STATUS: dict[str, int] = {
     "vault_key_leak": 403,  # a vault key in the URL or body would reach the vendor
     "approval_denied": 403,
     "approval_timeout": 403,
+    "model_not_allowed": 403,  # stages/models.py
+    "output_limit_exceeded": 403,
+    "tool_not_allowed": 403,  # stages/tools.py (MCP: a JSON-RPC error with this in error.data.code)
     "request_over_limit": 402,
     "cap_exhausted": 402,
     "unpriceable": 402,
@@ -61,6 +64,7 @@ STATUS: dict[str, int] = {
     "upstream_unreachable": 502,
     "upstream_timeout": 504,
     "internal_error": 503,
+    "circuit_open": 503,  # stages/circuit.py, with Retry-After
 }
 
 
@@ -88,6 +92,9 @@ class Call:
     budget_left_nanos: int | None = None
     request_id: str | None = None
     wire_ref: str | None = None
+    model: str | None = None  # the model an LLM request names
+    tool: str | None = None  # the MCP tool(s) a tools/call names (comma-separated in a batch)
+    notes: list[str] = field(default_factory=list)  # what a stage changed (a clamp, a filtered tool list)
     started: float = field(default_factory=time.perf_counter)
     recorded: bool = False
 

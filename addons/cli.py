@@ -312,7 +312,7 @@ def deny(approval_id: str, db: str | None) -> None:
 
 @main.command()
 @click.option("--by", default="key", show_default=True,
-              help="key | policy | vendor | day | label:NAME")
+              help="key | policy | vendor | day | model | tool | label:NAME")
 @click.option("--since", default=None, help="A date (2026-11-01) or a duration back (24h, 7d).")
 @db_opt
 @click.option("--json", "fmt", flag_value="json", help="JSON output.")

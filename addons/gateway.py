@@ -2,7 +2,7 @@
 
     mitmdump -s addons/gateway.py --set spendgate_config=policies/example.yaml
 
-agent ─CONNECT─▶ egress ▶ identify ▶ authorize ▶ budget ▶ approve ▶ swap ▶ vendor
+agent ─CONNECT─▶ egress ▶ identify ▶ authorize ▶ models ▶ budget ▶ approve ▶ swap ▶ vendor
 vendor ─response─▶ meter (cost, settle) ▶ record (ledger, comment) ─▶ agent
 """
 
@@ -33,6 +33,7 @@ from spendgate.stages.budget import Budget  # noqa: E402
 from spendgate.stages.egress import Egress  # noqa: E402
 from spendgate.stages.identify import Identify  # noqa: E402
 from spendgate.stages.meter import Meter  # noqa: E402
+from spendgate.stages.models import Models  # noqa: E402
 from spendgate.stages.record import Record  # noqa: E402
 from spendgate.stages.swap import Swap  # noqa: E402
 
@@ -47,6 +48,7 @@ def make_addons() -> list[object]:
         Egress(runtime),
         Identify(runtime),
         Authorize(runtime),
+        Models(runtime),
         Budget(runtime),
         Approve(runtime),
         Swap(runtime),

@@ -236,6 +236,22 @@ class VendorConfig(_Model):
         return v
 
 
+def _glob(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a name or a glob like 'gpt-4o*'")
+    return value.strip()
+
+
+Glob = Annotated[str, BeforeValidator(_glob)]
+
+
+class NameRules(_Model):
+    """``models:`` (and MCP ``tools:``): globs on a name; deny wins; a non-empty allow must match."""
+
+    allow: list[Glob] = Field(default_factory=list)
+    deny: list[Glob] = Field(default_factory=list)
+
+
 class VendorRules(_Model):
     """``policies.<p>.vendors.<name>``: which endpoints a key may call, and per-request limits."""
 
@@ -245,6 +261,16 @@ class VendorRules(_Model):
     max_request_usd: Usd | None = None
     # Used when a call moves money but its request says no amount (confirm, invoice pay).
     default_estimate_usd: Usd | None = None
+    # LLM vendors (stages/models.py): which models, and a ceiling on output tokens per request.
+    models: NameRules | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    clamp: bool = False  # rewrite a larger (or missing) limit to max_output_tokens instead of refusing
+
+    @model_validator(mode="after")
+    def _clamp_needs_ceiling(self) -> VendorRules:
+        if self.clamp and self.max_output_tokens is None:
+            raise ValueError("clamp: true needs max_output_tokens: N")
+        return self
 
 
 class Budget(_Model):
@@ -326,12 +352,17 @@ class Config(_Model):
                 if getattr(vc, fld) is None:
                     errors.append((("vendors", name, fld), f"{name} needs {fld}: env:NAME or file:PATH"))
         for pname, pol in self.policies.items():
-            for vname in pol.vendors:
+            for vname, rules in pol.vendors.items():
                 if vname not in self.vendors:
                     errors.append(
                         (("policies", pname, "vendors", vname),
                          f"vendor {vname!r} has no credentials under the top-level vendors:")
                     )
+                vendor = REGISTRY.get(vname)
+                for fld in ("models", "max_output_tokens"):
+                    if getattr(rules, fld) is not None and vendor is not None and vendor.llm is None:
+                        errors.append((("policies", pname, "vendors", vname, fld),
+                                       f"{vname} is not an LLM vendor: {fld} applies to model providers only"))
         seen: set[str] = set()
         for i, key in enumerate(self.keys):
             if key.policy not in self.policies:

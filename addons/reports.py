@@ -24,6 +24,8 @@ GROUPS = {
     "policy": "coalesce(policy, '-')",
     "vendor": "coalesce(vendor, host)",
     "day": "substr(ts, 1, 10)",
+    "model": "coalesce(model, '-')",
+    "tool": "coalesce(tool, '-')",
 }
 
 
@@ -49,7 +51,7 @@ def spend(db_path: str, by: str = "key", since: str | None = None) -> list[dict[
     elif by in GROUPS:
         group = GROUPS[by]
     else:
-        raise ValueError(f"--by {by!r}: use key, policy, vendor, day or label:NAME")
+        raise ValueError(f"--by {by!r}: use key, policy, vendor, day, model, tool or label:NAME")
     counted = "CASE WHEN decision != 'deny' THEN coalesce(cost_nanos, estimated_nanos, 0) ELSE 0 END"
     sql = f"""
         SELECT {group} AS grp,

@@ -68,6 +68,8 @@ step("OpenAI: chat completion", lambda: llm_cost(llm.chat.completions.with_raw_r
 step("OpenAI: the same, streamed", lambda: sum(1 for _ in llm.chat.completions.create(
     model="gpt-4o-mini", max_tokens=20, stream=True, stream_options={"include_usage": True},
     messages=[{"role": "user", "content": "Say hi"}])) and "streamed")
+step("OpenAI: a model the policy does not allow", lambda: llm.chat.completions.create(
+    model="o1-pro", max_tokens=20, messages=[{"role": "user", "content": "Say hi"}]))
 step("Anthropic: message", lambda: (lambda raw: f"{raw.parse().usage.output_tokens} out tokens, cost "
                                     f"${raw.headers.get('x-spendgate-cost-usd')}")(
     Anthropic(api_key=SUPPORT, max_retries=0).messages.with_raw_response.create(

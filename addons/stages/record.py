@@ -54,14 +54,17 @@ def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
         "amount": plain(cost.amount) if cost and cost.amount is not None else None,
         "request_id": call.request_id,
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
+        "model": call.model,
+        "tool": call.tool,
     }
 
 
 def note(call: Call) -> str:
     """The cost's note, or the refusal's message; in report mode, every would-deny reason first."""
+    notes = "".join(f"{n} · " for n in call.notes)  # what a stage changed (a clamp, a filtered list)
     if report := call.report_note():
-        return f"{report} · {call.cost.note}" if call.cost and call.cost.note else report
-    return call.cost.note if call.cost else call.message or ""
+        return notes + (f"{report} · {call.cost.note}" if call.cost and call.cost.note else report)
+    return notes + (call.cost.note if call.cost else call.message or "")
 
 
 def comment(call: Call, flow: http.HTTPFlow) -> str:
@@ -81,6 +84,7 @@ def comment(call: Call, flow: http.HTTPFlow) -> str:
         parts.append(f"budget left {fmt_usd(from_nanos(call.budget_left_nanos))}")
     if call.approval_rule:
         parts.append(f"approval: {call.approval_rule}")
+    parts += call.notes
     return " · ".join(parts)
 
 

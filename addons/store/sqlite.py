@@ -59,6 +59,8 @@ CALL_COLUMNS: dict[str, type] = {
     "amount": str,
     "request_id": str,  # the vendor's request id, for support tickets
     "latency_ms": float,
+    "model": str,  # the model an LLM request named (stages/models.py)
+    "tool": str,  # the MCP tool(s) a tools/call named (stages/tools.py)
 }
 
 
@@ -115,6 +117,10 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
     )
     db["keys"].create_index(["token_sha256"], unique=True, if_not_exists=True)
     db["calls"].create(CALL_COLUMNS, pk="id", if_not_exists=True)
+    have = db["calls"].columns_dict
+    for name, kind in CALL_COLUMNS.items():  # a ledger from an older version gains new columns
+        if name not in have:
+            db["calls"].add_column(name, kind)
     db["calls"].create_index(["ts"], if_not_exists=True)
     db["calls"].create_index(["key_id", "ts"], if_not_exists=True)
     db["counters"].create(

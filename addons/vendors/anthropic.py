@@ -29,6 +29,7 @@ from decimal import Decimal
 from typing import Any
 
 from . import _llm
+from ._models import ANTHROPIC
 from ._sse import Event, EventMeter
 from .base import (
     NO_COST,
@@ -263,4 +264,5 @@ VENDOR = Vendor(
     parser=_cost,
     stream_meter=stream_meter,
     prices=load_prices("anthropic"),
+    llm=ANTHROPIC,
 )

@@ -198,6 +198,7 @@ class Vendor:
     # A 5xx may still have acted (Stripe: "may or may not have succeeded"): the note for an
     # "unknown" cost; empty means a 5xx billed nothing.
     server_error_unknown: str = ""
+    llm: Any = None  # an LLMShape (vendors/_models.py): where requests name a model and output limit
 
     def estimate(self, req: RequestView, prices: Prices) -> Estimate:
         """What ``req`` may cost. Raises only ``Unpriceable`` (the pipeline refuses with 402);

@@ -30,6 +30,7 @@ from decimal import Decimal
 from typing import Any
 
 from . import _llm
+from ._models import openai_shape
 from ._sse import Event, EventMeter, find_object
 from .base import (
     NO_COST,
@@ -288,4 +289,5 @@ VENDOR = Vendor(
     parser=_cost,
     stream_meter=stream_meter,
     prices=load_prices("openai"),
+    llm=openai_shape(),
 )
