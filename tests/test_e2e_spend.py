@@ -213,4 +213,4 @@ def test_report_formats(gateway: Gateway) -> None:
     assert {r["vendor"] for r in parsed} >= {"stripe"}
     assert gateway.cli("report", "--by", "day", "--since", "1d", "--json").returncode == 0
     bad = gateway.cli("report", "--by", "color", check=False)
-    assert bad.returncode != 0 and "use key, policy, vendor, day or label:NAME" in bad.stderr
+    assert bad.returncode != 0 and "use key, policy, vendor, day, model, tool or label:NAME" in bad.stderr
