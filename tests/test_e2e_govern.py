@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from harness import Gateway, start_gateway
 
-from spendgate.fakes import FakeVendors
+from fakes import FakeVendors
 
 POLICY = """\
 version: 1
