@@ -114,6 +114,11 @@ class Runtime:
                                 "gateway that stopped mid-call", released)
             if self.state:
                 self.store.sync_static_keys(static_keys(self.state.config))
+        # HTTP/3 stays off: the credential swap is proven at start-up for HTTP/1 and HTTP/2 only
+        # (wire.self_test); with QUIC off mitmproxy never speaks HTTP/3 to a client or a vendor.
+        if getattr(ctx.options, "http3", False):
+            ctx.options.http3 = False
+            log.info("spendgate: HTTP/3 (QUIC) is off: the credential swap is proven for HTTP/1 and HTTP/2")
         # Lazy: with "eager", mitmproxy dials the vendor at CONNECT time, before any policy ran.
         if getattr(ctx.options, "connection_strategy", "lazy") != "lazy":
             ctx.options.connection_strategy = "lazy"

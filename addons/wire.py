@@ -8,9 +8,17 @@ the head. So the credential is never in the flow: not in mitmweb (UI, its HTTP A
 flows saved from it), not in ``-w`` files, not in logs, at no point in time.
 
 This wraps two mitmproxy functions (the HTTP/1 head assembler and the HTTP/2
-header formatter). If a future mitmproxy moves them, :func:`install` raises and the
-gateway does not start; and a placeholder that is not swapped reaches the vendor
-as an invalid key, so a miss fails closed rather than open.
+header formatter; mitmproxy is pinned to the major version this is tested with). At
+start-up :func:`install` proves the wrap is on the path mitmproxy really uses: it sends
+a request with a placeholder through mitmproxy's own HTTP/1 and HTTP/2 client layers
+(``Http1Client``, ``Http2Client``) and decodes the bytes they produce; unless the real
+value comes out and the placeholder does not, it raises and the gateway does not start.
+A placeholder that is not swapped reaches the vendor as an invalid key, so a miss fails
+closed rather than open.
+
+HTTP/3 upstreams are not covered by this proof: the runtime keeps mitmproxy's ``http3``
+option off (QUIC is never offered or accepted). The HTTP/3 layer's own reference to the
+HTTP/2 formatter is wrapped too, as a second line.
 """
 
 from __future__ import annotations
@@ -19,11 +27,21 @@ import copy as copy_module
 import dataclasses
 import secrets
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
-from mitmproxy import http
+import h2.config
+import h2.connection
+import h2.events
+from mitmproxy import connection, http, options
+from mitmproxy.addonmanager import Loader
+from mitmproxy.addons import proxyserver
 from mitmproxy.net.http import http1
-from mitmproxy.proxy.layers.http import _http2
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import RequestHeaders, _http2, _http3
+from mitmproxy.proxy.layers.http._http1 import Http1Client
+from mitmproxy.proxy.layers.http._http2 import Http2Client
 
 PREFIX = "spendgate:"
 _PREFIX_B = PREFIX.encode()
@@ -43,10 +61,6 @@ def register(key_id: str, headers: dict[str, str]) -> tuple[str, str]:
 def forget(ref: str | None) -> None:
     if ref:
         _pending.pop(ref, None)
-
-
-def pending_count() -> int:
-    return len(_pending)
 
 
 def _real_fields(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...] | None:
@@ -95,7 +109,10 @@ def _wrap_h2(orig: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install() -> None:
-    """Wrap mitmproxy's request-head serialisers (idempotent)."""
+    """Wrap mitmproxy's request-head serialisers and prove the wrap is used (idempotent).
+
+    Raises RuntimeError (the gateway then does not start) if this mitmproxy has no such
+    functions or if its client layers do not put the real value on the wire."""
     global _installed
     if _installed:
         return
@@ -106,6 +123,85 @@ def install() -> None:
             "this mitmproxy version has no http1.assemble_request_head / "
             "_http2.format_h2_request_headers; spendgate cannot inject credentials safely"
         )
-    http1.assemble_request_head = _wrap_h1(http1.assemble_request_head)
-    _http2.format_h2_request_headers = _wrap_h2(_http2.format_h2_request_headers)
+    saved = (http1.assemble_request_head, _http2.format_h2_request_headers,
+             getattr(_http3, "format_h2_request_headers", None))  # fmt: skip
+    http1.assemble_request_head = _wrap_h1(saved[0])
+    _http2.format_h2_request_headers = _wrap_h2(saved[1])
+    if saved[2] is not None:
+        _http3.format_h2_request_headers = _wrap_h2(saved[2])
+    try:
+        self_test()
+    except Exception:
+        http1.assemble_request_head, _http2.format_h2_request_headers = saved[0], saved[1]
+        if saved[2] is not None:
+            _http3.format_h2_request_headers = saved[2]
+        raise
     _installed = True
+
+
+# --------------------------------------------------------------------------- the start-up proof
+
+_SELF_TEST_HEADER = "Authorization"
+
+
+def self_test() -> None:
+    """Send a request whose credential header is a placeholder through mitmproxy's real
+    HTTP/1 and HTTP/2 client layers; raise RuntimeError unless the bytes they would put on
+    the wire carry the registered real value and never the placeholder."""
+    real = f"Bearer spendgate-self-test-{secrets.token_hex(8)}"
+    ref, placeholder = register("self_test", {_SELF_TEST_HEADER: real})
+    try:
+        for version, send in (("HTTP/1.1", _send_h1), ("HTTP/2.0", _send_h2)):
+            request = http.Request.make("POST", "https://self-test.invalid/v1/x", b"",
+                                        {"Host": "self-test.invalid", _SELF_TEST_HEADER: placeholder})  # fmt: skip
+            request.http_version = version
+            try:
+                sent = send(request)
+            except Exception as e:  # mitmproxy's layers changed shape: no proof, no start
+                raise RuntimeError(f"spendgate: the credential swap self-test could not send {version}: {e!r}") from e
+            got = sent.get(_SELF_TEST_HEADER.lower())
+            if got != real or placeholder in repr(sent):
+                raise RuntimeError(
+                    f"spendgate: mitmproxy's {version} client did not put the real credential on the "
+                    "wire (its request serialiser moved); refusing to start rather than send placeholders"
+                )
+    finally:
+        forget(ref)
+
+
+def _options() -> options.Options:
+    """mitmproxy's defaults, with the proxy server's own options (header normalisation etc.)."""
+    opts = options.Options()
+    proxyserver.Proxyserver().load(Loader(SimpleNamespace(options=opts)))
+    return opts
+
+
+def _context() -> Context:
+    opts = _options()
+    client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+    ctx = Context(client, opts)
+    ctx.server = connection.Server(address=("self-test.invalid", 443))
+    return ctx
+
+
+def _sent_bytes(cmds: Any) -> bytes:
+    return b"".join(c.data for c in cmds if isinstance(c, commands.SendData))
+
+
+def _send_h1(request: http.Request) -> dict[str, str]:
+    layer = Http1Client(_context())
+    raw = _sent_bytes(layer.handle_event(RequestHeaders(1, request, end_stream=True)))
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    return {k.strip().lower().decode(): v.strip().decode() for k, _, v in (h.partition(b":") for h in head)}
+
+
+def _send_h2(request: http.Request) -> dict[str, str]:
+    layer = Http2Client(_context())
+    raw = _sent_bytes(layer.handle_event(events.Start()))
+    raw += _sent_bytes(layer.handle_event(RequestHeaders(1, request, end_stream=True)))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    server.initiate_connection()
+    for event in server.receive_data(raw):
+        if isinstance(event, h2.events.RequestReceived):
+            return {str(k): str(v) for k, v in event.headers or []}
+    raise RuntimeError("no HTTP/2 request headers were sent")
