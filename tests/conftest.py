@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import BIN, Gateway, start_gateway
+from harness import BIN, REAL_CREDENTIALS, Gateway, start_gateway
+from inprocess import POLICY
 
 from fakes import FakeVendors
+from spendgate.pipeline import Pipeline
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +46,22 @@ def sdk_env(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Gateway:
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
         monkeypatch.setenv(name, gateway.ca)
     return gateway
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Pipeline]]:
+    """A fresh in-process gateway (``spendgate.pipeline``) per call, its own ledger in tmp_path:
+    ``pipeline()`` with ``inprocess.POLICY``, or ``pipeline(policy_text, **mitmproxy_options)``."""
+    for name, value in REAL_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    made: list[Pipeline] = []
+
+    def make(policy: str = POLICY, **options: object) -> Pipeline:
+        path = tmp_path / f"policy-{len(made)}.yaml"
+        path.write_text(policy)
+        made.append(Pipeline(path, tmp_path / f"ledger-{len(made)}.db", **options))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
