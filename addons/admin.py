@@ -28,10 +28,8 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 from collections.abc import Mapping
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import tornado.web
@@ -40,8 +38,9 @@ from mitmproxy.addonmanager import Loader
 from tornado.httpserver import HTTPServer
 
 from . import reports
-from .keys import IssueError, issue_key
+from .keys import IssueError, issue_key, parse_labels
 from .metrics import CONTENT_TYPE, Metrics
+from .policy import read_secret
 from .runtime import Runtime
 from .store import KeyRecord
 
@@ -90,16 +89,8 @@ def token_ref(value: str) -> str:
 
 
 def resolve_token(ref: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """Read the token like ``policy.resolve_credentials`` reads vendor keys; None if unset/empty."""
-    kind, _, target = ref.partition(":")
-    if kind == "env":
-        value = (os.environ if environ is None else environ).get(target)
-    else:
-        try:
-            value = Path(target).read_text().strip()
-        except OSError:
-            value = None
-    return value or None
+    """Read the token as vendor keys are read (``policy.read_secret``); None if unset/empty."""
+    return read_secret(ref, environ)[0]
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -176,13 +167,10 @@ def _plain(usd: str | None) -> str | None:
 
 
 def _label_pairs(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        k, sep, v = pair.partition("=")
-        if not sep or not k:
-            raise ApiError(400, "invalid_request", f"label {pair!r} is not k=v", param="label")
-        out[k] = v
-    return out
+    try:
+        return parse_labels(pairs)
+    except ValueError as e:
+        raise ApiError(400, "invalid_request", f"label {e}", param="label") from None
 
 
 class KeysHandler(Handler):

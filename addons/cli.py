@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import reports
-from .keys import IssueError, key_spec
+from .keys import IssueError, key_spec, parse_labels
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, load_config, resolve_credentials
 from .store import KeyRecord, Store, hash_token, open_store
@@ -144,13 +144,10 @@ def keys() -> None:
 
 
 def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        k, sep, v = pair.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"{pair!r} is not k=v", param_hint="--label")
-        out[k] = v
-    return out
+    try:
+        return parse_labels(pairs)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--label") from None
 
 
 def _print_key(rec: KeyRecord, as_json: bool, token: str | None = None) -> None:

@@ -7,6 +7,7 @@ may narrow the policy's ``budget.key_usd``, never widen it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -22,6 +23,18 @@ class IssueError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.message, self.param = message, param
+
+
+def parse_labels(pairs: Iterable[str]) -> dict[str, str]:
+    """``["run=42", "team=ops"]`` → ``{"run": "42", "team": "ops"}``; ``ValueError`` names a bad pair.
+    Shared by ``--label`` (CLI) and ``?label=`` (admin API)."""
+    out = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or not k:
+            raise ValueError(f"{pair!r} is not k=v")
+        out[k] = v
+    return out
 
 
 @dataclass(frozen=True)

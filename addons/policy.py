@@ -30,7 +30,6 @@ stages call ``call.refuse`` for those.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -51,6 +50,9 @@ from pydantic import (
     model_validator,
 )
 
+from .hosts import HostPattern
+from .hosts import host_matches as host_matches
+from .hosts import is_internal as is_internal
 from .vendors import REGISTRY
 
 # --------------------------------------------------------------------------- values
@@ -273,15 +275,18 @@ class VendorRules(_Model):
         return self
 
 
-class Budget(_Model):
+class BudgetCaps(_Model):
+    """``budget:``: USD caps; the budget stage reserves every one that applies."""
+
     key_usd: Usd | None = None
     key_daily_usd: Usd | None = None
     policy_daily_usd: Usd | None = None
     policy_monthly_usd: Usd | None = None
 
 
-class LoopBreaker(_Model):
-    """The same money-moving request repeated ``repeats`` times within ``window`` is refused."""
+class LoopRule(_Model):
+    """``loop:``: the same money-moving request repeated ``repeats`` times within ``window`` is
+    refused (the budget stage's ``LoopBreaker`` keeps the count)."""
 
     repeats: int = Field(default=3, ge=2)
     window: Duration = 600
@@ -289,11 +294,11 @@ class LoopBreaker(_Model):
 
 class Policy(_Model):
     vendors: dict[str, VendorRules] = Field(default_factory=dict)
-    budget: Budget = Budget()
+    budget: BudgetCaps = BudgetCaps()
     rate: RateValue | None = None
     ttl: Duration = 3600
     mode: Literal["enforce", "report"] | None = None  # None: the file's global mode
-    loop: LoopBreaker = LoopBreaker()
+    loop: LoopRule = LoopRule()
     approval_timeout: Duration = 300
 
     @field_validator("vendors")
@@ -313,12 +318,16 @@ class StaticKey(_Model):
     cap_usd: Usd | None = None
 
 
-class Egress(_Model):
-    """Non-vendor hosts. ``allow``/``deny`` take host names, ``*.domain`` and IPs/CIDRs."""
+HostPatternValue = Annotated[HostPattern, BeforeValidator(HostPattern.parse)]
+
+
+class EgressRules(_Model):
+    """Non-vendor hosts. ``allow``/``deny`` take host names, ``*.domain`` and IPs/CIDRs, parsed
+    here, once per load (see ``hosts``): a malformed entry is an error with file, line and field."""
 
     default: Literal["allow", "deny"] = "allow"
-    allow: list[str] = Field(default_factory=list)
-    deny: list[str] = Field(default_factory=list)
+    allow: list[HostPatternValue] = Field(default_factory=list)
+    deny: list[HostPatternValue] = Field(default_factory=list)
 
 
 class Config(_Model):
@@ -328,7 +337,7 @@ class Config(_Model):
     prices: dict[str, dict[str, Any]] = Field(default_factory=dict)
     policies: dict[str, Policy] = Field(default_factory=dict)
     keys: list[StaticKey] = Field(default_factory=list)
-    egress: Egress = Egress()
+    egress: EgressRules = EgressRules()
     mode: Literal["enforce", "report"] = "enforce"
 
     @field_validator("vendors", "prices")
@@ -484,6 +493,25 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(text, str(path))
 
 
+def read_secret(ref: str, environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """Read an ``env:NAME`` or ``file:PATH`` reference: (the value, "") or (None, why not).
+
+    A file's text is stripped; an empty value counts as missing. One reader for the vendor
+    credentials and the admin token, so both mean the same thing by a reference.
+    """
+    kind, _, target = ref.partition(":")
+    if kind == "env":
+        value = (os.environ if environ is None else environ).get(target)
+        return (value, "") if value else (None, f"environment variable {target} is not set")
+    try:
+        value = Path(target).read_text().strip()
+    except OSError as e:
+        return None, f"cannot read {target}: {e.strerror}"
+    except UnicodeDecodeError:
+        return None, f"{target} is not a text file"
+    return (value, "") if value else (None, f"{target} is empty")
+
+
 def resolve_credentials(
     config: Config, filename: str = "<policy>", environ: Mapping[str, str] | None = None
 ) -> dict[str, dict[str, str]]:
@@ -497,18 +525,7 @@ def resolve_credentials(
     for name, vc in config.vendors.items():
         creds: dict[str, str] = {}
         for fld in REGISTRY[name].credential_fields:
-            ref = getattr(vc, fld)
-            kind, _, target = ref.partition(":")
-            if kind == "env":
-                value = environ.get(target)
-                missing = f"environment variable {target} is not set"
-            else:
-                try:
-                    value = Path(target).read_text().strip()
-                except OSError as e:
-                    value, missing = None, f"cannot read {target}: {e.strerror}"
-                except UnicodeDecodeError:
-                    value, missing = None, f"{target} is not a text file"
+            value, missing = read_secret(getattr(vc, fld), environ)
             if not value:
                 problems.append(Problem(filename, None, f"vendors.{name}.{fld}", missing))
             else:
@@ -578,42 +595,4 @@ def decide(config: Config, policy: str, vendor: str, method: str, path: str) -> 
 
 
 # --------------------------------------------------------------------------- egress
-
-
-def host_matches(host: str, patterns: Iterable[str]) -> bool:
-    """``host`` (a name or an IP) against names, ``*.domain`` and IPs/CIDRs."""
-    host = host.lower().rstrip(".")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    for p in patterns:
-        p = p.lower()
-        if p.startswith("*."):
-            if host.endswith(p[1:]):
-                return True
-        elif ip is not None and ("/" in p or _is_ip(p)):
-            try:
-                if ip in ipaddress.ip_network(p, strict=False):
-                    return True
-            except ValueError:
-                continue
-        elif host == p:
-            return True
-    return False
-
-
-def _is_ip(s: str) -> bool:
-    try:
-        ipaddress.ip_address(s)
-    except ValueError:
-        return False
-    return True
-
-
-def is_internal(ip: str) -> bool:
-    """Loopback, link-local (the cloud metadata service), private and other non-public ranges."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return not addr.is_global
+# (the matching itself is ``hosts``; re-exported here for the egress stage)

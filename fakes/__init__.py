@@ -34,9 +34,9 @@ max_completion_tokens / max_tokens / max_output_tokens, if given).
 """
 
 from fakes.base import prompt_tokens
-from fakes.server import FakeVendors, main
+from fakes.server import FakeVendors, free_port, main
 from fakes.shopify import shopify_decimal
 from fakes.stripe import stripe_params
 from fakes.twilio import sms_segments
 
-__all__ = ["FakeVendors", "main", "prompt_tokens", "shopify_decimal", "sms_segments", "stripe_params"]
+__all__ = ["FakeVendors", "free_port", "main", "prompt_tokens", "shopify_decimal", "sms_segments", "stripe_params"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -17,6 +18,14 @@ from urllib.parse import urlsplit
 from fakes import anthropic, openai, postmark, resend, shopify, stripe, twilio
 from fakes.base import JSON, BadRequest, Request, Response, Route, State, generic_error, json_response
 from fakes.stripe import STRIPE_API_VERSION
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for the fakes, a gateway, an admin listener):
+    the one copy tests, ``scripts/demo`` and ``scripts/bench`` use."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 RECORDED_BODY_BYTES = 4096
 

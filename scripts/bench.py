@@ -58,6 +58,9 @@ VENDOR_HOST = "api.stripe.com"
 PATH = "/v1/payment_intents/pi_x"
 REAL_STRIPE_KEY = "sk_test_51BENCHstripeSECRETnotReal0000"
 
+sys.path.insert(0, str(ROOT))  # the test-side fakes package lives at the root
+from fakes import free_port  # noqa: E402
+
 TARGETS = {
     "throughput_ratio_min": 0.90,  # spendgate req/s ÷ bare mitmdump req/s
     "p50_added_ms_max": 1.0,  # spendgate p50 − bare p50, at concurrency 1
@@ -68,12 +71,6 @@ TARGETS = {
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:

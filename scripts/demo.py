@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORK = ROOT / "data" / "demo"
+
+sys.path.insert(0, str(ROOT))  # the test-side fakes package lives at the root
+from fakes import free_port  # noqa: E402
 
 # Obviously fake "real" credentials: the fake vendors accept anything, and the demo
 # shows they never leave the gateway.
@@ -29,12 +31,6 @@ CREDENTIALS = {
     "RESEND_API_KEY": "re_demo_gateway_only_0000",
     "POSTMARK_SERVER_TOKEN": "00000000-0000-4000-8000-000000000000",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(path: Path, text: str, proc: subprocess.Popen, what: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from fakes import FakeVendors
+from fakes import FakeVendors, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -83,12 +82,6 @@ policies:
     budget: {{key_usd: 1}}
 egress: {{default: allow, allow: [], deny: ["blocked.example"]}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

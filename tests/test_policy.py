@@ -12,6 +12,7 @@ from mitmproxy import http
 
 from spendgate.policy import (
     ConfigError,
+    HostPattern,
     Rate,
     Rule,
     UnsafePath,
@@ -171,9 +172,9 @@ def test_credentials_resolve_from_env_and_file(tmp_path) -> None:  # noqa: ANN00
 
 
 def test_egress_helpers() -> None:
-    assert host_matches("api.example.com", ["*.example.com"])
-    assert host_matches("10.1.2.3", ["10.0.0.0/8"])
-    assert not host_matches("example.com", ["*.example.com"])
+    assert host_matches("api.example.com", [HostPattern.parse("*.example.com")])
+    assert host_matches("10.1.2.3", [HostPattern.parse("10.0.0.0/8")])
+    assert not host_matches("example.com", [HostPattern.parse("*.example.com")])
     for ip in ["127.0.0.1", "169.254.169.254", "10.0.0.1", "192.168.1.1", "::1", "::ffff:127.0.0.1", "fd00::1"]:
         assert is_internal(ip), ip
     assert not is_internal("8.8.8.8")
@@ -233,3 +234,43 @@ def test_header_dict_reads_headers_as_mitmproxy_does() -> None:
 
     h = http.Headers([(b"Idempotency-Key", b"a"), (b"X-One", "é".encode()), (b"idempotency-key", b"b")])
     assert header_dict(h) == {k.lower(): v for k, v in h.items()} == {"idempotency-key": "a, b", "x-one": "é"}
+
+
+def test_read_secret_is_the_one_reader_for_credentials_and_the_admin_token(tmp_path) -> None:  # noqa: ANN001
+    from spendgate.admin import resolve_token
+    from spendgate.policy import read_secret
+
+    f, empty, binary = tmp_path / "s", tmp_path / "e", tmp_path / "b"
+    f.write_text(" tok\n")
+    empty.write_text("\n")
+    binary.write_bytes(b"\xff\xfe\x00")
+    cases = {
+        "env:T": (("from-env", ""), "from-env"),
+        "env:UNSET": ((None, "environment variable UNSET is not set"), None),
+        "env:EMPTY": ((None, "environment variable EMPTY is not set"), None),
+        f"file:{f}": (("tok", ""), "tok"),
+        f"file:{empty}": ((None, f"{empty} is empty"), None),
+        f"file:{binary}": ((None, f"{binary} is not a text file"), None),
+        f"file:{tmp_path / 'no'}": ((None, f"cannot read {tmp_path / 'no'}: No such file or directory"), None),
+    }
+    env = {"T": "from-env", "EMPTY": ""}
+    for ref, (secret, token) in cases.items():
+        assert read_secret(ref, env) == secret, ref
+        assert resolve_token(ref, env) == token, ref
+
+
+def test_an_empty_credential_file_is_a_config_error(tmp_path) -> None:  # noqa: ANN001
+    empty = tmp_path / "key"
+    empty.write_text("")
+    cfg = parse_config(GOOD.replace("env:SG_TEST_STRIPE", f"file:{empty}"))
+    with pytest.raises(ConfigError, match=r"vendors\.stripe\.secret: .* is empty"):
+        resolve_credentials(cfg, environ={})
+
+
+def test_labels_parse_the_same_in_the_cli_and_the_admin_api() -> None:
+    from spendgate.keys import parse_labels
+
+    assert parse_labels(["run=42", "team=a=b", "empty="]) == {"run": "42", "team": "a=b", "empty": ""}
+    for bad in ["run", "=42"]:
+        with pytest.raises(ValueError, match="is not k=v"):
+            parse_labels([bad])

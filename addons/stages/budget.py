@@ -1,4 +1,4 @@
-"""Stage 4, budget: estimate the call before it is forwarded, and hold the money.
+"""Budget: estimate the call before it is forwarded, and hold the money.
 
 The estimate comes from the vendor module (``estimate(request)``). Every budget
 scope that applies (SPEC §3: per key, per key per day, per policy per day and per

@@ -1,4 +1,4 @@
-"""Stage 1, egress: decide at CONNECT time what happens to each tunnel.
+"""Egress: decide at CONNECT time what happens to each tunnel.
 
 Vendor hosts are intercepted (TLS terminated with our CA) so the later stages can
 see the request. Other hosts follow ``egress:``: tunnelled untouched, without

@@ -1,4 +1,4 @@
-"""Stage 2, identify: which vendor, which vault key, and is the key good.
+"""Identify: which vendor, which vault key, and is the key good.
 
 The vendor comes from the tunnel (the CONNECT target, which mitmproxy puts in
 ``flow.request.host`` inside it), never from the agent-controlled Host header;

@@ -1,4 +1,4 @@
-"""Stage 7, meter: the real cost of the call, from the vendor's response; settle the hold.
+"""Meter: the real cost of the call, from the vendor's response; settle the hold.
 
 Streamed (SSE) responses are priced chunk by chunk through ``flow.response.stream``
 (set in ``responseheaders``), so the stream reaches the agent unbuffered. A body that

@@ -1,4 +1,4 @@
-"""Stage 8, record: one ledger row per request, a one-line flow comment, a mark on refusals.
+"""Record: one ledger row per request, a one-line flow comment, a mark on refusals.
 
 Runs last, for every outcome: ``response`` (allowed, or refused by a stage),
 ``error`` (the vendor never answered) and ``http_connect`` (a refused tunnel).

@@ -1,4 +1,4 @@
-"""Stage 6, swap: vault key out, real credential in (on the wire only, see ``wire.py``).
+"""Swap: vault key out, real credential in (on the wire only, see ``wire.py``).
 
 Every header that could carry a key is removed (X-Vault-Key, the vendor's key
 headers, Authorization; identify already redacted a vault-key-shaped token anywhere

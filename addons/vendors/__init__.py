@@ -28,7 +28,3 @@ def vendor_for_host(host: str) -> Vendor | None:
         if vendor.serves(host):
             return vendor
     return None
-
-
-def get(name: str) -> Vendor:
-    return REGISTRY[name]

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 import yaml
 
+from ..hosts import normalize, wildcard_matches
 from ..money import Unpriceable
 
 CostStatus = Literal["parsed", "estimated", "zero", "unknown"]
@@ -223,14 +224,8 @@ class Vendor:
             return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
 
     def serves(self, host: str) -> bool:
-        host = host.lower().rstrip(".")
-        for pattern in self.hosts:
-            if pattern.startswith("*."):
-                if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
-                    return True
-            elif host == pattern:
-                return True
-        return False
+        host = normalize(host)
+        return any(wildcard_matches(host, pattern) for pattern in self.hosts)
 
 
 def bearer(token: str) -> str:
