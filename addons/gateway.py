@@ -34,6 +34,7 @@ from spendgate.stages.egress import Egress  # noqa: E402
 from spendgate.stages.identify import Identify  # noqa: E402
 from spendgate.stages.meter import Meter  # noqa: E402
 from spendgate.stages.models import Models  # noqa: E402
+from spendgate.stages.querykey import QueryKeyIn, QueryKeyOut  # noqa: E402
 from spendgate.stages.record import Record  # noqa: E402
 from spendgate.stages.swap import Swap  # noqa: E402
 
@@ -46,12 +47,14 @@ def make_addons() -> list[object]:
         metrics,
         Admin(runtime, metrics),
         Egress(runtime),
+        QueryKeyIn(),
         Identify(runtime),
         Authorize(runtime),
         Models(runtime),
         Budget(runtime),
         Approve(runtime),
         Swap(runtime),
+        QueryKeyOut(),
         Meter(runtime),
         Record(runtime),
     ]

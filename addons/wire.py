@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import copy as copy_module
 import dataclasses
+import re
 import secrets
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote
 
 import h2.config
 import h2.connection
@@ -76,16 +78,52 @@ def _real_fields(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, 
     return tuple(out) if out is not None else None
 
 
+def add_query(ref: str, param: str, value: str) -> None:
+    """Register the real value of query parameter ``param`` for ``ref``: a request target whose
+    ``param=`` holds the placeholder gets it on the wire (e.g. Gemini's ``?key=``)."""
+    _pending.setdefault(ref, {})[b"?" + param.encode()] = quote(value, safe="").encode()
+
+
+def move_to_query(ref: str, header: str, param: str) -> bool:
+    """Send the real value registered for ``header`` as query parameter ``param`` instead
+    (the caller moves the placeholder from the header to the URL). False if none is registered."""
+    real = _pending.get(ref, {}).get(header.lower().encode())
+    if real is None:
+        return False
+    add_query(ref, param, real.decode())
+    return True
+
+
+_QUERY_PLACEHOLDER = re.compile(rb"([?&])([^=&#]+)=" + re.escape(_PREFIX_B) + rb"[^&#:]*:([0-9a-f]+)(?=[&#]|$)")
+
+
+def _real_path(path: bytes) -> bytes | None:
+    """The request target with every registered query placeholder replaced (None: no change)."""
+    if _PREFIX_B not in path:
+        return None
+
+    def real(m: re.Match[bytes]) -> bytes:
+        value = _pending.get(m.group(3).decode(), {}).get(b"?" + m.group(2))
+        return m.group(0) if value is None else m.group(1) + m.group(2) + b"=" + value
+
+    out = _QUERY_PLACEHOLDER.sub(real, path)
+    return out if out != path else None
+
+
 def with_credentials(request: http.Request) -> http.Request:
     """A shallow copy of ``request`` whose head carries the real credential (or itself)."""
     fields = _real_fields(request.headers.fields)
-    if fields is None:
+    path = _real_path(request.data.path)
+    if fields is None and path is None:
         return request
     copy = http.Request.__new__(http.Request)
     copy.__dict__.update(request.__dict__)
     # copy.copy, not dataclasses.replace: replace re-runs mitmproxy's per-field type checks (~40 µs)
     copy.data = copy_module.copy(request.data)
-    copy.data.headers = http.Headers(fields)
+    if fields is not None:
+        copy.data.headers = http.Headers(fields)
+    if path is not None:
+        copy.data.path = path
     return copy
 
 

@@ -30,6 +30,8 @@ CREDENTIALS = {
     "TWILIO_AUTH_TOKEN": "e" * 32,
     "RESEND_API_KEY": "re_demo_gateway_only_0000",
     "POSTMARK_SERVER_TOKEN": "00000000-0000-4000-8000-000000000000",
+    "GEMINI_API_KEY": "AIza-demo-gateway-only-000000000000000",
+    "OPENROUTER_API_KEY": "sk-or-v1-demo-gateway-only-0000",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,31 @@ from harness import Gateway, start_gateway
 
 from fakes import FakeVendors
 
+GEMINI_KEY = "AIzaSyREALgeminiSECRETdoNotLeak000000000"
+OPENROUTER_KEY = "sk-or-v1-" + "f" * 64
+MISTRAL_KEY = "REALmistralSECRETdoNotLeak000000"
+
 POLICY = """\
 version: 1
 vendors:
   openai:    {{secret: env:OPENAI_API_KEY, upstream: "{up}"}}
   anthropic: {{secret: env:ANTHROPIC_API_KEY, upstream: "{up}"}}
+  gemini:    {{secret: env:GEMINI_API_KEY, upstream: "{up}"}}
+  openrouter: {{secret: env:OPENROUTER_API_KEY, upstream: "{up}"}}
+  mistral:   {{secret: env:MISTRAL_API_KEY, upstream: "{up}"}}
+  deepseek:  {{secret: env:MISTRAL_API_KEY, upstream: "{up}"}}
+  groq:      {{secret: env:MISTRAL_API_KEY, upstream: "{up}"}}
 policies:
+  providers:
+    vendors:
+      gemini:
+        allow: ["POST /v1beta/models/*", "POST /v1/models/*"]
+        models: {{allow: ["gemini-2.5-*", "gemini-2.0-*"]}}
+      openrouter: {{allow: ["POST /api/v1/chat/completions"]}}
+      mistral: {{allow: ["POST /v1/chat/completions"], models: {{deny: ["mistral-large-*"]}}}}
+      deepseek: {{allow: ["POST /chat/completions"]}}
+      groq: {{allow: ["POST /openai/v1/chat/completions"]}}
+    budget: {{key_usd: 10}}
   models:
     vendors:
       openai:
@@ -44,7 +64,9 @@ policies:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, fakes: FakeVendors, certs: Path) -> Iterator[Gateway]:
-    g = start_gateway(tmp_path_factory.mktemp("govern"), fakes, certs, POLICY.format(up=fakes.url))
+    g = start_gateway(tmp_path_factory.mktemp("govern"), fakes, certs, POLICY.format(up=fakes.url),
+                      env={"GEMINI_API_KEY": GEMINI_KEY, "OPENROUTER_API_KEY": OPENROUTER_KEY,
+                           "MISTRAL_API_KEY": MISTRAL_KEY})
     yield g
     g.stop()
 
@@ -130,3 +152,118 @@ def test_report_by_model(agent: Gateway) -> None:
     assert by["o1-pro"]["refused"] >= 1
     assert by["gpt-4o-mini"]["allowed"] >= 1
     assert by["claude-sonnet-4-5"]["spend_usd"] != "0"
+
+
+# --------------------------------------------------------------------------- Gemini, compatible providers
+
+
+def header(req: dict, name: str) -> str | None:
+    return next((v for k, v in req["headers"] if k.lower() == name.lower()), None)
+
+
+def no_secret_anywhere(gw: Gateway) -> None:
+    """The real keys are in no flow file, log line or ledger row (the flows are written as they end)."""
+    for path in (gw.flows, gw.log, Path(gw.db)):
+        data = path.read_bytes() if path.exists() else b""
+        for secret in (GEMINI_KEY, OPENROUTER_KEY, MISTRAL_KEY):
+            assert secret.encode() not in data, f"{secret[:8]}… leaked into {path.name}"
+
+
+def test_genai_sdk_key_in_header(agent: Gateway) -> None:
+    from google import genai
+
+    _, token = agent.issue("providers")
+    n, rows = len(agent.fakes.requests()), len(agent.calls())
+    client = genai.Client(api_key=token)
+    out = client.models.generate_content(model="gemini-2.5-flash", contents="Say hi")
+    assert out.usage_metadata.thoughts_token_count == 5
+    sent = seen_since(agent, n)
+    assert len(sent) == 1
+    assert header(sent[0], "x-goog-api-key") == GEMINI_KEY
+    assert "key=" not in sent[0]["query"]
+    row = agent.last_call(rows)
+    assert (row["vendor"], row["model"], row["cost_status"]) == ("gemini", "gemini-2.5-flash", "parsed")
+    assert row["path"].endswith("/models/gemini-2.5-flash:generateContent")
+    chunks = list(client.models.generate_content_stream(model="gemini-2.5-flash", contents="Say hi"))
+    assert chunks[-1].usage_metadata.candidates_token_count == 12
+    streamed = agent.last_call(rows + 1)
+    assert streamed["cost_status"] == "parsed" and streamed["cost_usd"] == row["cost_usd"]
+    with pytest.raises(genai.errors.ClientError) as e:
+        client.models.generate_content(model="gemini-3-pro-preview", contents="x")
+    assert e.value.code == 403 and "model_not_allowed" in str(e.value)
+    no_secret_anywhere(agent)
+
+
+def test_genai_sdk_key_in_the_query_goes_out_in_the_url_only(agent: Gateway) -> None:
+    import httpx
+    from google import genai
+    from google.genai import types
+
+    _, token = agent.issue("providers")
+    n, rows = len(agent.fakes.requests()), len(agent.calls())
+    # the SDK's own httpx client, with the key as ?key= on every request (the header holds no key)
+    http_client = httpx.Client(params={"key": token}, verify=agent.ca, proxy=agent.proxy)
+    client = genai.Client(api_key="unused", http_options=types.HttpOptions(httpx_client=http_client))
+    out = client.models.generate_content(model="gemini-2.0-flash", contents="hello there")
+    assert out.text
+    sent = seen_since(agent, n)
+    assert len(sent) == 1
+    assert f"key={GEMINI_KEY}" in sent[0]["query"]
+    assert header(sent[0], "x-goog-api-key") is None  # the key went where the agent put it: the URL
+    assert "vk_" not in json.dumps(sent)
+    row = agent.last_call(rows)
+    assert (row["decision"], row["model"], row["cost_status"]) == ("allow", "gemini-2.0-flash", "parsed")
+    assert "key" not in row["path"]
+    no_secret_anywhere(agent)
+
+
+def test_rest_key_in_query_with_sse_stream(agent: Gateway) -> None:
+    _, token = agent.issue("providers")
+    n, rows = len(agent.fakes.requests()), len(agent.calls())
+    with agent.client() as c:
+        r = c.post(f"https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+                   f"?alt=sse&key={token}", json={"contents": [{"parts": [{"text": "hi"}]}]})
+        assert r.status_code == 200 and r.text.count("data: ") == 12
+        bad = c.post("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent"
+                     f"?key={GEMINI_KEY}", json={"contents": []})
+    assert bad.status_code == 403 and bad.headers["x-spendgate-reason"] == "raw_credential"
+    sent = seen_since(agent, n)
+    assert len(sent) == 1 and sent[0]["query"] == f"alt=sse&key={GEMINI_KEY}"
+    rows_now = agent.calls(rows + 2)
+    assert rows_now[rows]["cost_status"] == "parsed"
+    assert rows_now[rows + 1]["reason"] == "raw_credential"
+    no_secret_anywhere(agent)
+
+
+def test_openai_sdk_against_compatible_providers(agent: Gateway) -> None:
+    import openai
+
+    _, token = agent.issue("providers")
+    n, rows = len(agent.fakes.requests()), len(agent.calls())
+    msg = [{"role": "user", "content": "hi"}]
+    router = openai.OpenAI(api_key=token, base_url="https://openrouter.ai/api/v1", max_retries=0)
+    router.chat.completions.create(model="openai/gpt-4o-mini", max_tokens=5, messages=msg)
+    mistral = openai.OpenAI(api_key=token, base_url="https://api.mistral.ai/v1", max_retries=0)
+    mistral.chat.completions.create(model="mistral-small-latest", max_tokens=5, messages=msg)
+    deepseek = openai.OpenAI(api_key=token, base_url="https://api.deepseek.com", max_retries=0)
+    deepseek.chat.completions.create(model="deepseek-chat", max_tokens=5, messages=msg)
+    groq = openai.OpenAI(api_key=token, base_url="https://api.groq.com/openai/v1", max_retries=0)
+    stream = groq.chat.completions.create(model="llama-3.3-70b-versatile", max_tokens=5, messages=msg,
+                                          stream=True, stream_options={"include_usage": True})
+    assert sum(1 for _ in stream) > 1
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        mistral.chat.completions.create(model="mistral-large-latest", max_tokens=5, messages=msg)
+    assert e.value.body["code"] == "model_not_allowed"  # type: ignore[index]
+    sent = seen_since(agent, n)
+    assert [header(s, "authorization") for s in sent] == [
+        f"Bearer {OPENROUTER_KEY}", f"Bearer {MISTRAL_KEY}", f"Bearer {MISTRAL_KEY}", f"Bearer {MISTRAL_KEY}"]
+    got = agent.calls(rows + 5)[rows:]
+    assert [r["vendor"] for r in got] == ["openrouter", "mistral", "deepseek", "groq", "mistral"]
+    router_row = got[0]
+    assert router_row["cost_status"] == "parsed" and "reported by openrouter" in router_row["note"]
+    usage = json.loads(sent[0]["body"])  # the request; the fake charged $1/M prompt + $2/M completion
+    assert usage["model"] == "openai/gpt-4o-mini"
+    assert Decimal(router_row["cost_usd"]) < Decimal("0.001")
+    assert got[2]["cost_status"] == "parsed" and got[3]["cost_status"] == "parsed"
+    assert got[4]["reason"] == "model_not_allowed"
+    no_secret_anywhere(agent)

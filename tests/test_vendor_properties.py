@@ -53,6 +53,19 @@ REQUESTS: dict[str, list[RequestView]] = {
                 json_request(GQL, {"query": "mutation M($i: RefundInput!) { refundCreate(input: $i) { x } }",
                                    "variables": {"i": {"transactions": [{"amount": "10.0"}]}}}),
                 json_request("/admin/api/2025-01/orders/1/refunds.json", {"refund": {}})],
+    "gemini": [json_request("/v1beta/models/gemini-2.5-flash:generateContent",
+                            {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 9}}),
+               json_request("/v1beta/models/gemini-2.5-pro:streamGenerateContent", {"contents": []}),
+               json_request("/v1beta/models/gemini-embedding-001:embedContent", {"content": {}}),
+               json_request("/v1beta/models/x:countTokens", {}),
+               json_request("/v1beta/models/x:batchGenerateContent", b"junk")],
+    **{name: [json_request(path, {"model": "m", "max_tokens": 10}),
+              json_request(path, {"model": 3, "max_tokens": "x", "stream": True}),
+              json_request("/v1/embeddings", {"model": "e", "input": "x"})]
+       for name, path in (("mistral", "/v1/chat/completions"), ("groq", "/openai/v1/chat/completions"),
+                          ("deepseek", "/chat/completions"), ("xai", "/v1/chat/completions"),
+                          ("together", "/v1/chat/completions"), ("fireworks", "/inference/v1/chat/completions"),
+                          ("openrouter", "/api/v1/chat/completions"))},
 }
 PRICES = [
     Prices(),
@@ -76,7 +89,10 @@ KEYS = (
     "transactions", "kind", "refund_line_items", "subtotal", "subtotal_set", "total_tax", "shop_money",
     "currency_code", "totalRefundedSet", "shopMoney", "presentmentMoney", "currencyCode",
     "appUsageRecordCreate", "appUsageRecord", "refundCreate", "userErrors", "appSubscriptionCreate",
-    "extensions",
+    "extensions", "cost", "prompt_cache_hit_tokens", "completion_tokens_details", "reasoning_tokens",
+    "usageMetadata", "promptTokenCount", "candidatesTokenCount", "cachedContentTokenCount",
+    "thoughtsTokenCount", "toolUsePromptTokenCount", "modelVersion", "candidates", "promptFeedback",
+    "blockReason",
 )
 STATUSES = (
     "succeeded", "requires_capture", "processing", "canceled", "failed", "pending", "paid", "queued",

@@ -17,9 +17,10 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name == "base" or _info.name.startswith("_"):
         continue
     _module = importlib.import_module(f"{__name__}.{_info.name}")
-    _vendor = getattr(_module, "VENDOR", None)
-    if isinstance(_vendor, Vendor):
-        REGISTRY[_vendor.name] = _vendor
+    # a module defines VENDOR, or VENDORS for several built on one mechanism (compatible.py)
+    for _vendor in (getattr(_module, "VENDOR", None), *getattr(_module, "VENDORS", ())):
+        if isinstance(_vendor, Vendor):
+            REGISTRY[_vendor.name] = _vendor
 
 
 def vendor_for_host(host: str) -> Vendor | None:

@@ -200,6 +200,11 @@ class Vendor:
     # "unknown" cost; empty means a 5xx billed nothing.
     server_error_unknown: str = ""
     llm: Any = None  # an LLMShape (vendors/_models.py): where requests name a model and output limit
+    # Query parameters that carry a key, and the key header each stands for (Gemini: ?key= is
+    # x-goog-api-key). stages/querykey.py reads them as that header and, if the agent used the
+    # query (or ``query_only``), puts the real key back in the URL on the wire only.
+    key_query: Mapping[str, str] = field(default_factory=dict)
+    query_only: bool = False
 
     def estimate(self, req: RequestView, prices: Prices) -> Estimate:
         """What ``req`` may cost. Raises only ``Unpriceable`` (the pipeline refuses with 402);
