@@ -7,11 +7,11 @@ list in-process (refusals, clamps, report-only mode, ledger rows), then policy e
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-from inproc import Pipeline, make_flow, reason
 
+from spendgate.pipeline import Pipeline, response, vendor_flow
 from spendgate.policy import ConfigError, parse_config
 from spendgate.vendors import REGISTRY
 from spendgate.vendors._models import ANTHROPIC, GEMINI, Ambiguous, gemini_target, openai_shape
@@ -144,19 +144,25 @@ policies:
         max_output_tokens: 100
         clamp: true
 """
+OK_CHAT = response(200, json.dumps({"model": "gpt-4o-mini-2024-07-18", "choices": [],
+                                    "usage": {"prompt_tokens": 10, "completion_tokens": 5}}))
 
 
 @pytest.fixture
-def pipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-proj-real")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
-    p = Pipeline(tmp_path, POLICY)
-    with p.running():
-        yield p
+def pipe(pipeline: Callable[..., Pipeline]) -> Pipeline:
+    return pipeline(POLICY)
 
 
-def chat(token: str, body: dict, path: str = "/v1/chat/completions", host: str = "api.openai.com"):
-    return make_flow("POST", f"https://{host}{path}", headers={"Authorization": f"Bearer {token}"}, body=body)
+def chat(token: str, body: dict | bytes, path: str = "/v1/chat/completions", host: str = "api.openai.com",
+         ctype: str = "application/json"):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return vendor_flow("POST", f"https://{host}{path}", {"Authorization": f"Bearer {token}", "Content-Type": ctype},
+                       raw)
+
+
+def messages(token: str, body: dict):
+    return vendor_flow("POST", "https://api.anthropic.com/v1/messages",
+                       {"x-api-key": token, "Content-Type": "application/json"}, json.dumps(body))
 
 
 @pytest.mark.parametrize(("body", "code"), [
@@ -170,75 +176,64 @@ def chat(token: str, body: dict, path: str = "/v1/chat/completions", host: str =
     ({"model": "gpt-4o-mini", "max_tokens": 10, "max_completion_tokens": 5000}, "output_limit_exceeded"),
 ])
 def test_openai_decisions(pipe: Pipeline, body: dict, code: str | None) -> None:
-    flow = pipe.run(chat(pipe.token("strict"), body))
-    assert reason(flow) == code
+    out = pipe.run(chat(pipe.issue_key("strict"), body), OK_CHAT)
+    assert out.reason == code
+    assert out.refused == bool(code)
     if code:
-        assert flow.response.status_code == 403
-        err = json.loads(flow.response.content)["error"]
+        assert out.status == 403
+        err = json.loads(out.flow.response.content)["error"]
         assert err["code"] == code and err["type"] == "spendgate_error" and err["policy"] == "strict"
 
 
 def test_duplicate_model_key_is_refused(pipe: Pipeline) -> None:
-    flow = make_flow("POST", "https://api.openai.com/v1/chat/completions",
-                     headers={"Authorization": f"Bearer {pipe.token('strict')}", "Content-Type": "application/json"},
-                     body=b'{"model": "gpt-4o-mini", "max_tokens": 5, "model": "o1-pro"}')
-    assert reason(pipe.run(flow)) == "model_not_allowed"
+    out = pipe.run(chat(pipe.issue_key("strict"), b'{"model": "gpt-4o-mini", "max_tokens": 5, "model": "o1-pro"}'))
+    assert out.reason == "model_not_allowed" and out.refused
 
 
 def test_multipart_model_is_checked(pipe: Pipeline) -> None:
+    token = pipe.issue_key("strict")
     body, ctype = multipart([("model", "gpt-4o-transcribe")])
-    flow = make_flow("POST", "https://api.openai.com/v1/audio/transcriptions",
-                     headers={"Authorization": f"Bearer {pipe.token('strict')}", "Content-Type": ctype}, body=body)
-    assert reason(pipe.run(flow)) == "model_not_allowed"
+    assert pipe.run(chat(token, body, "/v1/audio/transcriptions", ctype=ctype)).reason == "model_not_allowed"
     body, ctype = multipart([("model", "whisper-1")])
-    flow = make_flow("POST", "https://api.openai.com/v1/audio/transcriptions",
-                     headers={"Authorization": f"Bearer {pipe.token('strict')}", "Content-Type": ctype}, body=body)
-    assert reason(pipe.run(flow)) is None
+    out = pipe.run(chat(token, body, "/v1/audio/transcriptions", ctype=ctype), response(200, '{"text": "hi"}'))
+    assert out.status == 200 and out.row["model"] == "whisper-1"
 
 
 def test_clamp_rewrites_and_the_estimate_uses_the_ceiling(pipe: Pipeline) -> None:
-    token = pipe.token("strict")
-    big = pipe.run(make_flow("POST", "https://api.anthropic.com/v1/messages", headers={"x-api-key": token},
-                             body={"model": "claude-sonnet-4-5", "max_tokens": 64000, "messages": []}))
-    assert big.response is None
-    assert json.loads(big.request.content)["max_tokens"] == 256
-    call = pipe.call(big)
-    assert "256 output tokens" in call.estimate.basis
-    assert call.model == "claude-sonnet-4-5"
-    assert any("clamped max_tokens=64000 to 256" in n for n in call.notes)
-    small = pipe.run(make_flow("POST", "https://api.anthropic.com/v1/messages", headers={"x-api-key": token},
-                               body={"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}))
-    assert json.loads(small.request.content)["max_tokens"] == 10 and not pipe.call(small).notes
-    denied = pipe.run(make_flow("POST", "https://api.anthropic.com/v1/messages", headers={"x-api-key": token},
-                                body={"model": "claude-opus-4-1", "max_tokens": 10, "messages": []}))
-    assert reason(denied) == "model_not_allowed"
+    token = pipe.issue_key("strict")
+    answer = response(200, json.dumps({"model": "claude-sonnet-4-5", "usage": {"input_tokens": 5, "output_tokens": 5}}))
+    big = pipe.run(messages(token, {"model": "claude-sonnet-4-5", "max_tokens": 64000, "messages": []}), answer)
+    assert big.status == 200
+    assert json.loads(big.forwarded.content)["max_tokens"] == 256  # what the vendor got
+    assert "256 output tokens" in big.call.estimate.basis
+    assert big.row["model"] == "claude-sonnet-4-5"
+    assert "clamped max_tokens=64000 to 256" in big.row["note"]
+    assert "clamped max_tokens=64000 to 256" in big.flow.comment
+    small = pipe.run(messages(token, {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}), answer)
+    assert json.loads(small.forwarded.content)["max_tokens"] == 10 and "clamped" not in small.row["note"]
+    denied = pipe.run(messages(token, {"model": "claude-opus-4-1", "max_tokens": 10, "messages": []}))
+    assert denied.reason == "model_not_allowed"
 
 
 def test_report_mode_records_would_deny_and_changes_nothing(pipe: Pipeline) -> None:
-    token = pipe.token("shadow")
     body = {"model": "o1-pro", "max_tokens": 5000, "messages": []}
-    flow = pipe.run(chat(token, body))
-    assert flow.response is None  # forwarded
-    assert json.loads(flow.request.content) == body  # not clamped in report-only mode
-    call = pipe.call(flow)
-    assert call.decision == "would_deny"
-    assert [d.code for d in call.would_deny] == ["model_not_allowed", "output_limit_exceeded"]
-    pipe.respond(flow, 200, {"model": "o1-pro", "usage": {"prompt_tokens": 5, "completion_tokens": 5}})
-    row = pipe.rows()[-1]
-    assert (row["decision"], row["reason"], row["model"]) == ("would_deny", "model_not_allowed", "o1-pro")
+    out = pipe.run(chat(pipe.issue_key("shadow"), body), OK_CHAT)
+    assert out.status == 200
+    assert json.loads(out.forwarded.content) == body  # not clamped in report-only mode
+    assert [d.code for d in out.call.would_deny] == ["model_not_allowed", "output_limit_exceeded"]
+    assert (out.row["decision"], out.row["reason"], out.row["model"]) == ("would_deny", "model_not_allowed", "o1-pro")
 
 
 def test_ledger_has_the_model_and_the_refusal(pipe: Pipeline) -> None:
-    token = pipe.token("strict")
-    ok = pipe.run(chat(token, {"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}))
-    pipe.respond(ok, 200, {"model": "gpt-4o-mini-2024-07-18", "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
-    pipe.run(chat(token, {"model": "o1-pro", "max_tokens": 5}))
-    rows = pipe.rows()
-    assert [(r["decision"], r["reason"], r["model"], r["status"]) for r in rows[-2:]] == [
+    token = pipe.issue_key("strict")
+    ok = pipe.run(chat(token, {"model": "gpt-4o-mini", "max_tokens": 5, "messages": []}), OK_CHAT)
+    no = pipe.run(chat(token, {"model": "o1-pro", "max_tokens": 5}))
+    assert [(r.row["decision"], r.row["reason"], r.row["model"], r.row["status"]) for r in (ok, no)] == [
         ("allow", None, "gpt-4o-mini", 200), ("deny", "model_not_allowed", "o1-pro", 403)]
+    pipe.flush()
     from spendgate import reports
 
-    by_model = {r["model"]: r for r in reports.spend(pipe.db, by="model")}
+    by_model = {r["model"]: r for r in reports.spend(str(pipe.runtime.store.path), by="model")}
     assert by_model["o1-pro"]["refused"] == 1 and by_model["gpt-4o-mini"]["allowed"] == 1
     assert by_model["gpt-4o-mini"]["spend_usd"] != "0"
 
