@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
-from vendor_fixtures import cost_of, load_json, load_request, needs_fixtures, raw
+from vendor_fixtures import cost_of, load_json, load_request, load_response, needs_fixtures, raw
 
 from spendgate.money import Unpriceable
 from spendgate.vendors.base import Estimate, Prices, RequestView
@@ -213,3 +214,61 @@ def test_junk_amount_falls_back_to_the_policy_default() -> None:
 
 def test_stripe_does_not_stream() -> None:
     assert VENDOR.stream_meter(CREATE_PI, FX, Estimate(usd=Decimal(0))) is None
+
+
+# --- exactly once: replays and captures -------------------------------------------------------
+
+
+@needs_fixtures
+def test_an_idempotent_replay_moved_no_new_money() -> None:
+    req = load_request("stripe", "payment_intent_create_jpy.request.txt")
+    resp = load_response("stripe", "payment_intent_replayed.response.txt")
+    assert resp.headers["idempotent-replayed"] == "true"
+    cost = VENDOR.cost(req, resp, FX, VENDOR.estimate(req, FX))
+    assert (cost.status, cost.usd) == ("zero", 0) and "replay" in cost.note
+    # the same body without the header is the first call: ¥1500
+    first = VENDOR.cost(req, replace(resp, headers={}), FX, VENDOR.estimate(req, FX))
+    assert (first.status, first.amount) == ("parsed", Decimal(1500))
+
+
+@needs_fixtures
+def test_a_multicapture_costs_what_this_call_captured() -> None:
+    req = load_request("stripe", "payment_intent_capture_multicapture.request.txt")
+    eur = Prices(fx={"EUR": Decimal("1.08")}, overrides={"stripe": {"default_currency": "eur"}})
+    assert VENDOR.estimate(req, eur).usd == Decimal("10.00") * Decimal("1.08")
+    cost = cost_of(VENDOR, req, raw("stripe", "payment_intent_multicapture_partial.derived.json"), eur)
+    # not amount_capturable (20.00 still held) nor anything cumulative
+    assert (cost.status, cost.currency, cost.amount) == ("parsed", "EUR", Decimal("10.00"))
+
+
+@needs_fixtures
+def test_a_capture_is_bounded_by_what_the_response_says_was_received() -> None:
+    pi = load_json("stripe", "payment_intent_partially_captured_eur.derived.json")  # received 1500
+    req = form("/v1/payment_intents/pi_1/capture", "amount_to_capture=5000")
+    assert cost_of(VENDOR, req, json.dumps(pi).encode(), FX).amount == Decimal("15.00")
+    full = form("/v1/payment_intents/pi_1/capture", "")
+    assert cost_of(VENDOR, full, json.dumps(pi).encode(), FX).amount == Decimal("15.00")
+
+
+def test_a_charge_capture_costs_its_amount_bounded_by_amount_captured() -> None:
+    charge = {"object": "charge", "amount": 5000, "amount_captured": 3000, "captured": True,
+              "currency": "usd", "status": "succeeded"}
+    req = form("/v1/charges/ch_1/capture", "amount=3000")
+    assert cost_of(VENDOR, req, json.dumps(charge).encode(), FX).usd == Decimal("30.00")
+
+
+@pytest.mark.parametrize("path", ["/v1/customers", "/v1/customers/cus_1", "/v1/checkout/sessions",
+                                  "/v1/payment_intents/pi_1/cancel", "/v1/invoices/in_1/finalize",
+                                  "/v1/products", "/v1/setup_intents"])
+def test_listed_free_endpoints_hold_nothing(path: str) -> None:
+    assert VENDOR.estimate(form(path, "x=1"), FX) == Estimate(usd=Decimal(0))
+
+
+@pytest.mark.parametrize("path", ["/v1/identity/verification_sessions", "/v1/issuing/cards",
+                                  "/v1/treasury/outbound_payments", "/v1/climate/orders",
+                                  "/v1/subscriptions/sub_1", "/v1/brand_new_money_thing"])
+def test_unlisted_posts_move_money_for_an_unknown_amount(path: str) -> None:
+    est = VENDOR.estimate(form(path, "x=1"), FX)
+    assert (est.usd, est.moves_money) == (None, True)
+    cost = cost_of(VENDOR, form(path, "x=1"), b'{"object": "something", "id": "x_1"}', FX)
+    assert (cost.status, cost.usd) == ("unknown", None)

@@ -126,8 +126,8 @@ RESPONSES = [
     ("messages_list_page.json", RequestView("GET", f"{BASE}/Messages.json"), 200, "parsed", Decimal("0.015")),
     ("call_fetch_completed_usd.json", RequestView("GET", f"{BASE}/Calls/CA1.json"), 200, "parsed",
      Decimal("0.2")),
-    # canceled, yet priced: the price wins
-    ("call_update_canceled_priced.json", RequestView("POST", f"{BASE}/Calls/CA1.json"), 200, "parsed",
+    # canceled, yet priced: the price wins (read back; the POST that canceled it is not new spend)
+    ("call_update_canceled_priced.json", RequestView("GET", f"{BASE}/Calls/CA1.json"), 200, "parsed",
      Decimal("0.03")),
     # -0.100 JPY is a tenth of a yen (a decimal string, not minor units): 0.200 + 0.100 × 0.0067
     ("calls_list_includes_jpy.json", RequestView("GET", f"{BASE}/Calls.json"), 200, "parsed",
@@ -206,11 +206,76 @@ def test_unanswered_calls_with_null_price_are_zero(status: str) -> None:
 
 
 def test_unpriced_post_is_unknown_and_reads_are_zero() -> None:
-    body = json.dumps({"sid": "VE1", "status": "pending"}).encode()
-    verify = RequestView("POST", "/v2/Services/VA1/Verifications")
-    assert cost_of(VENDOR, verify, body, estimate=Estimate(usd=Decimal(0))).status == "unknown"
+    body = json.dumps({"sid": "FN1", "status": "active"}).encode()
+    studio = RequestView("POST", "/v2/Flows/FW1/Executions")  # runs a flow that may send and call
+    est = VENDOR.estimate(studio, Prices())
+    assert (est.usd, est.moves_money) == (None, True) and "amount unknown" in est.basis
+    assert cost_of(VENDOR, studio, body).status == "unknown"
+    assert cost_of(VENDOR, studio, body, estimate=Estimate(usd=Decimal(0))).status == "unknown"
     assert cost_of(VENDOR, RequestView("GET", f"{BASE}.json"), body).status == "zero"
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", ["call_update_canceled_priced.json", "message_redacted_price_null_unit_usd.json",
+                                  "message_fetch_sent_priced_usd.json"])
+def test_an_update_to_an_existing_sid_is_not_new_spend(name: str) -> None:
+    """A redaction (Body="") or a cancel POSTed to Messages/SM….json / Calls/CA….json echoes the
+    price the resource was billed when created: counting it again would double it."""
+    obj = load_json("twilio", name)
+    collection = "Calls" if obj["sid"].startswith("CA") else "Messages"
+    req = RequestView("POST", f"{BASE}/{collection}/{obj['sid']}.json", "", {}, b"Body=")
+    assert VENDOR.estimate(req, Prices()) == Estimate(usd=Decimal(0))
+    cost = cost_of(VENDOR, req, raw("twilio", name))
+    assert (cost.status, cost.usd) == ("zero", 0)
+    assert "not new spend" in cost.note
+    if obj.get("price"):
+        assert obj["price"] in cost.note
 
 
 def test_twilio_does_not_stream() -> None:
     assert VENDOR.stream_meter(SEND, Prices(), Estimate(usd=Decimal(0))) is None
+
+
+# --- Verify (verify.twilio.com) ---------------------------------------------------------------
+
+VERIFY = rate(TABLE, "verify_usd_per_success")
+
+
+@needs_fixtures
+def test_verify_start_is_held_at_its_channel_message_and_estimated_after() -> None:
+    req = load_request("twilio", "verify_start.request.txt")
+    est = VENDOR.estimate(req, Prices())
+    assert (est.usd, est.moves_money) == (SMS, True)
+    cost = cost_of(VENDOR, req, raw("twilio", "verify_start_sms.json"))
+    assert (cost.status, cost.usd) == ("estimated", SMS)
+
+
+@needs_fixtures
+def test_verify_start_by_whatsapp_costs_a_whatsapp_message() -> None:
+    req = RequestView("POST", "/v2/Services/VA1/Verifications", "", {}, b"To=%2B15017122661&Channel=whatsapp")
+    assert VENDOR.estimate(req, Prices()).usd == WHATSAPP
+    cost = cost_of(VENDOR, req, raw("twilio", "verify_start_whatsapp.json"))
+    assert (cost.status, cost.usd) == ("estimated", WHATSAPP)
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("name", "status", "usd"), [
+    ("verify_check_approved.json", "parsed", VERIFY),
+    ("verify_check_pending.derived.json", "zero", Decimal(0)),
+])
+def test_verify_check_costs_the_success_fee_only_when_approved(name: str, status: str, usd: Decimal) -> None:
+    req = load_request("twilio", "verify_check.request.txt")
+    assert VENDOR.estimate(req, Prices()).usd == VERIFY == Decimal("0.05")
+    cost = cost_of(VENDOR, req, raw("twilio", name))
+    assert (cost.status, cost.usd) == (status, usd)
+
+
+def test_verify_services_and_deletes_are_free_other_posts_are_not() -> None:
+    free = [RequestView("POST", "/v2/Services", "", {}, b"FriendlyName=x"),
+            RequestView("DELETE", f"{BASE}/Messages/SM1.json"),
+            RequestView("POST", f"{BASE}/Keys.json")]
+    for req in free:
+        assert VENDOR.estimate(req, Prices()) == Estimate(usd=Decimal(0)), req.path
+    paid = RequestView("POST", f"{BASE}/IncomingPhoneNumbers.json", "", {}, b"PhoneNumber=%2B15005550006")
+    est = VENDOR.estimate(paid, Prices())
+    assert (est.usd, est.moves_money) == (None, True)

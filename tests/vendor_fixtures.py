@@ -54,6 +54,19 @@ def parse_request(text: bytes) -> RequestView:
     return RequestView(method, path, query, headers, body.rstrip(b"\n"))
 
 
+def load_response(vendor: str, name: str) -> ResponseView:
+    """An HTTP/1.1 response as text (status line, headers, blank line, body) → ResponseView."""
+    text = raw(vendor, name).replace(b"\r\n", b"\n")
+    head, _, body = text.partition(b"\n\n")
+    lines = head.decode().split("\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name_, _, value = line.partition(":")
+        headers[name_.strip().lower()] = value.strip()
+    return ResponseView(status, headers, body.rstrip(b"\n"))
+
+
 def load_request(vendor: str, name: str) -> RequestView:
     return parse_request(raw(vendor, name))
 

@@ -46,7 +46,7 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
     req = flow.request
     path, _, query = req.path.partition("?")
     return RequestView(
-        method=req.method.upper(), path=path, query=query,
+        method=req.method.upper(), path=path, query=query, host=req.host,
         headers=header_dict(req.headers),
         body=req.get_content(strict=False) or b"",
     )
@@ -69,15 +69,23 @@ def budget_caps(policy_name: str, policy: Policy, key: KeyRecord, at: datetime) 
     return caps
 
 
-def with_default(estimate: Estimate, rules: VendorRules | None) -> Estimate:
-    """A request that moves money without saying how much: use the policy's default."""
+def with_default(estimate: Estimate, rules: VendorRules | None) -> Estimate | None:
+    """A request that moves money without saying how much: hold the policy's
+    ``default_estimate_usd``, else its ``max_request_usd``; ``None`` when neither is set
+    (the call is refused 402 ``unpriceable``: it is never forwarded on a $0 hold)."""
     default = rules and (rules.default_estimate_usd or rules.max_request_usd)
+    if not default:
+        return None
     return Estimate(
-        usd=default or Decimal(0), moves_money=estimate.moves_money, currency=estimate.currency,
-        amount=estimate.amount,
-        basis=(f"no amount in the request; policy default {fmt_usd(default)}" if default
-               else "no amount in the request and no default_estimate_usd: counted as $0"),
+        usd=default, moves_money=estimate.moves_money, currency=estimate.currency, amount=estimate.amount,
+        basis=f"{estimate.basis or 'no amount in the request'}; policy default {fmt_usd(default)}",
     )
+
+
+def unpriceable_message(vendor: str, policy: str, estimate: Estimate) -> str:
+    return (f"{estimate.basis or 'this call moves money but its amount is unknown'}; set "
+            f"policies.{policy}.vendors.{vendor}.default_estimate_usd (or max_request_usd) "
+            "to hold that amount for such calls")
 
 
 class LoopBreaker:
@@ -137,13 +145,22 @@ class Budget:
         vendor = REGISTRY[call.vendor or ""]
         rules = policy.vendors.get(vendor.name)
         view = call.view = request_view(flow)  # the meter stage reads it again
+        fx_missing = False
         try:
             estimate = vendor.estimate(view, prices)
         except Unpriceable as e:
+            fx_missing = True
             estimate = call.estimate = Estimate(usd=None, moves_money=True, currency=e.currency, basis=str(e))
             yield Deny("unpriceable", str(e))
         if estimate.usd is None:
-            estimate = with_default(estimate, rules)
+            held = with_default(estimate, rules)
+            if held is None:
+                call.estimate = estimate
+                if not fx_missing:
+                    yield Deny("unpriceable", unpriceable_message(vendor.name, call.key.policy, estimate),
+                               "default_estimate_usd: not set")
+                held = Estimate(usd=Decimal(0), moves_money=True, basis=estimate.basis)  # report mode goes on
+            estimate = held
         call.estimate = estimate
         call.estimated_nanos = nanos = to_nanos(estimate.usd)
 

@@ -45,6 +45,15 @@ from .base import (
 )
 
 _CACHE_1H = re.compile(rb'"ttl"\s*:\s*"1h"')
+# Non-reads that bill nothing. Any other POST (a new paid endpoint) holds the policy's default.
+FREE = (
+    "POST /v1/messages/count_tokens",
+    "POST /v1/messages/batches/*/cancel",
+    "POST /v1/files",
+    "POST /v1/skills/**",
+    "POST /v1/organizations/**",  # Admin API: keys, members, workspaces
+    "DELETE /**",
+)
 
 
 def _kind(req: RequestView) -> str | None:
@@ -262,6 +271,7 @@ VENDOR = Vendor(
     credential_headers=lambda c: {"x-api-key": c["secret"]},
     estimator=_estimate,
     parser=_cost,
+    free=FREE,
     stream_meter=stream_meter,
     prices=load_prices("anthropic"),
     llm=ANTHROPIC,

@@ -36,6 +36,7 @@ class RequestView:
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
+    host: str = ""  # the vendor host the call goes to (one module may serve several)
 
     @cached_property
     def json(self) -> Any:
@@ -124,6 +125,27 @@ class Estimate:
 
 NO_COST = Estimate(usd=Decimal(0))
 
+READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def endpoint_patterns(*lines: str) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """``"POST /v1/files/**"``-style lines (the policy's syntax: ``*`` one path segment,
+    ``**`` any rest, ``*`` as method any method) compiled to (method, regex) pairs."""
+    out = []
+    for line in lines:
+        method, _, path = line.partition(" ")
+        parts = []
+        for segment in path.strip().split("/"):
+            if segment == "**":
+                parts.append(".*")
+            elif segment == "*":
+                parts.append("[^/]+")
+            else:  # "Keys*" matches "Keys" and "Keys.json"
+                parts.append("[^/]*".join(re.escape(piece) for piece in segment.split("*")))
+        regex = "/".join(parts).replace("/.*", "(?:/.*)?")  # "/x/**" matches "/x" too
+        out.append((method.upper(), re.compile(regex + "/?", re.IGNORECASE)))
+    return tuple(out)
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -196,6 +218,11 @@ class Vendor:
     parser: CostParser = _unknown_cost
     stream_meter: Callable[[RequestView, Prices, Estimate], StreamMeter | None] = _no_stream
     prices: Mapping[str, Any] = field(default_factory=dict)
+    # Non-read endpoints that move no money, listed explicitly ("POST /v1/moderations").
+    # A non-read the estimator does not price and this list does not name is "moves money,
+    # amount unknown": the policy's default estimate is held, and its cost is unknown
+    # (settled at that estimate), never $0.
+    free: tuple[str, ...] = ()
     # A 5xx may still have acted (Stripe: "may or may not have succeeded"): the note for an
     # "unknown" cost; empty means a 5xx billed nothing.
     server_error_unknown: str = ""
@@ -206,15 +233,44 @@ class Vendor:
     key_query: Mapping[str, str] = field(default_factory=dict)
     query_only: bool = False
 
+    @cached_property
+    def _free(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
+        return endpoint_patterns(*self.free)
+
+    def is_free(self, req: RequestView) -> bool:
+        """A read, or a non-read listed in ``free``."""
+        method = req.method.upper()
+        if method in READS:
+            return True
+        return any(m in ("*", method) and p.fullmatch(req.path) for m, p in self._free)
+
     def estimate(self, req: RequestView, prices: Prices) -> Estimate:
         """What ``req`` may cost. Raises only ``Unpriceable`` (the pipeline refuses with 402);
-        junk in the request gives "amount unknown", so the policy's default estimate applies."""
+        junk in the request, or an endpoint neither priced nor listed as free, gives
+        "moves money, amount unknown", so the policy's default estimate applies."""
         try:
-            return self.estimator(req, prices)
+            est = self.estimator(req, prices)
         except Unpriceable:
             raise
         except Exception as e:
             return Estimate(usd=None, moves_money=True, basis=f"request not readable ({type(e).__name__})")
+        if est.moves_money or est.usd or self.is_free(req):
+            return est
+        return Estimate(usd=None, moves_money=True, basis=self._unpriced_basis(req))
+
+    def unpriced(self, req: RequestView, prices: Prices) -> bool:
+        """A non-read this module neither prices nor lists as free."""
+        if self.is_free(req):
+            return False
+        try:
+            est = self.estimator(req, prices)
+        except Exception:
+            return True
+        return not (est.moves_money or est.usd)
+
+    def _unpriced_basis(self, req: RequestView) -> str:
+        return (f"{req.method.upper()} {req.path[:120]}: an endpoint {self.name} pricing does not know "
+                "and does not list as free; moves money, amount unknown")
 
     def cost(self, req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
         """The cost of a non-streamed response: never raises, never negative or absurd."""
@@ -224,9 +280,13 @@ class Vendor:
             label = resp.error_label() if resp.status >= 400 else "nothing billed"
             return Cost("zero", Decimal(0), note=f"HTTP {resp.status}: {label}")
         try:
-            return plausible(self.parser(req, resp, prices, estimate))
+            cost = plausible(self.parser(req, resp, prices, estimate))
         except Exception as e:  # a parser must never break the response
             return Cost("unknown", None, note=f"cost parser error: {type(e).__name__}")
+        if cost.status == "zero" and self.unpriced(req, prices):
+            # Never $0 for an endpoint nobody priced: the hold (the policy's default) stands.
+            return Cost("unknown", None, note=f"{self._unpriced_basis(req)}; counted at the estimate")
+        return cost
 
     def serves(self, host: str) -> bool:
         host = normalize(host)

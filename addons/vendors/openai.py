@@ -52,7 +52,32 @@ _TOKEN_KINDS = {
     "/completions": "completions",
     "/embeddings": "embeddings",
 }
-_OTHER_BILLED = re.compile(r"/(images|audio|videos|fine_tuning/jobs|realtime)(/|$)")
+_OTHER_BILLED = re.compile(
+    r"/(images|audio|videos|fine_tuning/jobs|realtime|batches|containers)(/|$)"
+    r"|/threads/([^/]+/)?runs$|/threads/[^/]+/runs/[^/]+/submit_tool_outputs$|/evals/[^/]+/runs$"
+)
+# Non-reads that bill nothing (storage is billed per GB-day, not per call). Any other POST
+# this module does not price holds the policy's default estimate.
+FREE = (
+    "POST /v1/moderations",
+    "POST /v1/responses/input_tokens",
+    "POST /v1/responses/*/cancel",
+    "POST /v1/chat/completions/*",  # update a stored completion's metadata
+    "POST /v1/files", "POST /v1/uploads/**",
+    "POST /v1/vector_stores/**",
+    "POST /v1/assistants/**",
+    "POST /v1/threads", "POST /v1/threads/*", "POST /v1/threads/*/messages/**",
+    "POST /v1/threads/*/runs/*", "POST /v1/threads/*/runs/*/cancel",
+    "POST /v1/conversations/**",
+    "POST /v1/batches/*/cancel",
+    "POST /v1/fine_tuning/jobs/*/cancel", "POST /v1/fine_tuning/jobs/*/pause",
+    "POST /v1/fine_tuning/checkpoints/**",
+    "POST /v1/evals", "POST /v1/evals/*", "POST /v1/evals/*/runs/*",
+    "POST /v1/organization/**",  # Admin API
+    "POST /v1/realtime/client_secrets", "POST /v1/realtime/sessions",
+    "POST /v1/realtime/transcription_sessions",
+    "DELETE /**",
+)
 # /v1/completions defaults to 16 output tokens (API reference, max_tokens).
 _LEGACY_COMPLETIONS_MAX = 16
 
@@ -62,6 +87,8 @@ def _kind(req: RequestView) -> str | None:
     if req.method.upper() != "POST":
         return None
     path = req.path.rstrip("/")
+    if path.endswith("/responses/compact"):  # a compaction pass runs the model: billed like a response
+        return "responses"
     for suffix, kind in _TOKEN_KINDS.items():
         if path.endswith(suffix):
             return kind
@@ -129,7 +156,7 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
         return NO_COST
     if kind == "other":
         return Estimate(usd=None, moves_money=True,
-                        basis="OpenAI endpoint billed per image/second/job: not in the price table")
+                        basis="OpenAI endpoint billed per image/second/job/run: moves money, amount unknown")
     worst = _worst(req, prices, kind)
     return Estimate(usd=worst.usd, moves_money=True, currency="USD", amount=worst.usd, basis=worst.basis)
 
@@ -287,6 +314,7 @@ VENDOR = Vendor(
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
     estimator=_estimate,
     parser=_cost,
+    free=FREE,
     stream_meter=stream_meter,
     prices=load_prices("openai"),
     llm=openai_shape(),

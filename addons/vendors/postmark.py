@@ -26,6 +26,13 @@ from . import _email
 from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Vendor, load_prices
 
 _FIELDS = ("To", "Cc", "Bcc")
+# Non-reads that send nothing. Any other POST holds the policy's default estimate.
+FREE = (
+    *(f"* /{c}/**" for c in ("templates", "servers", "server", "domains", "senders", "webhooks",
+                              "message-streams", "triggers")),
+    "PUT /bounces/*/activate",
+    "DELETE /**",
+)
 
 
 def _kind(req: RequestView) -> str | None:
@@ -119,5 +126,6 @@ VENDOR = Vendor(
     credential_headers=lambda c: {"x-postmark-server-token": c["secret"]},
     estimator=_estimate,
     parser=_cost,
+    free=FREE,
     prices=load_prices("postmark"),
 )

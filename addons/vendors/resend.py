@@ -32,6 +32,14 @@ from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Ve
 
 _FIELDS = ("to", "cc", "bcc")
 _BROADCAST_SEND = re.compile(r"^/broadcasts/[^/]+/send$")
+# Non-reads that send nothing. Any other POST holds the policy's default estimate.
+FREE = (
+    "POST /emails/*", "POST /emails/*/cancel",  # reschedule or cancel a scheduled email
+    *(f"* /{c}/**" for c in ("domains", "api-keys", "audiences", "contacts", "segments", "topics",
+                              "webhooks", "templates")),
+    "POST /broadcasts", "PATCH /broadcasts/*",
+    "DELETE /**",
+)
 
 
 def _kind(req: RequestView) -> str | None:
@@ -130,5 +138,6 @@ VENDOR = Vendor(
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
     estimator=_estimate,
     parser=_cost,
+    free=FREE,
     prices=load_prices("resend"),
 )

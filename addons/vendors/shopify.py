@@ -45,6 +45,23 @@ _INLINE_PRICE = re.compile(r"\bprice\s*:\s*\{([^}]*)\}")
 _INLINE_AMOUNT = re.compile(r"\bamount\s*:\s*\"?(-?[0-9.]+)\"?")
 _INLINE_CURRENCY = re.compile(r"\bcurrencyCode\s*:\s*\"?([A-Za-z]{3})\"?")
 _APPROVAL_MUTATIONS = ("appSubscriptionCreate", "appPurchaseOneTimeCreate")
+# Mutations that pay money out for an amount this module does not read: the policy default.
+_UNPRICED_MUTATION = re.compile(r"\b(returnRefund|returnProcess)\s*\(")
+_ADMIN = "/admin/api/*"
+# GraphQL: queries and mutations other than the money ones above move no money. REST: the
+# resources below; any other REST POST/PUT holds the policy's default estimate.
+FREE = (
+    f"POST {_ADMIN}/graphql.json", "POST /admin/api/graphql.json",
+    *(f"* {prefix}/{r}{rest}" for prefix in (_ADMIN, "/admin") for rest in ("*", "/**") for r in (
+        "products", "variants", "custom_collections", "smart_collections", "collects", "customers",
+        "metafields", "webhooks", "inventory_levels", "inventory_items", "locations", "fulfillments",
+        "fulfillment_orders", "draft_orders", "price_rules", "script_tags", "themes", "pages", "blogs",
+        "redirects", "carrier_services", "shop", "application_charges")),
+    # a recurring charge is approved by the merchant; its usage_charges are not free
+    *(f"* {prefix}/recurring_application_charges{rest}" for prefix in (_ADMIN, "/admin")
+      for rest in ("*", "/*", "/*/activate*")),
+    "DELETE /**",
+)
 
 
 @dataclass(frozen=True)
@@ -167,6 +184,8 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
             if refund is None:
                 return Estimate(usd=None, moves_money=True, basis="refund: amount not readable")
             return _estimate_money(refund, prices, "refund", assumed=_no_currency(query, variables))
+        if m := _UNPRICED_MUTATION.search(query):
+            return Estimate(usd=None, moves_money=True, basis=f"{m.group(1)}: pays a refund of an amount not read here")
         return NO_COST
     if _REST_REFUND.search(path):
         body = req.json if isinstance(req.json, Mapping) else {}
@@ -253,6 +272,10 @@ def _graphql_cost(obj: Mapping[str, Any], req: RequestView, prices: Prices) -> C
             costs.append(_usage_record_cost(payload, req, prices))
         elif field == "refundCreate":
             costs.append(_refund_cost(payload, req, prices))
+        elif _UNPRICED_MUTATION.match(f"{field}("):
+            err = _user_errors(payload)
+            costs.append(Cost("zero", Decimal(0), note=f"{field} refused: {err}") if err is not None else
+                         Cost("unknown", None, note=f"{field}: refund amount not read; counted at the estimate"))
         elif field in _APPROVAL_MUTATIONS:
             costs.append(Cost("zero", Decimal(0), note=f"{field}: nothing charged until the merchant approves"))
     if not costs:
@@ -359,5 +382,6 @@ VENDOR = Vendor(
     credential_headers=lambda c: {"x-shopify-access-token": c["secret"]},
     estimator=_estimate,
     parser=_cost,
+    free=FREE,
     prices=load_prices("shopify"),
 )

@@ -38,6 +38,16 @@ code alone:
   object (``/v1/payment_intents/pi_123``: an update) → zero. Each money call
   counts once: a hold confirmed (``requires_capture``) and then captured is
   counted at both calls, which overstates spend rather than understating it.
+- Exactly once: a response with ``Idempotent-Replayed: true`` is Stripe answering
+  a retry from its idempotency cache; no new money moved → zero, noted as a replay.
+- A capture costs what *this call* captured: ``amount_to_capture`` (PaymentIntent)
+  or ``amount`` (Charge) from the request, bounded by what the response says was
+  received/captured in total; without an amount, the whole ``amount_received``
+  (a full capture). Never the remaining ``amount_capturable`` of a multicapture.
+- Free endpoints are listed in ``FREE`` (customers, payment methods, products, …);
+  any other POST this module does not price (Identity, Issuing, Treasury, Climate,
+  subscription updates that may invoice at once…) moves money for an amount it cannot
+  tell: the policy's default estimate is held and the cost is unknown.
 - Money in a currency with no ``fx`` rate → unknown (cost never raises).
 """
 
@@ -71,6 +81,30 @@ _ENDPOINTS: tuple[tuple[re.Pattern[str], str | None, str | None, str], ...] = tu
     )
 )
 _NO_MONEY_STATUS = {"failed", "canceled"}
+_PI_CAPTURE = re.compile(r"^/v1/payment_intents/[^/]+/capture$")
+_CHARGE_CAPTURE = re.compile(r"^/v1/charges/[^/]+/capture$")
+FREE = (
+    # creations and configuration that move no money
+    *(f"POST /v1/{c}/**" for c in (
+        "customers", "payment_methods", "setup_intents", "products", "prices", "plans", "coupons",
+        "promotion_codes", "tax_rates", "tax_ids", "shipping_rates", "webhook_endpoints",
+        "checkout/sessions", "payment_links", "billing_portal", "invoiceitems", "tokens", "sources",
+        "files", "file_links", "accounts", "account_links", "account_sessions", "ephemeral_keys",
+        "customer_sessions", "disputes", "radar", "reporting", "test_helpers", "billing",
+        "entitlements", "terminal/connection_tokens", "terminal/locations", "tax/calculations",
+        "credit_notes/preview", "apps/secrets", "webhook_endpoints",
+    )),
+    # invoices: drafts, edits and their life cycle; paying one is priced (/pay)
+    "POST /v1/invoices", "POST /v1/invoices/create_preview",
+    *(f"POST /v1/invoices/*/{a}" for a in (
+        "finalize", "void", "mark_uncollectible", "send", "add_lines", "remove_lines", "update_lines")),
+    # updates of money objects (metadata, description) and their cancellations
+    *(f"POST /v1/{c}/*" for c in ("payment_intents", "charges", "refunds", "transfers", "payouts",
+                                  "topups", "invoices")),
+    *(f"POST /v1/{c}/*/cancel" for c in ("payment_intents", "refunds", "payouts", "topups")),
+    "POST /v1/payment_intents/*/verify_microdeposits",
+    "DELETE /**",
+)
 
 
 def _endpoint(req: RequestView) -> tuple[str | None, str | None, str] | None:
@@ -225,6 +259,9 @@ _PARSERS = {
 def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
     if req.method.upper() in ("GET", "HEAD"):
         return Cost("zero", Decimal(0), note="read: moves no money")
+    if resp.headers.get("idempotent-replayed", "").strip().lower() == "true":
+        return Cost("zero", Decimal(0), note="idempotent replay: Stripe returned the first call's result; "
+                                              "no new money moved")
     if _is_object_path(req.path):
         return Cost("zero", Decimal(0), note="update of an existing object: moves no money")
     obj = resp.json
@@ -236,12 +273,31 @@ def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estima
         return Cost("zero", Decimal(0), note=f"error: {resp.error_label()}")
     if obj.get("object") in ("list", "search_result"):
         return Cost("zero", Decimal(0), note="a list reports earlier calls: moves no money")
+    path = req.path.rstrip("/")
+    if obj.get("object") == "payment_intent" and _PI_CAPTURE.match(path):
+        return _captured(req, obj, "amount_to_capture", "amount_received", prices)
+    if obj.get("object") == "charge" and _CHARGE_CAPTURE.match(path):
+        return _captured(req, obj, "amount", "amount_captured", prices)
     parser = _PARSERS.get(str(obj.get("object")))
     if parser is not None:
         return parser(obj, prices)
     if _endpoint(req) is not None:
         return Cost("unknown", None, note=f"money endpoint returned object {obj.get('object')!r}")
     return Cost("zero", Decimal(0), note=f"{obj.get('object') or 'response'}: moves no money")
+
+
+def _captured(req: RequestView, obj: Mapping[str, Any], asked_param: str, total_field: str,
+              prices: Prices) -> Cost:
+    """What this capture call captured: the amount asked, bounded by the total the response
+    reports captured; without an amount, a full capture of that total."""
+    total = obj.get(total_field)
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        return Cost("unknown", None, note=f"capture: {total_field} missing or not a whole number")
+    asked = [m for v in _params(req).get(asked_param, []) if (m := _minor_units(v)) is not None]
+    if not asked:
+        return _money(total, obj.get("currency"), prices, f"capture (full: {total_field})")
+    return _money(min(max(asked), total), obj.get("currency"), prices,
+                  f"capture of {asked_param}={max(asked)} ({total_field} now {total})")
 
 
 def _is_object_path(path: str) -> bool:
@@ -262,6 +318,7 @@ VENDOR = Vendor(
     credential_headers=lambda c: {"authorization": bearer(c["secret"])},
     estimator=_estimate,
     parser=_cost,
+    free=FREE,
     server_error_unknown="Stripe says the request may or may not have succeeded",
     prices=load_prices("stripe"),
 )

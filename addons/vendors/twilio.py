@@ -9,7 +9,18 @@ Estimate (before forwarding):
   anything else is UCS-2: 70 UTF-16 units, 67 when split (an emoji takes two).
 - POST …/Calls.json: ``TimeLimit`` seconds (default: Twilio's 4-hour maximum)
   in started minutes × rate, + answering-machine detection when requested.
-- Everything else: not billed.
+- Verify (verify.twilio.com) POST /v2/Services/{sid}/Verifications: the channel's
+  message (``Channel`` sms/auto → one SMS segment, whatsapp → one WhatsApp message,
+  call → one minute, email → the ``verify_email_usd`` rate); its response carries no
+  price → "estimated" at that rate (``canceled`` → zero).
+  POST …/VerificationCheck (and an update of a verification to ``approved``): the
+  success fee ``verify_usd_per_success``, charged only when the response says
+  ``approved`` → "parsed" at the list rate; pending/canceled/max-attempts → zero.
+- Free, listed in ``FREE``: updates of an existing message or call (a redaction POST
+  to ``Messages/SM….json`` echoes the old price: not new spend), keys, applications,
+  Verify services, deletes. Any other POST (buying a number, Studio executions,
+  Conversations…) moves money for an amount this module cannot tell: the policy's
+  default estimate is held and the cost is unknown (settled at the estimate).
 
 Cost (after), from the response:
 - ``price`` is a negative decimal string (money charged to the account) in
@@ -48,6 +59,20 @@ from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Ve
 _ACCOUNT_PATH = re.compile(r"^(/\d{4}-\d{2}-\d{2}/Accounts/)([^/]+)")
 _MESSAGES = re.compile(r"^/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/Messages(\.json)?$")
 _CALLS = re.compile(r"^/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/Calls(\.json)?$")
+_VERIFY_START = re.compile(r"^/v2/Services/[^/]+/Verifications$")
+_VERIFY_CHECK = re.compile(r"^/v2/Services/[^/]+/(VerificationCheck|Verifications/[^/]+)$")
+_ACCOUNT = "/2010-04-01/Accounts/*"
+FREE = (
+    f"POST {_ACCOUNT}/Messages/*",  # update: redact the body, cancel a scheduled message
+    f"POST {_ACCOUNT}/Calls/*",  # update: redirect or end a call (its minutes are held at create)
+    f"POST {_ACCOUNT}/Keys*", f"POST {_ACCOUNT}/Keys/*",
+    f"POST {_ACCOUNT}/Applications*", f"POST {_ACCOUNT}/Applications/*",
+    f"POST {_ACCOUNT}/IncomingPhoneNumbers/*",  # configure a number already owned
+    f"POST {_ACCOUNT}/Queues*", f"POST {_ACCOUNT}/Queues/*",
+    "POST /2010-04-01/Accounts*", "POST /2010-04-01/Accounts/*",  # subaccounts, rename
+    "POST /v2/Services", "POST /v2/Services/*",  # Verify services (configuration)
+    "DELETE /**",
+)
 
 # GSM 03.38: the basic set (one septet) and the extension table (escape + char: two).
 _GSM_BASIC = frozenset(
@@ -84,6 +109,8 @@ class _Rates:
     call_minute: Decimal
     amd: Decimal
     default_call_seconds: int
+    verify_success: Decimal
+    verify_email: Decimal
 
 
 def _count(value: object, cap: int) -> int | None:
@@ -112,6 +139,8 @@ def _rates(prices: Prices) -> _Rates:
         call_minute=_rate(t, "call_usd_per_minute", "0.0140"),
         amd=_rate(t, "amd_usd_per_call", "0.0075"),
         default_call_seconds=seconds or 14400,
+        verify_success=_rate(t, "verify_usd_per_success", "0.05"),
+        verify_email=_rate(t, "verify_email_usd", "0"),
     )
 
 
@@ -146,6 +175,24 @@ def _call_estimate(form: Mapping[str, list[str]], rates: _Rates) -> tuple[Decima
     return usd, basis
 
 
+def _verify_channel(channel: str, rates: _Rates) -> tuple[Decimal, str]:
+    channel = channel.strip().lower() or "sms"
+    if channel == "whatsapp":
+        return rates.whatsapp, "Verify code by WhatsApp"
+    if channel == "call":
+        return rates.call_minute, "Verify code by a 1-minute call"
+    if channel == "email":
+        return rates.verify_email, "Verify code by email"
+    return rates.sms, f"Verify code by {channel} (1 SMS segment)"
+
+
+def _verify_check(req: RequestView) -> bool:
+    if not _VERIFY_CHECK.match(req.path.rstrip("/")):
+        return False
+    # An update of a verification is priced only when it approves it (Status=approved).
+    return "VerificationCheck" in req.path or (_last(req.form, "Status") or "").strip().lower() == "approved"
+
+
 def _estimate(req: RequestView, prices: Prices) -> Estimate:
     if req.method.upper() != "POST":
         return NO_COST
@@ -154,6 +201,10 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
         usd, basis = _message_estimate(req.form, _rates(prices))
     elif _CALLS.match(path):
         usd, basis = _call_estimate(req.form, _rates(prices))
+    elif _VERIFY_START.match(path):
+        usd, basis = _verify_channel(_last(req.form, "Channel") or "", _rates(prices))
+    elif _verify_check(req):
+        usd, basis = _rates(prices).verify_success, "Verify success fee (charged if approved)"
     else:
         return NO_COST
     return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd, basis=f"{basis} at US list rates")
@@ -252,6 +303,12 @@ def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estima
         return Cost("unknown", None, note="response is not a JSON object")
     if _is_error(obj):
         return Cost("zero", Decimal(0), note=f"error {obj.get('code')}")
+    if is_post and (_VERIFY_START.match(req.path.rstrip("/")) or _verify_check(req)):
+        return _verify_cost(req, obj, prices)
+    if is_post and _is_update(req):
+        shown = f" (shows price {obj.get('price')} {obj.get('price_unit') or ''})" if obj.get("price") else ""
+        return Cost("zero", Decimal(0), note=f"update of an existing {_kind_of(obj)}{shown}: "
+                                              "billed by the call that created it, not new spend")
     for key in ("messages", "calls"):
         if isinstance(page := obj.get(key), list):
             items = [_item(i, req, prices) for i in page if isinstance(i, Mapping)]
@@ -261,6 +318,30 @@ def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estima
     if is_post:
         return Cost("unknown", None, note="no price in the response (a Twilio product not priced here)")
     return Cost("zero", Decimal(0), note="read: not billed")
+
+
+def _is_update(req: RequestView) -> bool:
+    """A POST to ``Messages/{Sid}`` or ``Calls/{Sid}`` (not to the collection)."""
+    return bool(re.match(r"^/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/(Messages|Calls)/[^/]+$", req.path.rstrip("/")))
+
+
+def _verify_cost(req: RequestView, obj: Mapping[str, Any], prices: Prices) -> Cost:
+    status = str(obj.get("status") or "")
+    rates = _rates(prices)
+    sid = str(obj.get("sid") or "")[:40]
+    if _VERIFY_START.match(req.path.rstrip("/")):
+        if status in ("canceled", "failed"):
+            return Cost("zero", Decimal(0), note=f"verification {sid} {status}: not billed")
+        usd, why = _verify_channel(str(obj.get("channel") or _last(req.form, "Channel") or ""), rates)
+        return Cost("estimated", usd, "USD", usd, f"verification {sid} {status}: {why} at list rates")
+    if status == "approved":
+        usd = rates.verify_success
+        return Cost("parsed", usd, "USD", usd, f"verification {sid} approved: success fee")
+    return Cost("zero", Decimal(0), note=f"verification {sid} {status or 'not approved'}: no success fee")
+
+
+def _kind_of(obj: Mapping[str, Any]) -> str:
+    return "call" if _looks_like_call(obj) else "message"
 
 
 def _looks_like_call(obj: Mapping[str, Any]) -> bool:
@@ -278,5 +359,6 @@ VENDOR = Vendor(
     rewrite_path=rewrite_path,
     estimator=_estimate,
     parser=_cost,
+    free=FREE,
     prices=load_prices("twilio"),
 )
