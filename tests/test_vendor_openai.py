@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +16,7 @@ from vendor_fixtures import (
     load_request,
     needs_fixtures,
     per_million,
+    rate,
     raw,
     stream_cost,
 )
@@ -24,6 +26,7 @@ from spendgate.vendors.base import Estimate, Prices, RequestView
 from spendgate.vendors.openai import VENDOR
 
 MODELS = VENDOR.prices["models"]
+TABLE = VENDOR.prices
 CHAT = json_request("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
 RESPONSES = json_request("/v1/responses", {"model": "gpt-5.4", "input": "hi", "max_output_tokens": 100})
 EMBEDDINGS = json_request("/v1/embeddings", {"model": "text-embedding-ada-002", "input": "The food was delicious"})
@@ -159,11 +162,11 @@ def test_reads_and_free_endpoints_are_zero() -> None:
     assert cost_of(VENDOR, mod, b'{"id": "modr-1", "results": []}').status == "zero"
 
 
-def test_images_are_billed_but_unpriced() -> None:
-    req = json_request("/v1/images/generations", {"model": "dall-e-3", "prompt": "a cat"})
+def test_videos_are_billed_but_unpriced() -> None:
+    req = json_request("/v1/videos", {"model": "sora-2", "prompt": "a cat"})
     est = VENDOR.estimate(req, Prices())
     assert est.usd is None and est.moves_money
-    assert cost_of(VENDOR, req, b'{"data": [{"url": "x"}]}', estimate=est).status == "unknown"
+    assert cost_of(VENDOR, req, b'{"id": "video_1", "status": "queued"}', estimate=est).status == "unknown"
 
 
 # --- estimates --------------------------------------------------------------------------------
@@ -324,3 +327,145 @@ def test_no_meter_for_non_generation_endpoints() -> None:
     est = Estimate(usd=Decimal(0))
     assert VENDOR.stream_meter(EMBEDDINGS, Prices(), est) is None
     assert VENDOR.stream_meter(RequestView("GET", "/v1/models"), Prices(), est) is None
+
+
+# --- units that are not tokens: audio in, audio out, images (issue 11 item 2) ------------------
+
+AUDIO = TABLE["audio"]
+SPEECH = TABLE["speech"]
+IMAGES = TABLE["images"]
+
+
+def minutes(seconds: Decimal | int, model: str) -> Decimal:
+    return Decimal(seconds) * rate(AUDIO, model, "per_minute") / 60
+
+
+@needs_fixtures
+def test_transcription_estimate_reads_the_model_from_the_multipart_form_and_the_wav_duration() -> None:
+    req = load_request("openai", "transcription_wav.request.txt")
+    assert req.param("model") == "whisper-1"
+    est = VENDOR.estimate(req, Prices())
+    assert est.usd == minutes(Decimal("1.5"), "whisper-1") and "1.5 s of WAV" in est.basis
+
+
+@needs_fixtures
+def test_transcription_estimate_bounds_compressed_audio_by_its_size() -> None:
+    req = load_request("openai", "transcription_mp3.request.txt")
+    est = VENDOR.estimate(req, Prices())
+    size = len(req.multipart["file"][0][0])
+    bound = -(-size // TABLE["audio_min_bytes_per_second"])
+    assert est.usd == minutes(bound, "gpt-4o-transcribe") and est.moves_money
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("name", "model", "seconds"), [
+    ("transcription_whisper_verbose_duration.json", "whisper-1", 9),
+    ("transcription_diarize_duration.json", "gpt-4o-transcribe-diarize", 27),
+])
+def test_duration_usage_is_billed_per_second_not_read_as_zero_tokens(name: str, model: str, seconds: int) -> None:
+    req = load_request("openai", "transcription_wav.request.txt")
+    req = replace(req, body=req.body.replace(b"whisper-1", model.encode()))
+    cost = cost_of(VENDOR, req, raw("openai", name))
+    assert (cost.status, cost.usd) == ("parsed", minutes(seconds, model))
+    assert cost.usd > 0
+
+
+@needs_fixtures
+def test_token_usage_of_a_transcribe_model_is_priced_at_its_audio_and_text_rates() -> None:
+    req = load_request("openai", "transcription_mp3.request.txt")
+    cost = cost_of(VENDOR, req, raw("openai", "transcription_tokens.json"))
+    row = AUDIO["gpt-4o-transcribe"]
+    assert cost.status == "parsed"
+    assert cost.usd == per_million(14, row["audio_input"]) + per_million(45, row["output"])
+
+
+@needs_fixtures
+def test_a_streamed_transcription_is_priced_from_its_final_usage() -> None:
+    req = load_request("openai", "transcription_mp3.request.txt")
+    req = replace(req, body=req.body.replace(b"gpt-4o-transcribe", b"gpt-4o-mini-transcribe"))
+    cost = cost_of(VENDOR, req, raw("openai", "transcription_stream.sse"))
+    row = AUDIO["gpt-4o-mini-transcribe"]
+    assert (cost.status, cost.usd) == ("parsed", per_million(14, row["audio_input"]) + per_million(45, row["output"]))
+    assert VENDOR.stream_meter(req, Prices(), VENDOR.estimate(req, Prices())) is None  # buffered, then priced
+
+
+@needs_fixtures
+def test_a_translation_without_usage_counts_at_its_estimate() -> None:
+    req = load_request("openai", "transcription_wav.request.txt")
+    req = replace(req, path="/v1/audio/translations")
+    est = VENDOR.estimate(req, Prices())
+    cost = cost_of(VENDOR, req, raw("openai", "translation_no_usage.json"), estimate=est)
+    assert (cost.status, cost.usd) == ("estimated", est.usd) and est.usd > 0
+
+
+@needs_fixtures
+def test_speech_costs_per_character_of_input() -> None:
+    req = load_request("openai", "speech.request.txt")
+    chars = len(req.json["input"])
+    est = VENDOR.estimate(req, Prices())
+    assert est.usd == chars * rate(SPEECH, "gpt-4o-mini-tts", "per_character")
+    audio = b"ID3\x04" + bytes(200)  # the response is the audio itself
+    assert cost_of(VENDOR, req, audio).status == "estimated"  # gpt-4o-mini-tts bills tokens it does not report
+    hd = replace(req, body=req.body.replace(b"gpt-4o-mini-tts", b"tts-1-hd"))
+    cost = cost_of(VENDOR, hd, audio)
+    assert (cost.status, cost.usd) == ("parsed", chars * rate(SPEECH, "tts-1-hd", "per_character"))
+
+
+def test_an_unknown_speech_model_is_priced_at_the_highest_listed_rate() -> None:
+    req = json_request("/v1/audio/speech", {"model": "tts-9", "input": "x" * 1000, "voice": "alloy"})
+    highest = max(rate(SPEECH, m, "per_character") for m in SPEECH)
+    est = VENDOR.estimate(req, Prices())
+    assert est.usd == 1000 * highest and "unknown model" in est.basis
+    assert cost_of(VENDOR, req, b"audio").status == "estimated"
+
+
+@needs_fixtures
+def test_gpt_image_estimate_is_output_tokens_of_the_size_and_quality_and_cost_is_its_usage() -> None:
+    req = load_request("openai", "image_generation.request.txt")
+    row = IMAGES["gpt-image-1.5"]
+    est = VENDOR.estimate(req, Prices())
+    # quality not given (auto): the largest output of that size, high 1024x1024
+    high = TABLE["image_output_tokens"]["high"]["1024x1024"]
+    assert est.usd >= per_million(high, row["output"]) and est.moves_money
+    cost = cost_of(VENDOR, req, raw("openai", "image_generation_gpt_image_1_5.json"))
+    assert cost.status == "parsed"
+    assert cost.usd == per_million(10, row["text_input"]) + per_million(40, row["image_input"]) + per_million(
+        50, row["output"])
+
+
+@needs_fixtures
+def test_dalle_costs_per_image_by_quality_and_size() -> None:
+    req = load_request("openai", "image_generation_dalle3.request.txt")
+    each = rate(IMAGES["dall-e-3"]["per_image"], "hd", "1792x1024")
+    assert VENDOR.estimate(req, Prices()).usd == each == Decimal("0.12")
+    cost = cost_of(VENDOR, req, raw("openai", "image_generation_dalle3.derived.json"))
+    assert (cost.status, cost.usd) == ("parsed", each)
+    two = json_request("/v1/images/generations", {"model": "dall-e-2", "prompt": "x", "n": 2, "size": "256x256"})
+    assert VENDOR.estimate(two, Prices()).usd == 2 * rate(IMAGES["dall-e-2"]["per_image"], "standard", "256x256")
+
+
+def test_an_image_edit_names_its_model_in_a_multipart_form() -> None:
+    boundary = "b0undary"
+    parts = [("model", None, b"gpt-image-1"), ("prompt", None, b"add a hat"), ("quality", None, b"low"),
+             ("size", None, b"1024x1536"), ("image[]", "a.png", b"\x89PNG" + bytes(100))]
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"'.encode()
+        + (f'; filename="{f}"'.encode() if f else b"") + b"\r\n\r\n" + v + b"\r\n" for n, f, v in parts
+    ) + f"--{boundary}--\r\n".encode()
+    req = RequestView("POST", "/v1/images/edits", "", {"content-type": f"multipart/form-data; boundary={boundary}"}, body)
+    est = VENDOR.estimate(req, Prices())
+    row = IMAGES["gpt-image-1"]
+    low = TABLE["image_output_tokens"]["low"]["1024x1536"]
+    assert est.usd > per_million(low, row["output"]) and "1 input image" in est.basis
+    assert "gpt-image-1:" in est.basis
+
+
+@needs_fixtures
+def test_a_batch_moves_money_for_an_amount_unknown_until_it_runs() -> None:
+    req = json_request("/v1/batches", {"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions",
+                                       "completion_window": "24h"})
+    est = VENDOR.estimate(req, Prices())
+    assert (est.usd, est.moves_money) == (None, True)
+    assert cost_of(VENDOR, req, raw("openai", "batch_create_validating.json")).status == "unknown"
+    cancel = json_request("/v1/batches/batch_abc123/cancel", {})
+    assert VENDOR.estimate(cancel, Prices()) == Estimate(usd=Decimal(0))

@@ -42,8 +42,12 @@ def parse_request(text: bytes) -> RequestView:
 
     The fixture files end with a newline after the body that is not part of it.
     """
-    text = text.replace(b"\r\n", b"\n")
-    head, _, body = text.partition(b"\n\n")
+    crlf, lf = text.find(b"\r\n\r\n"), text.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf < lf):  # a CRLF head: the body (multipart, binary) is kept as is
+        head, body = text[:crlf].replace(b"\r\n", b"\n"), text[crlf + 4:].removesuffix(b"\n")
+    else:
+        head, _, body = text.partition(b"\n\n")
+        body = body.rstrip(b"\n")
     lines = head.decode().split("\n")
     method, target, _version = lines[0].split(" ", 2)
     path, _, query = target.partition("?")
@@ -51,7 +55,7 @@ def parse_request(text: bytes) -> RequestView:
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    return RequestView(method, path, query, headers, body.rstrip(b"\n"))
+    return RequestView(method, path, query, headers, body, headers.get("host", ""))
 
 
 def load_response(vendor: str, name: str) -> ResponseView:

@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from email.parser import BytesParser
+from email.policy import HTTP
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -45,6 +47,37 @@ class RequestView:
             return json.loads(self.body) if self.body else None
         except (ValueError, UnicodeDecodeError):
             return None
+
+    @cached_property
+    def multipart(self) -> dict[str, list[tuple[bytes, str | None]]]:
+        """A ``multipart/form-data`` body: field name → [(payload, filename or None)]."""
+        ctype = self.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            return {}
+        msg = BytesParser(policy=HTTP).parsebytes(
+            b"Content-Type: " + ctype.encode("latin-1", "replace") + b"\r\n\r\n" + self.body)
+        out: dict[str, list[tuple[bytes, str | None]]] = {}
+        if not msg.is_multipart():
+            return out
+        for part in msg.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if isinstance(name, str):
+                payload = part.get_payload(decode=True)
+                out.setdefault(name, []).append(
+                    (payload if isinstance(payload, bytes) else b"", part.get_filename()))
+        return out
+
+    def param(self, name: str) -> str | None:
+        """The last value of a form field, from a JSON object, a multipart or a url-encoded body."""
+        data = self.json
+        if isinstance(data, dict):
+            value = data.get(name)
+            return value if isinstance(value, str) else None if value is None else str(value)
+        parts = self.multipart.get(name)
+        if parts:
+            return parts[-1][0].decode("utf-8", "replace").strip()
+        values = self.form.get(name)
+        return values[-1] if values else None
 
     @cached_property
     def form(self) -> dict[str, list[str]]:

@@ -16,9 +16,11 @@ Prices come from ``prices/openai.yaml`` (policy ``prices: {openai: …}`` overri
   ``response.incomplete`` / ``response.failed`` (Responses API). No usage → the
   estimate, marked "estimated", with the reason in the note. An error event
   before any output → "zero" (nothing was generated); after output → estimated.
-- Endpoints billed otherwise (images, audio, video, fine-tuning, realtime) are
-  estimated as "moves money, amount unknown" (the policy default applies) and
-  priced "unknown" unless their response carries token usage.
+- Audio (transcriptions, translations, speech) and images are priced by their own
+  units in ``_openai_media`` (minutes, characters, images, image tokens).
+- Endpoints billed otherwise (video, fine-tuning, batches, containers, thread runs,
+  realtime) are estimated as "moves money, amount unknown" (the policy default
+  applies) and priced "unknown" unless their response carries token usage.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from . import _llm
+from . import _llm, _openai_media
 from ._models import openai_shape
 from ._sse import Event, EventMeter, find_object
 from .base import (
@@ -53,7 +55,7 @@ _TOKEN_KINDS = {
     "/embeddings": "embeddings",
 }
 _OTHER_BILLED = re.compile(
-    r"/(images|audio|videos|fine_tuning/jobs|realtime|batches|containers)(/|$)"
+    r"/(images|audio|videos|realtime)(/|$)|/(fine_tuning/jobs|batches|containers)$"
     r"|/threads/([^/]+/)?runs$|/threads/[^/]+/runs/[^/]+/submit_tool_outputs$|/evals/[^/]+/runs$"
 )
 # Non-reads that bill nothing (storage is billed per GB-day, not per call). Any other POST
@@ -78,6 +80,7 @@ FREE = (
     "POST /v1/realtime/transcription_sessions",
     "DELETE /**",
 )
+_MEDIA = ("transcription", "speech", "image")
 # /v1/completions defaults to 16 output tokens (API reference, max_tokens).
 _LEGACY_COMPLETIONS_MAX = 16
 
@@ -89,6 +92,8 @@ def _kind(req: RequestView) -> str | None:
     path = req.path.rstrip("/")
     if path.endswith("/responses/compact"):  # a compaction pass runs the model: billed like a response
         return "responses"
+    if media := _openai_media.kind(req):
+        return media
     for suffix, kind in _TOKEN_KINDS.items():
         if path.endswith(suffix):
             return kind
@@ -154,6 +159,8 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
     kind = _kind(req)
     if kind is None:
         return NO_COST
+    if kind in _MEDIA:
+        return _openai_media.estimate(kind, req, prices.table(VENDOR))
     if kind == "other":
         return Estimate(usd=None, moves_money=True,
                         basis="OpenAI endpoint billed per image/second/job/run: moves money, amount unknown")
@@ -196,6 +203,8 @@ def _fallback(req: RequestView, prices: Prices, estimate: Estimate | None, why: 
 
 
 def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estimate) -> Cost:
+    if (kind := _kind(req)) in _MEDIA:
+        return _openai_media.cost(str(kind), req, resp, prices.table(VENDOR), estimate)
     if resp.body.lstrip().startswith((b"data:", b"event:")):  # an SSE body not announced as such
         meter = _Meter(req, prices, estimate)
         meter.feed(resp.body)
@@ -301,7 +310,7 @@ def _describe_error(error: object) -> str:
 
 def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:
     kind = _kind(req)
-    if kind is None or kind in ("other", "embeddings"):
+    if kind is None or kind in ("other", "embeddings", *_MEDIA):
         return None
     return _Meter(req, prices, estimate)
 
