@@ -142,6 +142,7 @@ def openai_compatible(name: str, hosts: tuple[str, ...], real_key: str, prices: 
         name=name, hosts=hosts, key_headers=key_headers, real_key=re.compile(real_key),
         credential_headers=lambda c: {"authorization": bearer(c["secret"])},
         estimator=estimator, parser=parser, stream_meter=stream_meter, prices=prices,
+        free=_openai.FREE,  # the same API surface: what is free at OpenAI is free here
         # compatible servers accept max_tokens; not all know max_completion_tokens
         llm=openai_shape("max_tokens"),
     )

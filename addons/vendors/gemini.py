@@ -48,6 +48,14 @@ _GENERATE = ("generateContent", "streamGenerateContent")
 _EMBED = ("embedContent", "batchEmbedContents")
 
 
+# Non-reads that bill nothing; any other POST this module does not price holds the policy default.
+FREE = (
+    "POST /*/models/*:countTokens", "POST /*/tunedModels/*:countTokens",
+    "POST /upload/**", "POST /*/files", "POST /*/files/**",  # uploads (stored free for 48 h)
+    "DELETE /**",
+)
+
+
 def _kind(req: RequestView) -> str | None:
     """"generate", "embed", "other" (billed, unmodelled) or None (free)."""
     if req.method.upper() != "POST":
@@ -217,6 +225,7 @@ VENDOR = Vendor(
     real_key=re.compile(r"^AIza[0-9A-Za-z_-]{30,}$"),
     credential_headers=lambda c: {"x-goog-api-key": c["secret"]},
     estimator=_estimate,
+    free=FREE,
     parser=_cost,
     stream_meter=stream_meter,
     prices=load_prices("gemini"),
