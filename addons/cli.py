@@ -69,9 +69,19 @@ def main() -> None:
 @click.option("--web-port", default=8081, show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="One line per decision, as text or JSON.")
+@click.option("--capture", "capture", default=None, metavar="DIR",
+              help="Save the traffic as rotating flow files in DIR (for spendgate replay).")
+@click.option("--capture-no-bodies", is_flag=True, help="Captures keep no request or response body.")
+@click.option("--capture-redact", multiple=True, metavar="NAME",
+              help="Mask this JSON key / form or query field / header in captures (repeatable).")
+@click.option("--capture-max-size", default="100m", show_default=True, help="Rotate capture files at this size.")
+@click.option("--capture-max-age", default="1h", show_default=True, help="Rotate capture files after this long.")
+@click.option("--capture-keep", default=48, show_default=True, help="Capture files kept (0: all).")
 @click.argument("mitmproxy_args", nargs=-1, type=click.UNPROCESSED)
 def run(config: str | None, db: str | None, port: int, listen_host: str, web: bool,
-        web_port: int, log_format: str, mitmproxy_args: tuple[str, ...]) -> None:
+        web_port: int, log_format: str, capture: str | None, capture_no_bodies: bool,
+        capture_redact: tuple[str, ...], capture_max_size: str, capture_max_age: str, capture_keep: int,
+        mitmproxy_args: tuple[str, ...]) -> None:
     """Run the gateway (mitmdump, or mitmweb with --web). Extra args go to mitmproxy."""
     cfg = config_path(config)
     _config(cfg)  # fail fast with file:line errors before mitmproxy starts
@@ -85,6 +95,16 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
     ]
     if listen_host:
         args += ["--listen-host", listen_host]
+    if capture:
+        args += ["--set", f"spendgate_capture={capture}", "--set", f"spendgate_capture_max_size={capture_max_size}",
+                 "--set", f"spendgate_capture_max_age={capture_max_age}",
+                 "--set", f"spendgate_capture_keep={capture_keep}",
+                 # streamed (SSE) bodies kept, so replay can re-meter them
+                 "--set", f"store_streamed_bodies={'false' if capture_no_bodies else 'true'}"]
+        if capture_no_bodies:
+            args += ["--set", "spendgate_capture_bodies=false"]
+        for name in capture_redact:
+            args += ["--set", f"spendgate_capture_redact={name}"]
     if web:
         args += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
                  "--set", "web_host=127.0.0.1"]
@@ -328,3 +348,10 @@ def report(by: str, since: str | None, db: str | None, fmt: str | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- replay (its own module)
+
+from .replay_cli import replay as _replay  # noqa: E402
+
+main.add_command(_replay)

@@ -25,6 +25,7 @@ except ImportError:  # loaded with -s from a checkout without installing: map ./
     _spec.loader.exec_module(_module)
 
 from spendgate.admin import Admin  # noqa: E402
+from spendgate.capture import Capture  # noqa: E402
 from spendgate.metrics import Metrics  # noqa: E402
 from spendgate.runtime import Runtime  # noqa: E402
 from spendgate.stages.approve import Approve  # noqa: E402
@@ -57,6 +58,7 @@ def make_addons() -> list[object]:
         QueryKeyOut(),
         Meter(runtime),
         Record(runtime),
+        Capture(runtime),  # last: saves the flow as the agent got it, with the decision and cost
     ]
 
 

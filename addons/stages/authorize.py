@@ -8,11 +8,11 @@ Both are verdicts: the policy's mode decides whether they refuse (see ``call.app
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 from mitmproxy import http
 
+from .. import clock
 from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..policy import Config, Deny, Rate, Verdict, decide
 from ..runtime import Runtime
@@ -26,7 +26,7 @@ class RateLimiter:
 
     def hit(self, key_id: str, rate: Rate, now: float | None = None) -> float:
         """0 if allowed (and counted), else the seconds to wait."""
-        now = time.monotonic() if now is None else now
+        now = clock.monotonic() if now is None else now
         interval = rate.period / rate.limit
         tat = max(self._tat.get(key_id, now), now)
         wait = tat - now - (rate.period - interval)

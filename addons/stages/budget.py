@@ -14,14 +14,14 @@ Idempotency-Key already seen (the vendor dedupes those, so they cost nothing).
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import deque
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 
 from mitmproxy import http
 
+from .. import clock
 from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
 from ..policy import Deny, Policy, VendorRules
@@ -97,7 +97,7 @@ class LoopBreaker:
         self._since_prune = 0
 
     def repeated(self, fingerprint: str, idem: str | None, repeats: int, window: float) -> bool:
-        now = time.monotonic()
+        now = clock.monotonic()
         self._prune(now, window)
         seen = self._seen.setdefault(fingerprint, deque())
         while seen and now - seen[0][0] > window:
@@ -188,7 +188,7 @@ class Budget:
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
         assert store is not None
-        caps = budget_caps(call.policy, policy, call.key, datetime.now(UTC))
+        caps = budget_caps(call.policy, policy, call.key, clock.now())
         call.scopes = list(caps)
         if not caps:
             return None

@@ -12,11 +12,10 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 from mitmproxy import ctx, http
 
-from .. import wire
+from .. import clock, wire
 from ..call import STATUS, Call, get_call
 from ..money import fmt_usd, from_nanos, plain, to_nanos
 from ..runtime import Runtime
@@ -31,7 +30,7 @@ def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
     req = flow.request
     cost = call.cost
     return {
-        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "ts": clock.now().isoformat(timespec="milliseconds"),
         "flow_id": flow.id,
         "key_id": call.key_id,
         "policy": call.policy,

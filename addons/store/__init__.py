@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
+from .. import clock
+
 TOKEN_PREFIX = "vk_"
 
 
@@ -32,7 +34,7 @@ def hash_token(token: str) -> str:
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    return clock.now()
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -119,6 +121,11 @@ class Store(Protocol):
 
 
 def open_store(path: str) -> Store:
+    """``:memory:``: a throwaway ledger in this process (replay, tests); else a SQLite file."""
+    if path == ":memory:":
+        from .memory import MemoryStore
+
+        return MemoryStore()
     from .sqlite import SQLiteStore
 
     return SQLiteStore(path)

@@ -1,0 +1,157 @@
+"""A throwaway ledger in memory: ``--db :memory:`` (``spendgate replay`` and in-process tests).
+
+The same operations as the SQLite store, synchronous and deterministic: a settle takes effect
+before the next request is checked, a committed row is committed when ``record_call`` returns.
+Nothing survives the process; one process only (there is nothing to share).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from datetime import timedelta
+from decimal import Decimal
+from hmac import compare_digest
+from typing import Any
+
+from . import CapExceeded, KeyRecord, Reservation, hash_token, iso, new_token, now
+
+
+class MemoryStore:
+    path = ":memory:"
+
+    def __init__(self, keep_calls: bool = True) -> None:
+        self.keep_calls = keep_calls  # False: rows go to on_record listeners only (memory stays flat)
+        self.keys: dict[str, KeyRecord] = {}  # id → key
+        self._by_hash: dict[str, str] = {}  # token sha256 → id
+        self.counters: dict[str, list[int]] = {}  # scope → [used, reserved]
+        self.reservations: dict[str, tuple[Reservation, str]] = {}  # id → (hold, created_at)
+        self.approvals: dict[str, dict[str, Any]] = {}
+        self.calls: list[dict[str, Any]] = []
+        self.queue_depth = 0
+
+    # keys
+    def issue_key(self, policy: str, ttl_seconds: int | None, cap_usd: Decimal | None = None,
+                  labels: dict[str, str] | None = None) -> tuple[KeyRecord, str]:
+        token = new_token()
+        created = now()
+        created = created.replace(microsecond=created.microsecond // 1000 * 1000)
+        rec = KeyRecord(id="key_" + secrets.token_hex(6), policy=policy, token_sha256=hash_token(token),
+                        labels=dict(labels or {}), created_at=created,
+                        expires_at=created + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
+                        cap_usd=cap_usd)
+        self._put(rec)
+        return rec, token
+
+    def _put(self, rec: KeyRecord) -> None:
+        self.keys[rec.id] = rec
+        self._by_hash[rec.token_sha256] = rec.id
+
+    def key_by_token(self, token: str) -> KeyRecord | None:
+        digest = hash_token(token)
+        rec = self.keys.get(self._by_hash.get(digest, ""))
+        return rec if rec is not None and compare_digest(rec.token_sha256, digest) else None
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        return self.keys.get(key_id)
+
+    def list_keys(self) -> list[KeyRecord]:
+        return sorted(self.keys.values(), key=lambda k: iso(k.created_at) or "")
+
+    def revoke(self, key_id: str) -> bool:
+        rec = self.keys.get(key_id)
+        if rec is None:
+            return False
+        if rec.revoked_at is None:
+            self.keys[key_id] = replace(rec, revoked_at=now())
+        return True
+
+    def revoke_by_labels(self, labels: dict[str, str]) -> list[str]:
+        ids = [k.id for k in self.list_keys()
+               if k.revoked_at is None and all(k.labels.get(n) == v for n, v in labels.items())]
+        for key_id in ids:
+            self.revoke(key_id)
+        return ids
+
+    def sync_static_keys(self, keys: list[KeyRecord]) -> None:
+        for rec in keys:
+            old = self.keys.get(rec.id)
+            if old is None:
+                self._put(rec)
+            elif old.source == "static":
+                self.keys[rec.id] = replace(old, policy=rec.policy, labels=dict(rec.labels), cap_usd=rec.cap_usd)
+
+    # budget counters
+    def reserve(self, nanos: int, caps: dict[str, int]) -> Reservation:
+        used = self.used_by_scope(caps)
+        for scope, cap in caps.items():
+            if used[scope] + nanos > cap:
+                raise CapExceeded(scope, cap, used[scope])
+        res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps),
+                          left_nanos=min(cap - used[scope] - nanos for scope, cap in caps.items()))
+        for scope in caps:
+            self.counters.setdefault(scope, [0, 0])[1] += nanos
+        self.reservations[res.id] = (res, iso(now()) or "")
+        return res
+
+    def settle(self, reservation: Reservation, actual_nanos: int) -> None:
+        if self.reservations.pop(reservation.id, None) is None:
+            return  # already settled: never count twice
+        for scope in reservation.scopes:
+            counter = self.counters.setdefault(scope, [0, 0])
+            counter[1] = max(0, counter[1] - reservation.nanos)
+            counter[0] += actual_nanos
+
+    def add_usage(self, nanos: int, scopes: list[str]) -> None:
+        for scope in scopes:
+            self.counters.setdefault(scope, [0, 0])[0] += nanos
+
+    def used(self, scope: str) -> int:
+        return self.used_by_scope([scope])[scope]
+
+    def used_by_scope(self, scopes: Iterable[str]) -> dict[str, int]:
+        return {s: sum(self.counters.get(s, (0, 0))) for s in scopes}
+
+    def release_stale(self, older_than: timedelta = timedelta(hours=1)) -> int:
+        cutoff = iso(now() - older_than) or ""
+        stale = [res for res, created in self.reservations.values() if created < cutoff]
+        for res in stale:
+            self.settle(res, 0)
+        return len(stale)
+
+    # approvals
+    def add_approval(self, row: dict[str, Any]) -> None:
+        self.approvals[row["id"]] = {**row, "status": "pending", "created_at": iso(now()),
+                                     "decided_by": None, "decided_at": None}
+
+    def approval_status(self, approval_id: str) -> str | None:
+        row = self.approvals.get(approval_id)
+        return row["status"] if row else None
+
+    def decide_approval(self, approval_id: str, status: str, by: str) -> bool:
+        row = self.approvals.get(approval_id)
+        if row is None or row["status"] != "pending":
+            return False
+        row.update(status=status, decided_by=by, decided_at=iso(now()))
+        return True
+
+    def list_approvals(self, status: str | None = "pending") -> list[dict[str, Any]]:
+        rows = [r for r in self.approvals.values() if status is None or r["status"] == status]
+        return sorted((dict(r) for r in rows), key=lambda r: r["created_at"])
+
+    # calls
+    def record_call(self, row: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None:
+        if self.keep_calls:
+            self.calls.append({"id": len(self.calls) + 1, **row,
+                               "labels": row["labels"] if isinstance(row.get("labels"), str)
+                               else json.dumps(row.get("labels") or {}, sort_keys=True)})
+        if on_commit is not None:
+            on_commit()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
