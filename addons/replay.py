@@ -168,7 +168,8 @@ class Summary:
 def replay_config(source: str | os.PathLike[str], directory: Path, *, baseline: bool = False) -> Path:
     """A copy of the policy file for replay: credentials replaced by stand-ins (replay needs no real
     key and sends nothing), upstreams dropped. ``baseline``: one policy that allows everything,
-    with no cap, rate or loop limit (what a capture from elsewhere went through)."""
+    with no cap, rate or loop limit, in report mode (what a capture from elsewhere went through:
+    nothing refused, every call priced)."""
     load_config(source)  # the user's file, validated with its own file:line errors
     data = yaml.safe_load(Path(source).read_text()) or {}
     vendors = data.setdefault("vendors", {})
@@ -184,7 +185,7 @@ def replay_config(source: str | os.PathLike[str], directory: Path, *, baseline: 
     if baseline:
         data["policies"] = {BASELINE_POLICY: {
             "vendors": {name: {"allow": ["* /**"]} for name in REGISTRY},
-            "loop": {"repeats": 1_000_000_000, "window": "1s"}, "mode": "enforce"}}
+            "loop": {"repeats": 1_000_000_000, "window": "1s"}, "mode": "report"}}
         data["keys"] = []
         data.pop("mode", None)
     directory.mkdir(parents=True, exist_ok=True)
@@ -240,6 +241,8 @@ class Side:
             out = self.pipeline.run(flow, error=why, sent=True, connect=False)
             note = why
         decided = decision_of(out, note if out.forwarded is not None else "")
+        if self.baseline and decided.decision == "would_deny":  # it went through: that is what happened
+            decided = Decision("allow", None, decided.cost, decided.cost_status, decided.status, decided.note)
         if vendor_resp is None and decided.reason in ("upstream_unreachable", "upstream_timeout"):
             decided = Decision(decided.decision, None, decided.cost, decided.cost_status, None, note)
         if out.call is not None and out.call.approval_id is not None and decided.decision == "allow":
