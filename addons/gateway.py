@@ -2,7 +2,7 @@
 
     mitmdump -s addons/gateway.py --set spendgate_config=policies/example.yaml
 
-agent ─CONNECT─▶ egress ▶ identify ▶ authorize ▶ models ▶ budget ▶ approve ▶ swap ▶ vendor
+agent ─CONNECT─▶ egress ▶ identify ▶ authorize ▶ models ▶ tools ▶ budget ▶ approve ▶ swap ▶ vendor
 vendor ─response─▶ meter (cost, settle) ▶ record (ledger, comment) ─▶ agent
 """
 
@@ -38,6 +38,7 @@ from spendgate.stages.models import Models  # noqa: E402
 from spendgate.stages.querykey import QueryKeyIn, QueryKeyOut  # noqa: E402
 from spendgate.stages.record import Record  # noqa: E402
 from spendgate.stages.swap import Swap  # noqa: E402
+from spendgate.stages.tools import Tools  # noqa: E402
 
 
 def make_addons() -> list[object]:
@@ -52,6 +53,7 @@ def make_addons() -> list[object]:
         Identify(runtime),
         Authorize(runtime),
         Models(runtime),
+        Tools(runtime),
         Budget(runtime),
         Approve(runtime),
         Swap(runtime),

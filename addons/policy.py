@@ -45,6 +45,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -53,7 +54,9 @@ from pydantic import (
 from .hosts import HostPattern
 from .hosts import host_matches as host_matches
 from .hosts import is_internal as is_internal
-from .vendors import REGISTRY
+from .vendors import BUILT_IN, REGISTRY
+from .vendors._declared import build as build_declared
+from .vendors.base import Vendor
 
 # --------------------------------------------------------------------------- values
 
@@ -217,12 +220,119 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+class BasicAuth(_Model):
+    user: str = "{secret}"
+    password: str = ""
+
+
+class Credential(_Model):
+    """Where a declared vendor's real key goes: one of a header (with a ``format``), a query
+    parameter, or Basic auth (``{secret}`` is replaced by the key)."""
+
+    header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    format: str = "{secret}"
+    query: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    basic: BasicAuth | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Credential:
+        if sum(x is not None for x in (self.header, self.query, self.basic)) != 1:
+            raise ValueError("give exactly one of header, query or basic")
+        if "{secret}" not in self.format:
+            raise ValueError("format must contain {secret}, e.g. 'Bearer {secret}'")
+        if self.header and self.header.lower() in ("host", "content-length", "x-vault-key", "transfer-encoding"):
+            raise ValueError(f"{self.header} cannot carry a credential")
+        return self
+
+
+class ReportedPrice(_Model):
+    """A cost the vendor reports: ``path`` of a JSON field, or ``name`` of a header, × ``unit``."""
+
+    path: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    unit: Usd = Decimal(1)
+    currency: str = Field(default="USD", pattern=r"^[A-Za-z]{3}$")
+
+
+class DeclaredPrice(_Model):
+    """``price:`` of a declared HTTP vendor (``vendors/_declared.py``)."""
+
+    per_call_usd: dict[str, Usd] = Field(default_factory=dict)  # "METHOD /path" → USD
+    response_field: ReportedPrice | None = None
+    response_header: ReportedPrice | None = None
+
+    @field_validator("per_call_usd")
+    @classmethod
+    def _rules(cls, v: dict[str, Decimal]) -> dict[str, Decimal]:
+        for text in v:
+            Rule.parse(text)
+        return v
+
+    @model_validator(mode="after")
+    def _fields(self) -> DeclaredPrice:
+        if self.response_field is not None and not self.response_field.path:
+            raise ValueError("response_field needs path: (a JSON field, e.g. data.credits_used)")
+        if self.response_header is not None and not self.response_header.name:
+            raise ValueError("response_header needs name: (a response header)")
+        return self
+
+
+class ToolPrice(_Model):
+    per_call_usd: Usd = Decimal(0)
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?", value.lower()):
+        raise ValueError(f"{value!r} is not a host name (api.example.com or *.example.com)")
+    return value.lower()
+
+
+HostName = Annotated[str, BeforeValidator(_host)]
+
+
+def _regex(value: Any) -> str:
+    try:
+        re.compile(str(value))
+    except re.error as e:
+        raise ValueError(f"not a regular expression: {e}") from None
+    return str(value)
+
+
 class VendorConfig(_Model):
-    """``vendors.<name>``: where the real credential comes from, and where to send traffic."""
+    """``vendors.<name>``: where the real credential comes from, and where to send traffic.
+
+    A name that is not a built-in vendor declares one (``vendors/_declared.py``): ``hosts``,
+    and optionally ``kind``/``compatible``, ``credential``, ``raw_credential``, ``price``, ``tools``.
+    """
 
     secret: SecretRef | None = None
     account_sid: SecretRef | None = None
     upstream: str | None = None  # e.g. http://127.0.0.1:9001 for a mock or staging server
+    hosts: list[HostName] | None = Field(default=None, min_length=1)
+    kind: Literal["http", "mcp"] | None = None
+    compatible: Literal["openai"] | None = None
+    credential: Credential | None = None
+    raw_credential: Annotated[str, BeforeValidator(_regex)] | None = None
+    price: DeclaredPrice | None = None
+    tools: dict[str, ToolPrice] | None = None  # kind mcp: per-tool prices (names or globs)
+
+    @model_validator(mode="after")
+    def _declaration(self) -> VendorConfig:
+        if self.compatible and self.kind == "mcp":
+            raise ValueError("a vendor is either kind: mcp or compatible: openai")
+        if self.tools is not None and self.kind != "mcp":
+            raise ValueError("tools: (per-tool prices) needs kind: mcp")
+        if self.price is not None and (self.compatible or self.kind == "mcp"):
+            raise ValueError("price: is for kind http; give an LLM's token table under the top-level "
+                             "prices:, an MCP server's under tools:")
+        return self
+
+    def declared(self) -> bool:
+        return self.hosts is not None
+
+    def spec(self) -> dict[str, Any]:
+        """The declaration as the plain dict ``vendors/_declared.build`` reads."""
+        return self.model_dump(mode="json", exclude_none=True, exclude={"secret", "account_sid", "upstream"})
 
     @field_validator("upstream")
     @classmethod
@@ -254,6 +364,17 @@ class NameRules(_Model):
     deny: list[Glob] = Field(default_factory=list)
 
 
+class ToolRules(_Model):
+    """``tools:`` of an MCP server in a policy: which tools a key may call (globs on the tool
+    name; deny wins; a non-empty allow must match; approve holds the call for a human), and
+    per-tool rates (``rate: {web_search: 10/minute}``, per key)."""
+
+    allow: list[Glob] = Field(default_factory=list)
+    deny: list[Glob] = Field(default_factory=list)
+    approve: list[Glob] = Field(default_factory=list)
+    rate: dict[str, RateValue] = Field(default_factory=dict)
+
+
 class VendorRules(_Model):
     """``policies.<p>.vendors.<name>``: which endpoints a key may call, and per-request limits."""
 
@@ -267,6 +388,7 @@ class VendorRules(_Model):
     models: NameRules | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
     clamp: bool = False  # rewrite a larger (or missing) limit to max_output_tokens instead of refusing
+    tools: ToolRules | None = None  # MCP servers (stages/tools.py)
 
     @model_validator(mode="after")
     def _clamp_needs_ceiling(self) -> VendorRules:
@@ -301,13 +423,6 @@ class Policy(_Model):
     loop: LoopRule = LoopRule()
     approval_timeout: Duration = 300
 
-    @field_validator("vendors")
-    @classmethod
-    def _known_vendors(cls, v: dict[str, VendorRules]) -> dict[str, VendorRules]:
-        for name in v:
-            if name not in REGISTRY:
-                raise ValueError(f"unknown vendor {name!r} (known: {', '.join(sorted(REGISTRY))})")
-        return v
 
 
 class StaticKey(_Model):
@@ -331,6 +446,7 @@ class EgressRules(_Model):
 
 
 class Config(_Model):
+    _declared: dict[str, Vendor] = PrivateAttr(default_factory=dict)  # built in _cross_references
     version: Literal[1]
     vendors: dict[str, VendorConfig] = Field(default_factory=dict)
     fx: dict[str, Usd] = Field(default_factory=dict)
@@ -340,13 +456,6 @@ class Config(_Model):
     egress: EgressRules = EgressRules()
     mode: Literal["enforce", "report"] = "enforce"
 
-    @field_validator("vendors", "prices")
-    @classmethod
-    def _known(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for name in v:
-            if name not in REGISTRY:
-                raise ValueError(f"unknown vendor {name!r} (known: {', '.join(sorted(REGISTRY))})")
-        return v
 
     @field_validator("fx")
     @classmethod
@@ -356,22 +465,40 @@ class Config(_Model):
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
         errors: list[tuple[tuple[Any, ...], str]] = []
+        self._declared = _declare(self.vendors, errors)
+        known = ", ".join(sorted(REGISTRY))
         for name, vc in self.vendors.items():
-            for fld in REGISTRY[name].credential_fields:
+            vendor = self.vendor(name)
+            if vendor is None:
+                continue  # (reported by _declare)
+            for fld in vendor.credential_fields:
                 if getattr(vc, fld) is None:
                     errors.append((("vendors", name, fld), f"{name} needs {fld}: env:NAME or file:PATH"))
+        for name in self.prices:
+            if self.vendor(name) is None:
+                errors.append((("prices", name), f"unknown vendor {name!r} (known: {known}, or one declared "
+                                                 "under vendors: with hosts:)"))
         for pname, pol in self.policies.items():
             for vname, rules in pol.vendors.items():
+                vendor = self.vendor(vname)
+                if vendor is None and vname not in self.vendors:
+                    errors.append((("policies", pname, "vendors", vname),
+                                   f"unknown vendor {vname!r} (known: {known}, or one declared under vendors: "
+                                   "with hosts:)"))
+                    continue
                 if vname not in self.vendors:
                     errors.append(
                         (("policies", pname, "vendors", vname),
                          f"vendor {vname!r} has no credentials under the top-level vendors:")
                     )
-                vendor = REGISTRY.get(vname)
                 for fld in ("models", "max_output_tokens"):
                     if getattr(rules, fld) is not None and vendor is not None and vendor.llm is None:
                         errors.append((("policies", pname, "vendors", vname, fld),
                                        f"{vname} is not an LLM vendor: {fld} applies to model providers only"))
+                vc = self.vendors.get(vname)
+                if rules.tools is not None and (vc is None or vc.kind != "mcp"):
+                    errors.append((("policies", pname, "vendors", vname, "tools"),
+                                   f"{vname} is not an MCP server: tools: needs kind: mcp under vendors:"))
         seen: set[str] = set()
         for i, key in enumerate(self.keys):
             if key.policy not in self.policies:
@@ -383,10 +510,52 @@ class Config(_Model):
             raise _CrossErrors(errors)
         return self
 
+    def vendor(self, name: str) -> Vendor | None:
+        """A built-in vendor, or one this file declares."""
+        return REGISTRY.get(name) if name in BUILT_IN else self.declared_vendors.get(name)
+
+    @property
+    def declared_vendors(self) -> dict[str, Vendor]:
+        """The vendors this file declares (``vendors.<name>.hosts``), built."""
+        return getattr(self, "_declared", None) or {}
+
     def policy_mode(self, policy: str) -> str:
         """``enforce`` or ``report``; a policy that no longer exists is enforced (nothing to report)."""
         pol = self.policies.get(policy)
         return "enforce" if pol is None else pol.mode or self.mode
+
+
+def _declare(vendors: Mapping[str, VendorConfig], errors: list[tuple[tuple[Any, ...], str]]) -> dict[str, Vendor]:
+    """Build the declared vendors; a built-in name with a declaration, an unknown name without
+    one, or a host that another vendor already serves, is an error."""
+    out: dict[str, Vendor] = {}
+    hosts: dict[str, str] = {}
+    for name, vc in vendors.items():
+        if name in BUILT_IN:
+            extra = [f for f in ("hosts", "kind", "compatible", "credential", "raw_credential", "price", "tools")
+                     if getattr(vc, f) is not None]
+            if extra:
+                errors.append((("vendors", name, extra[0]),
+                               f"{name} is built in; {extra[0]}: is for vendors declared under another name"))
+            continue
+        if not vc.declared():
+            errors.append((("vendors", name), f"unknown vendor {name!r} (known: {', '.join(sorted(BUILT_IN))}); "
+                                              "to declare one, give its hosts:"))
+            continue
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,40}", name):
+            errors.append((("vendors", name), "a declared vendor's name is lower-case letters, digits, - and _"))
+            continue
+        for host in vc.hosts or ():
+            owner = next((v.name for v in BUILT_IN.values() if v.serves(host.removeprefix("*."))), None)
+            owner = owner or hosts.get(host)
+            if owner:
+                errors.append((("vendors", name, "hosts"), f"{host} is already served by {owner}"))
+            hosts[host] = name
+        try:
+            out[name] = build_declared(name, vc.spec())
+        except Exception as e:  # a declaration the builder cannot use: say so, never half-load it
+            errors.append((("vendors", name), f"cannot build this vendor: {e}"))
+    return out
 
 
 class _CrossErrors(ValueError):
@@ -524,7 +693,8 @@ def resolve_credentials(
     problems: list[Problem] = []
     for name, vc in config.vendors.items():
         creds: dict[str, str] = {}
-        for fld in REGISTRY[name].credential_fields:
+        vendor = config.vendor(name)
+        for fld in vendor.credential_fields if vendor else ():
             value, missing = read_secret(getattr(vc, fld), environ)
             if not value:
                 problems.append(Problem(filename, None, f"vendors.{name}.{fld}", missing))

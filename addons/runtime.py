@@ -23,6 +23,7 @@ from . import wire
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, Policy, load_config, resolve_credentials
 from .store import KeyRecord, Store, open_store
+from .vendors import install_declared
 from .vendors.base import Prices
 
 log = logging.getLogger("spendgate")
@@ -149,6 +150,7 @@ class Runtime:
             resp.stream = True
 
     def _install(self, state: State) -> None:
+        install_declared(state.config.declared_vendors)  # vendors the file declares (hosts:)
         self.state = state
         if self.store is not None:
             self.store.sync_static_keys(static_keys(state.config))

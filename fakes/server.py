@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from fakes import anthropic, compatible, gemini, openai, postmark, resend, shopify, stripe, twilio
+from fakes import anthropic, compatible, gemini, mcp, openai, postmark, resend, shopify, stripe, twilio
 from fakes.base import JSON, BadRequest, Request, Response, Route, State, generic_error, json_response
 from fakes.stripe import STRIPE_API_VERSION
 
@@ -30,7 +30,7 @@ def free_port() -> int:
 RECORDED_BODY_BYTES = 4096
 
 # First match wins: Stripe's catch-all for /v1/ must come after OpenAI's and Anthropic's /v1/ paths.
-VENDORS = (openai, anthropic, gemini, compatible, stripe, twilio, resend, postmark, shopify)
+VENDORS = (openai, anthropic, gemini, compatible, mcp, stripe, twilio, resend, postmark, shopify)
 ROUTES: list[Route] = [r for vendor in VENDORS for r in vendor.ROUTES]
 VENDOR_ERRORS: dict[str, Callable[..., JSON]] = {v.VENDOR: v.ERROR for v in VENDORS}
 _REQUEST_IDS: dict[str, Callable[[], tuple[str, str] | None]] = {v.VENDOR: v.request_id for v in VENDORS}

@@ -32,6 +32,7 @@ CREDENTIALS = {
     "POSTMARK_SERVER_TOKEN": "00000000-0000-4000-8000-000000000000",
     "GEMINI_API_KEY": "AIza-demo-gateway-only-000000000000000",
     "OPENROUTER_API_KEY": "sk-or-v1-demo-gateway-only-0000",
+    "DOCS_MCP_TOKEN": "mcp-demo-gateway-only-0000",
 }
 
 
@@ -116,7 +117,8 @@ def main() -> None:
         import sqlite3
 
         conn = sqlite3.connect(WORK / "spendgate.db")
-        rows = conn.execute("SELECT decision, coalesce(reason, '-'), vendor, method, path, status, "
+        rows = conn.execute("SELECT decision, coalesce(reason, '-'), vendor, method, "
+                            "path || coalesce(' · ' || tool, ' · ' || model, ''), status, "
                             "estimated_usd, coalesce(cost_usd, '-'), coalesce(cost_status, '-') "
                             "FROM calls ORDER BY id").fetchall()
         print(f"{'DECISION':9} {'REASON':22} {'VENDOR':9} {'CALL':48} {'ST':>3} {'EST$':>8} {'COST$':>10} STATUS")

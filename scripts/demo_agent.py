@@ -74,6 +74,31 @@ step("Anthropic: message", lambda: (lambda raw: f"{raw.parse().usage.output_toke
                                     f"${raw.headers.get('x-spendgate-cost-usd')}")(
     Anthropic(api_key=SUPPORT, max_retries=0).messages.with_raw_response.create(
         model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}])))
+def mcp_tools() -> str:
+    """An MCP server through the gateway, with the official MCP SDK: list, a priced call, a refused one."""
+    import asyncio
+
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared.exceptions import MCPError
+
+    async def main() -> str:
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {SUPPORT}"}, timeout=15)
+        async with http, Client(streamable_http_client("https://mcp.docs.example/mcp", http_client=http)) as c:
+            listed = [t.name for t in (await c.list_tools()).tools]
+            await c.call_tool("web_search", {"q": "spendgate"})
+            try:
+                await c.call_tool("delete_index", {})
+                refused = "delete_index ran!"
+            except MCPError as e:
+                refused = f"delete_index refused [{(e.error.data or {}).get('code')}]"
+        return f"tools offered {listed}; web_search called; {refused}"
+
+    return asyncio.run(main())
+
+
+step("MCP: tools/list, a priced tools/call, a denied one", mcp_tools)
 step("Twilio: SMS (price not known yet: estimated)", lambda: Twilio("AC" + "0" * 32, SUPPORT).messages.create(
     to="+15551230000", from_="+15559870000", body="Your order shipped").status)
 step("OpenAI with the billing key (vendor not in its policy)", lambda: OpenAI(api_key=BILLING, max_retries=0)

@@ -37,6 +37,7 @@ REAL_CREDENTIALS = {
     "SHOPIFY_ACCESS_TOKEN": "shpat_REALshopifySECRETdoNotLeak",
     "GEMINI_API_KEY": "AIzaSyREALgeminiSECRETdoNotLeak000000000",
     "OPENROUTER_API_KEY": "sk-or-v1-" + "f" * 64,
+    "DOCS_MCP_TOKEN": "mcp-REALdocsSECRETdoNotLeak",
 }
 SECRET_VALUES = [v for k, v in REAL_CREDENTIALS.items() if k != "TWILIO_ACCOUNT_SID"]
 

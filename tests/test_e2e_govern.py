@@ -19,6 +19,7 @@ from fakes import FakeVendors
 GEMINI_KEY = "AIzaSyREALgeminiSECRETdoNotLeak000000000"
 OPENROUTER_KEY = "sk-or-v1-" + "f" * 64
 MISTRAL_KEY = "REALmistralSECRETdoNotLeak000000"
+MCP_TOKEN = "mcp_live_realsecretdonotleak00"
 
 POLICY = """\
 version: 1
@@ -30,7 +31,36 @@ vendors:
   mistral:   {{secret: env:MISTRAL_API_KEY, upstream: "{up}"}}
   deepseek:  {{secret: env:MISTRAL_API_KEY, upstream: "{up}"}}
   groq:      {{secret: env:MISTRAL_API_KEY, upstream: "{up}"}}
+  search-mcp:
+    kind: mcp
+    hosts: [mcp.tools.example]
+    secret: env:MCP_TOKEN
+    credential: {{header: Authorization, format: "Bearer {{secret}}"}}
+    raw_credential: "^mcp_live_[a-z0-9]{{16,}}$"
+    tools:
+      web_search: {{per_call_usd: 0.01}}
+      "*_lookup": {{per_call_usd: 0.05}}
+      flaky: {{per_call_usd: 0.02}}
+    upstream: "{up}"
+fx: {{EUR: 1.10}}
 policies:
+  tools:
+    vendors:
+      search-mcp:
+        allow: ["* /mcp", "* /mcp/**"]
+        tools:
+          allow: [web_search, "*_lookup", flaky]
+          deny: ["delete_*"]
+          approve: [send_email]
+          rate: {{web_search: 2/minute}}
+    approval_timeout: 1s
+    budget: {{key_usd: 10}}
+  tools-shadow:
+    mode: report
+    vendors:
+      search-mcp:
+        allow: ["* /mcp", "* /mcp/**"]
+        tools: {{allow: [web_search]}}
   providers:
     vendors:
       gemini:
@@ -66,7 +96,7 @@ policies:
 def gw(tmp_path_factory: pytest.TempPathFactory, fakes: FakeVendors, certs: Path) -> Iterator[Gateway]:
     g = start_gateway(tmp_path_factory.mktemp("govern"), fakes, certs, POLICY.format(up=fakes.url),
                       env={"GEMINI_API_KEY": GEMINI_KEY, "OPENROUTER_API_KEY": OPENROUTER_KEY,
-                           "MISTRAL_API_KEY": MISTRAL_KEY})
+                           "MISTRAL_API_KEY": MISTRAL_KEY, "MCP_TOKEN": MCP_TOKEN})
     yield g
     g.stop()
 
@@ -165,7 +195,7 @@ def no_secret_anywhere(gw: Gateway) -> None:
     """The real keys are in no flow file, log line or ledger row (the flows are written as they end)."""
     for path in (gw.flows, gw.log, Path(gw.db)):
         data = path.read_bytes() if path.exists() else b""
-        for secret in (GEMINI_KEY, OPENROUTER_KEY, MISTRAL_KEY):
+        for secret in (GEMINI_KEY, OPENROUTER_KEY, MISTRAL_KEY, MCP_TOKEN):
             assert secret.encode() not in data, f"{secret[:8]}… leaked into {path.name}"
 
 
@@ -267,3 +297,105 @@ def test_openai_sdk_against_compatible_providers(agent: Gateway) -> None:
     assert got[2]["cost_status"] == "parsed" and got[3]["cost_status"] == "parsed"
     assert got[4]["reason"] == "model_not_allowed"
     no_secret_anywhere(agent)
+
+
+# --------------------------------------------------------------------------- MCP tool calls
+
+
+def mcp_session(agent: Gateway, token: str, path: str, body):  # noqa: ANN001, ANN201
+    """Run ``body(client)`` in an official MCP SDK client session through the proxy."""
+    import asyncio
+
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def main():  # noqa: ANN202
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=15)
+        async with http, Client(streamable_http_client(f"https://mcp.tools.example{path}", http_client=http)) as c:
+            return await body(c)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("path", ["/mcp", "/mcp/sse"])
+def test_mcp_sdk_tools_filtered_priced_and_refused(agent: Gateway, path: str) -> None:
+    from mcp.shared.exceptions import MCPError
+
+    key_id, token = agent.issue("tools")
+    n, rows = len(agent.fakes.requests()), len(agent.calls())
+
+    async def session(c):  # noqa: ANN001, ANN202
+        listed = [t.name for t in (await c.list_tools()).tools]
+        search = await c.call_tool("web_search", {"q": "spendgate"})
+        paid = await c.call_tool("paid_lookup", {"q": "x"})
+        eu = await c.call_tool("eu_lookup", {"q": "x"})
+        flaky = await c.call_tool("flaky", {})
+        errors = {}
+        for tool in ("delete_index", "send_email", "web_search", "web_search"):
+            try:
+                await c.call_tool(tool, {})
+            except MCPError as e:
+                errors.setdefault(tool, []).append((e.error.code, e.error.data, e.error.message))
+        return listed, search, paid, eu, flaky, errors
+
+    listed, search, paid, eu, flaky, errors = mcp_session(agent, token, path, session)
+    assert listed == ["web_search", "paid_lookup", "eu_lookup", "send_email", "flaky"]  # delete_index hidden
+    assert "ok" in search.content[0].text and flaky.is_error
+    assert errors["delete_index"][0][1]["code"] == "tool_not_allowed"
+    assert errors["delete_index"][0][0] == -32001 and "denied by 'delete_*'" in errors["delete_index"][0][2]
+    assert errors["send_email"][0][1]["code"] == "approval_timeout"  # nobody approved within 1s
+    assert [e[1]["code"] for e in errors["web_search"]] == ["rate_limited"]  # the 3rd within a minute
+    sent = seen_since(agent, n)
+    assert all(header(s, "authorization") == f"Bearer {MCP_TOKEN}" for s in sent)
+    calls = [json.loads(s["body"]) for s in sent if s["method"] == "POST"]
+    tools_sent = [c["params"]["name"] for c in calls if c.get("method") == "tools/call"]
+    assert tools_sent == ["web_search", "paid_lookup", "eu_lookup", "flaky", "web_search"]  # refused ones never left
+    session_ids = {header(s, "mcp-session-id") for s in sent[1:]} - {None}
+    assert len(session_ids) == 1  # the session header went back and forth untouched
+    got = [r for r in agent.calls(rows + 12)[rows:] if r["tool"]]
+    by_tool = [(r["tool"], r["decision"], r["reason"], r["cost_usd"]) for r in got]
+    assert by_tool == [
+        ("web_search", "allow", None, "0.01"),
+        ("paid_lookup", "allow", None, "0.0042"),  # the server's own _meta cost
+        ("eu_lookup", "allow", None, "2.2"),  # _meta.cost 2 EUR at fx 1.10
+        ("flaky", "allow", None, "0.02"),  # the tool ran (isError): billed
+        ("delete_index", "deny", "tool_not_allowed", None),
+        ("send_email", "deny", "approval_timeout", None),
+        ("web_search", "allow", None, "0.01"),
+        ("web_search", "deny", "rate_limited", None),
+    ]
+    assert all(r["key_id"] == key_id and r["vendor"] == "search-mcp" for r in got)
+    listing = [r for r in agent.calls()[rows:] if "tools/list" in (r["note"] or "")]
+    assert listing and "1 tool(s) hidden" in listing[0]["note"]
+    no_secret_anywhere(agent)
+
+
+def test_mcp_batch_refused_as_json_rpc_errors_and_report_mode(agent: Gateway) -> None:
+    _, token = agent.issue("tools")
+    _, shadow = agent.issue("tools-shadow")
+    n, rows = len(agent.fakes.requests()), len(agent.calls())
+    batch = [{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "web_search", "arguments": {}}},
+             {"jsonrpc": "2.0", "id": "b", "method": "tools/call", "params": {"name": "delete_index"}},
+             {"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}]
+    with agent.client() as c:
+        r = c.post("https://mcp.tools.example/mcp", json=batch, headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 403 and r.headers["x-spendgate-reason"] == "tool_not_allowed"
+        errs = r.json()
+        assert [(e["id"], e["error"]["data"]["code"]) for e in errs] == [(1, "tool_not_allowed"), ("b", "tool_not_allowed")]
+        assert seen_since(agent, n) == []
+        ping = c.post("https://mcp.tools.example/mcp", headers={"Authorization": f"Bearer {token}"},
+                      json={"jsonrpc": "2.0", "id": 7, "method": "ping"})
+        assert ping.json() == {"jsonrpc": "2.0", "id": 7, "result": {}}
+        shadow_call = c.post("https://mcp.tools.example/mcp", headers={"Authorization": f"Bearer {shadow}"},
+                             json={"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_index"}})
+        assert shadow_call.status_code == 200 and "result" in shadow_call.json()  # report-only: forwarded
+        listed = c.post("https://mcp.tools.example/mcp", headers={"Authorization": f"Bearer {shadow}"},
+                        json={"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+        assert len(listed.json()["result"]["tools"]) == 6  # report-only: nothing hidden
+    got = agent.calls(rows + 4)[rows:]
+    assert [(r["tool"], r["decision"], r["reason"]) for r in got] == [
+        ("web_search,delete_index", "deny", "tool_not_allowed"), (None, "allow", None),
+        ("delete_index", "would_deny", "tool_not_allowed"), (None, "allow", None)]
+    report = json.loads(agent.cli("report", "--by", "tool", "--json").stdout)
+    assert {r["tool"] for r in report} >= {"web_search", "paid_lookup", "delete_index"}

@@ -152,7 +152,7 @@ def test_unknown_fields_vendors_and_references() -> None:
     out = problems(GOOD.replace("policy: p,", "policy: nope,"))
     assert any("p.yaml:11: keys[0].policy: no policy named 'nope'" in o for o in out)
     out = problems(GOOD.replace("      stripe: {allow", "      paypal: {allow"))
-    assert any("policies.p.vendors: unknown vendor 'paypal'" in o for o in out)
+    assert any("policies.p.vendors.paypal: unknown vendor 'paypal'" in o for o in out)
 
 
 def test_yaml_syntax_error_has_line() -> None:

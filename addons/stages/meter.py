@@ -74,7 +74,8 @@ class Meter:
                 call.request_id = value[:200]
                 break
         call.cost = self.parse(flow, call, headers)
-        if flow.request.method in ("GET", "HEAD") and call.cost.usd:
+        vendor = REGISTRY.get(call.vendor or "")
+        if flow.request.method in ("GET", "HEAD") and call.cost.usd and (vendor is None or vendor.reads_free):
             # Reading a message or a list shows prices billed by the calls that created
             # them; counting them again would charge an agent for polling.
             call.cost = Cost("zero", Decimal(0), call.cost.currency, call.cost.amount,

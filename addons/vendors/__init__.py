@@ -29,3 +29,14 @@ def vendor_for_host(host: str) -> Vendor | None:
         if vendor.serves(host):
             return vendor
     return None
+
+
+# The vendors shipped as code; REGISTRY also holds those the policy file in force declares.
+BUILT_IN: dict[str, Vendor] = dict(REGISTRY)
+
+
+def install_declared(declared: dict[str, Vendor]) -> None:
+    """Make ``declared`` (a loaded policy file's vendors) the declared vendors in REGISTRY."""
+    for name in [n for n in REGISTRY if n not in BUILT_IN]:
+        del REGISTRY[name]
+    REGISTRY.update({n: v for n, v in declared.items() if n not in BUILT_IN})

@@ -20,7 +20,7 @@ Declared vendors (``vendors: {x: {compatible: openai, hosts: […]}}``) use the 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -119,7 +119,8 @@ class _StreamMeter:
 
 
 def openai_compatible(name: str, hosts: tuple[str, ...], real_key: str, prices: Mapping[str, Any],
-                      key_headers: tuple[str, ...] = ("authorization",)) -> Vendor:
+                      key_headers: tuple[str, ...] = ("authorization",),
+                      credential: Callable[[Mapping[str, str]], dict[str, str]] | None = None) -> Vendor:
     """A Vendor speaking OpenAI's API at ``hosts``, priced from ``prices``."""
     vendor: Vendor
 
@@ -140,7 +141,7 @@ def openai_compatible(name: str, hosts: tuple[str, ...], real_key: str, prices: 
 
     vendor = Vendor(
         name=name, hosts=hosts, key_headers=key_headers, real_key=re.compile(real_key),
-        credential_headers=lambda c: {"authorization": bearer(c["secret"])},
+        credential_headers=credential or (lambda c: {"authorization": bearer(c["secret"])}),
         estimator=estimator, parser=parser, stream_meter=stream_meter, prices=prices,
         free=_openai.FREE,  # the same API surface: what is free at OpenAI is free here
         # compatible servers accept max_tokens; not all know max_completion_tokens

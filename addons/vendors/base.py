@@ -265,6 +265,9 @@ class Vendor:
     # query (or ``query_only``), puts the real key back in the URL on the wire only.
     key_query: Mapping[str, str] = field(default_factory=dict)
     query_only: bool = False
+    # A GET only shows what earlier calls billed (the meter counts it $0). Declared vendors say
+    # False: a search API bills the GET itself.
+    reads_free: bool = True
 
     @cached_property
     def _free(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
