@@ -191,6 +191,7 @@ class Runtime:
                       state.path, type(e).__name__, e)
 
     def done(self) -> None:
+        install_declared({})  # the declared vendors go with the policy file that declared them
         if self._watch is not None:
             self._watch.cancel()
         if self.store is not None:

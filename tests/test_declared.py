@@ -44,6 +44,7 @@ vendors:
     hosts: ["*.basic.example"]
     secret: env:RESEND_API_KEY
     credential: {basic: {user: "{secret}", password: ""}}
+    price: {per_call_usd: {"GET /v1/**": 0}}
   llm:
     compatible: openai
     hosts: [llm.internal.example]
@@ -57,7 +58,7 @@ policies:
     vendors:
       search: {allow: ["GET /res/v1/**"]}
       scraper: {allow: ["POST /v1/scrape"], max_request_usd: 1, default_estimate_usd: 0.5}
-      serp: {allow: ["GET /search"]}
+      serp: {allow: ["GET /search"], default_estimate_usd: 0.02}   # priced from the answer: hold this
       basicapi: {allow: ["GET /**"]}
       llm: {allow: ["POST /v1/chat/completions"], max_output_tokens: 500}
     budget: {key_usd: 5}

@@ -124,7 +124,8 @@ def _estimate_from(req: RequestView, table: Mapping[str, Any]) -> Estimate:
     found = _rule_price(req, table)
     if found is not None:
         rule, usd = found
-        return Estimate(usd=usd, moves_money=usd > 0, currency="USD", amount=usd,
+        # (a matching rule prices the call, $0 included: it is not "unpriced")
+        return Estimate(usd=usd, moves_money=True, currency="USD", amount=usd,
                         basis=f"per_call_usd {rule!r}: ${usd}")
     if table.get("response_field") or table.get("response_header"):
         # priced by the answer: the policy's default_estimate_usd (else max_request_usd) holds it

@@ -254,5 +254,8 @@ def mcp_vendor(name: str, hosts: tuple[str, ...], raw: str, key_headers: tuple[s
         name=name, hosts=hosts, key_headers=key_headers, real_key=re.compile(raw),
         credential_headers=credential, estimator=estimator, parser=parser, stream_meter=stream_meter,
         prices=prices, key_query=key_query, query_only=bool(key_query),
+        # Only tools/call is ever billed, and the estimator prices every one (a tool without a
+        # declared price is free): every other message is free by protocol.
+        free=("* /**",),
     )
     return vendor

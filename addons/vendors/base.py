@@ -265,8 +265,8 @@ class Vendor:
     # query (or ``query_only``), puts the real key back in the URL on the wire only.
     key_query: Mapping[str, str] = field(default_factory=dict)
     query_only: bool = False
-    # A GET only shows what earlier calls billed (the meter counts it $0). Declared vendors say
-    # False: a search API bills the GET itself.
+    # A GET only shows what earlier calls billed (the meter counts it $0, and it is free without
+    # being listed). Declared vendors say False: a search API bills the GET itself.
     reads_free: bool = True
 
     @cached_property
@@ -276,7 +276,7 @@ class Vendor:
     def is_free(self, req: RequestView) -> bool:
         """A read, or a non-read listed in ``free``."""
         method = req.method.upper()
-        if method in READS:
+        if method in READS and self.reads_free:
             return True
         return any(m in ("*", method) and p.fullmatch(req.path) for m, p in self._free)
 
