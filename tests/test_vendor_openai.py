@@ -469,3 +469,82 @@ def test_a_batch_moves_money_for_an_amount_unknown_until_it_runs() -> None:
     assert cost_of(VENDOR, req, raw("openai", "batch_create_validating.json")).status == "unknown"
     cancel = json_request("/v1/batches/batch_abc123/cancel", {})
     assert VENDOR.estimate(cancel, Prices()) == Estimate(usd=Decimal(0))
+
+
+# --- multipliers and extras (issue 11 item 3) ---------------------------------------------------
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("name", "x"), [("responses_priority_tier.derived.json", Decimal(2)),
+                                         ("responses_flex_tier.derived.json", Decimal("0.5")),
+                                         ("responses_text.json", Decimal(1))])
+def test_service_tier_in_the_response_multiplies_the_token_charges(name: str, x: Decimal) -> None:
+    obj = load_json("openai", name)
+    u, t = obj["usage"], MODELS[obj["model"]]
+    base = per_million(u["input_tokens"], t["input"]) + per_million(u["output_tokens"], t["output"])
+    cost = cost_of(VENDOR, RESPONSES, raw("openai", name))
+    assert (cost.status, cost.usd) == ("parsed", base * x)
+    if x != 1:
+        assert "service_tier" in cost.note
+
+
+def test_a_model_may_carry_its_own_tier_multiplier() -> None:
+    body = {"model": "gpt-4.1", "service_tier": "priority", "usage": {"prompt_tokens": 1000, "completion_tokens": 100}}
+    t = MODELS["gpt-4.1"]
+    expected = (per_million(1000, t["input"]) + per_million(100, t["output"])) * Decimal("1.75")
+    assert cost_of(VENDOR, CHAT, json.dumps(body).encode()).usd == expected
+
+
+@needs_fixtures
+def test_audio_tokens_in_the_details_are_priced_at_their_own_rates() -> None:
+    cost = cost_of(VENDOR, CHAT, raw("openai", "chat_completion_audio_tokens.derived.json"))
+    t = MODELS["gpt-4o-audio-preview"]
+    # 1200 prompt tokens of which 1000 audio; 900 completion tokens of which 800 audio
+    expected = (per_million(200, t["input"]) + per_million(1000, t["audio_input"])
+                + per_million(100, t["output"]) + per_million(800, t["audio_output"]))
+    assert (cost.status, cost.usd) == ("parsed", expected)
+    assert "audio in 1000" in cost.note and "audio out 800" in cost.note
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("name", "tool", "fee"), [
+    # web_search_preview on gpt-5.4, a reasoning model: the $10/1k web search fee
+    ("responses_web_search.json", "web_search_preview", "web_search_call"),
+    ("responses_file_search.json", "file_search", "file_search_call"),
+])
+def test_responses_built_in_tool_calls_add_their_fees(name: str, tool: str, fee: str) -> None:
+    obj = load_json("openai", name)
+    req = json_request("/v1/responses", {"model": "gpt-5.4", "tools": [{"type": tool}], "input": "x"})
+    u, t = obj["usage"], MODELS["gpt-5.4"]
+    tokens = per_million(u["input_tokens"], t["input"]) + per_million(u["output_tokens"], t["output"])
+    cost = cost_of(VENDOR, req, raw("openai", name))
+    assert cost.usd == tokens + rate(TABLE["tool_fees_usd"], fee)
+
+
+def test_web_search_preview_on_a_non_reasoning_model_and_code_interpreter_containers() -> None:
+    req = json_request("/v1/responses", {"model": "gpt-4.1", "tools": [{"type": "web_search_preview"}],
+                                         "input": "x"})
+    body = {"model": "gpt-4.1", "usage": {"input_tokens": 0, "output_tokens": 0}, "output": [
+        {"type": "web_search_call", "id": "ws_1"}, {"type": "web_search_call", "id": "ws_2"},
+        {"type": "code_interpreter_call", "id": "ci_1", "container_id": "cntr_1"},
+        {"type": "code_interpreter_call", "id": "ci_2", "container_id": "cntr_1"},
+        {"type": "code_interpreter_call", "id": "ci_3", "container_id": "cntr_2"}]}
+    fees = TABLE["tool_fees_usd"]
+    cost = cost_of(VENDOR, req, json.dumps(body).encode())
+    assert cost.usd == 2 * rate(fees, "web_search_preview_call") + 2 * rate(fees, "code_interpreter_container")
+
+
+def test_a_streamed_response_counts_its_tool_calls_and_tier() -> None:
+    req = json_request("/v1/responses", {"model": "gpt-5.4", "tools": [{"type": "file_search"}], "input": "x",
+                                         "stream": True})
+    usage = {"input_tokens": 100, "output_tokens": 10}
+    events = [{"type": "response.output_item.done", "item": {"type": "file_search_call", "id": "fs_1"}},
+              {"type": "response.output_item.done", "item": {"type": "message", "id": "m_1"}},
+              {"type": "response.completed", "response": {"model": "gpt-5.4", "service_tier": "priority",
+                                                          "usage": usage}}]
+    sse = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events).encode()
+    t = MODELS["gpt-5.4"]
+    expected = (per_million(100, t["input"]) + per_million(10, t["output"])) * 2 + rate(
+        TABLE["tool_fees_usd"], "file_search_call")
+    for how in SPLITS:
+        assert stream_cost(VENDOR, req, sse, how).usd == expected

@@ -50,6 +50,21 @@ class Rates:
     max_output: int | None
     known: bool
     long_context: Mapping[str, Any] | None = None
+    # audio and image tokens at their own rates (default: the text rates)
+    audio_input: Decimal | None = None
+    audio_output: Decimal | None = None
+    image_input: Decimal | None = None
+    tiers: Mapping[str, Any] | None = None  # service_tier → multiplier (this model's own)
+
+    def tier_x(self, tier: object, table: Mapping[str, Any]) -> Decimal:
+        """The multiplier of a response's ``service_tier`` (``priority``, ``flex``…): the model's
+        own, else the table's ``service_tiers``, else 1 (``default``, ``auto``, unknown)."""
+        if not isinstance(tier, str):
+            return Decimal(1)
+        for source in (self.tiers, table.get("service_tiers")):
+            if isinstance(source, Mapping) and tier in source:
+                return dec(source.get(tier), Decimal(1))
+        return Decimal(1)
 
     def for_input(self, input_total: int) -> Rates:
         """Rates for a request of ``input_total`` input tokens (long-context surcharge)."""
@@ -64,6 +79,9 @@ class Rates:
         return Rates(
             self.model, self.input * ix, self.output * ox, self.cached_input * ix,
             self.cache_write * ix, self.cache_write_1h * ix, self.max_output, self.known, None,
+            None if self.audio_input is None else self.audio_input * ix,
+            None if self.audio_output is None else self.audio_output * ox,
+            None if self.image_input is None else self.image_input * ix, self.tiers,
         )
 
 
@@ -77,18 +95,28 @@ class Usage:
     cache_write_1h: int = 0
     output: int = 0  # includes reasoning/thinking tokens
     web_searches: int = 0
+    audio_input: int = 0  # audio tokens in, at the model's audio_input rate
+    audio_output: int = 0
+    image_input: int = 0
+    tier_x: Decimal = Decimal(1)  # service tier multiplier of the token charges
+    tool_usd: Decimal = Decimal(0)  # built-in tool fees (web/file search calls, containers)
+    tool_note: str = ""
 
     @property
     def input_total(self) -> int:
-        return self.input + self.cached + self.cache_write + self.cache_write_1h
+        return (self.input + self.cached + self.cache_write + self.cache_write_1h + self.audio_input
+                + self.image_input)
 
     def usd(self, rates: Rates, web_search_usd: Decimal = Decimal(0)) -> Decimal:
         r = rates.for_input(self.input_total)
         tokens = (
             self.input * r.input + self.cached * r.cached_input + self.cache_write * r.cache_write
             + self.cache_write_1h * r.cache_write_1h + self.output * r.output
+            + self.audio_input * (r.input if r.audio_input is None else r.audio_input)
+            + self.audio_output * (r.output if r.audio_output is None else r.audio_output)
+            + self.image_input * (r.input if r.image_input is None else r.image_input)
         )
-        return tokens / MILLION + self.web_searches * web_search_usd
+        return tokens * self.tier_x / MILLION + self.web_searches * web_search_usd + self.tool_usd
 
     def summary(self) -> str:
         parts = [f"in {self.input}"]
@@ -98,9 +126,19 @@ class Usage:
             parts.append(f"cache write {self.cache_write}")
         if self.cache_write_1h:
             parts.append(f"cache write 1h {self.cache_write_1h}")
+        if self.audio_input:
+            parts.append(f"audio in {self.audio_input}")
+        if self.image_input:
+            parts.append(f"image in {self.image_input}")
         parts.append(f"out {self.output}")
+        if self.audio_output:
+            parts.append(f"audio out {self.audio_output}")
         if self.web_searches:
             parts.append(f"web searches {self.web_searches}")
+        if self.tier_x != 1:
+            parts.append(f"service tier ×{self.tier_x}")
+        if self.tool_note:
+            parts.append(self.tool_note)
         return ", ".join(parts)
 
 
@@ -152,6 +190,7 @@ def lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal,
     assert isinstance(entry, Mapping)
     inp = dec(entry.get("input"), Decimal(0))
     lc = entry.get("long_context")
+    tiers = entry.get("service_tiers")
     return Rates(
         model=str(key),
         input=inp,
@@ -162,7 +201,16 @@ def lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal,
         max_output=opt_int(entry.get("max_output")),
         known=known,
         long_context=lc if isinstance(lc, Mapping) else None,
+        audio_input=_opt_rate(entry.get("audio_input")),
+        audio_output=_opt_rate(entry.get("audio_output")),
+        image_input=_opt_rate(entry.get("image_input")),
+        tiers=tiers if isinstance(tiers, Mapping) else None,
     )
+
+
+def _opt_rate(value: object) -> Decimal | None:
+    d = parse_decimal(value)
+    return d if d is not None and d >= 0 else None
 
 
 def _resolve(models: Mapping[str, Any], aliases: Mapping[str, Any], name: str) -> str | None:

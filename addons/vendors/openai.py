@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -81,6 +81,7 @@ FREE = (
     "DELETE /**",
 )
 _MEDIA = ("transcription", "speech", "image")
+_REASONING = re.compile(r"^(o\d|gpt-5)")  # reasoning models: web_search_preview at the web_search fee
 # /v1/completions defaults to 16 output tokens (API reference, max_tokens).
 _LEGACY_COMPLETIONS_MAX = 16
 
@@ -172,23 +173,83 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
 
 
 def _usage(u: Mapping[str, Any]) -> _llm.Usage:
-    """Chat/embeddings (``prompt_tokens``) or Responses (``input_tokens``) usage, split by rate."""
+    """Chat/embeddings (``prompt_tokens``) or Responses (``input_tokens``) usage, split by rate.
+
+    The totals include their details: cached, audio and image input tokens are carved out
+    of the input total, audio output tokens out of the output total, each billed once at
+    its own rate."""
     if "input_tokens" in u or "output_tokens" in u:
         total_in = _llm.tokens(u.get("input_tokens"))
         details = u.get("input_tokens_details")
         out = _llm.tokens(u.get("output_tokens"))
+        out_details = u.get("output_tokens_details")
     else:
         total_in = _llm.tokens(u.get("prompt_tokens"))
         details = u.get("prompt_tokens_details")
         out = _llm.tokens(u.get("completion_tokens"))
+        out_details = u.get("completion_tokens_details")
     details = details if isinstance(details, Mapping) else {}
-    cached = min(_llm.tokens(details.get("cached_tokens")), total_in)  # a subset of input
-    write = min(_llm.tokens(details.get("cache_write_tokens")), total_in - cached)
-    return _llm.Usage(input=total_in - cached - write, cached=cached, cache_write=write, output=out)
+    out_details = out_details if isinstance(out_details, Mapping) else {}
+    left = total_in
+    cached = min(_llm.tokens(details.get("cached_tokens")), left)  # a subset of input
+    left -= cached
+    write = min(_llm.tokens(details.get("cache_write_tokens")), left)
+    left -= write
+    audio_in = min(_llm.tokens(details.get("audio_tokens")), left)
+    left -= audio_in
+    image_in = min(_llm.tokens(details.get("image_tokens")), left)
+    left -= image_in
+    audio_out = min(_llm.tokens(out_details.get("audio_tokens")), out)
+    return _llm.Usage(input=left, cached=cached, cache_write=write, output=out - audio_out,
+                      audio_input=audio_in, audio_output=audio_out, image_input=image_in)
 
 
-def _priced(usage: Mapping[str, Any], model: object, prices: Prices, extra: str = "") -> Cost:
-    return _llm.usd_cost(_usage(usage), _rates(prices, model), model, extra=extra)
+def _tool_fees(src: Mapping[str, Any] | None, req: RequestView | None, table: Mapping[str, Any],
+               counts: Mapping[str, int] | None = None) -> tuple[Decimal, str]:
+    """Built-in tool fees of a Responses answer: web and file search calls, code interpreter
+    containers (``tool_fees_usd`` in the table). ``counts`` (from a stream) or ``src["output"]``."""
+    fees = table.get("tool_fees_usd")
+    fees = fees if isinstance(fees, Mapping) else {}
+    if counts is None:
+        output = src.get("output") if isinstance(src, Mapping) else None
+        found: dict[str, int] = {}
+        containers: set[str] = set()
+        for item in output if isinstance(output, list) else []:
+            if isinstance(item, Mapping) and isinstance(t := item.get("type"), str):
+                if t == "code_interpreter_call":
+                    containers.add(str(item.get("container_id") or item.get("id") or len(containers)))
+                else:
+                    found[t] = found.get(t, 0) + 1
+        found["code_interpreter_container"] = len(containers)
+        counts = found
+    web_kind = "web_search_call"
+    body = req.json if req is not None and isinstance(req.json, Mapping) else {}
+    tools, model = body.get("tools"), str(body.get("model") or (src or {}).get("model") or "")
+    if isinstance(tools, list) and any(isinstance(t, Mapping) and str(t.get("type", "")).startswith(
+            "web_search_preview") for t in tools) and not _REASONING.match(model):
+        web_kind = "web_search_preview_call"  # the preview tool on non-reasoning models costs more
+    usd, parts = Decimal(0), []
+    for kind, fee_key in (("web_search_call", web_kind), ("file_search_call", "file_search_call"),
+                          ("code_interpreter_container", "code_interpreter_container")):
+        n = counts.get(kind, 0)
+        if n:
+            usd += n * _llm.dec(fees.get(fee_key), Decimal(0))
+            parts.append(f"{n} {kind.replace('_', ' ')}{'s' if n != 1 else ''}")
+    return usd, ", ".join(parts)
+
+
+def _priced(usage: Mapping[str, Any], model: object, prices: Prices, extra: str = "",
+            src: Mapping[str, Any] | None = None, req: RequestView | None = None,
+            tool_counts: Mapping[str, int] | None = None, tier: object = None) -> Cost:
+    table = prices.table(VENDOR)
+    rates = _rates(prices, model)
+    base = _usage(usage)
+    tier = tier if tier is not None else (src.get("service_tier") if isinstance(src, Mapping) else None)
+    tool_usd, tool_note = _tool_fees(src, req, table, tool_counts)
+    full = replace(base, tier_x=rates.tier_x(tier, table), tool_usd=tool_usd, tool_note=tool_note)
+    if full.tier_x != 1:
+        extra = f"service_tier {tier}" + (f"; {extra}" if extra else "")
+    return _llm.usd_cost(full, rates, model, extra=extra)
 
 
 def _fallback(req: RequestView, prices: Prices, estimate: Estimate | None, why: str) -> Cost:
@@ -218,7 +279,7 @@ def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estima
     src = obj.get("response") if isinstance(obj.get("response"), dict) else obj
     usage = src.get("usage")
     if isinstance(usage, Mapping):
-        return _priced(usage, _llm.model_of(src, req), prices)
+        return _priced(usage, _llm.model_of(src, req), prices, src=src, req=req)
     if kind is None:
         return Cost("zero", Decimal(0), note="endpoint not billed")
     if kind == "other":
@@ -243,6 +304,9 @@ class _Meter(EventMeter):
         self._events = 0  # JSON events before any error
         self._error: str | None = None
         self._terminal: str | None = None
+        self._tier: str | None = None
+        self._tools: dict[str, int] = {}
+        self._containers: set[str] = set()
 
     def _on(self, event: Event) -> None:
         obj = event.json()
@@ -256,6 +320,14 @@ class _Meter(EventMeter):
             self._model = model
         if isinstance(usage := src.get("usage"), dict):
             self._usage = usage
+        if isinstance(tier := src.get("service_tier"), str):
+            self._tier = tier
+        if typ == "response.output_item.done" and isinstance(item := obj.get("item"), dict):
+            kind = item.get("type")
+            if kind == "code_interpreter_call":
+                self._containers.add(str(item.get("container_id") or item.get("id")))
+            elif isinstance(kind, str):
+                self._tools[kind] = self._tools.get(kind, 0) + 1
         if typ in ("response.completed", "response.incomplete", "response.failed"):
             self._terminal = typ
         if error := _stream_error(obj, typ):
@@ -280,7 +352,9 @@ class _Meter(EventMeter):
                 extra = self._terminal
             if self._error:
                 extra = f"stream error after usage: {self._error}"
-            return _priced(self._usage, model, self._prices, extra)
+            counts = {**self._tools, "code_interpreter_container": len(self._containers)}
+            return _priced(self._usage, model, self._prices, extra, req=self._req, tool_counts=counts,
+                           tier=self._tier)
         if self._error and self._events == 0:
             return Cost("zero", Decimal(0), note=f"stream error before any output: {self._error}")
         if self._broken:
