@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from . import reports
 from .keys import IssueError, key_spec, parse_labels
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, load_config, resolve_credentials
-from .store import KeyRecord, Store, hash_token, open_store
+from .store import TOKEN_PREFIX, KeyRecord, Store, hash_token, open_store
+from .vendors import REGISTRY
 
 GATEWAY = Path(__file__).resolve().parent / "gateway.py"
 CERTS = "certs"
@@ -28,15 +31,41 @@ db_opt = click.option("--db", "db", default=None, help="Ledger (SQLite file).")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-def _store(db: str | None) -> Store:
-    return open_store(db_path(db))
+def _store(db: str | None, create: bool = False) -> Store:
+    """The ledger. Only commands that write keys create it; readers say where they looked."""
+    path = db_path(db)
+    if not create and not Path(path).exists():
+        raise click.ClickException(
+            f"no ledger at {Path(path).resolve()}: pass --db FILE or set SPENDGATE_DB "
+            "(the gateway and `spendgate keys issue` create it)"
+        )
+    return open_store(path)
 
 
-def _config(path: str | None) -> Config:
+def _config(path: str | None, secrets: bool = False) -> tuple[Config, str]:
+    """The policy file (and, with ``secrets``, proof that every credential resolves)."""
+    where = config_path(path)
+    if not Path(where).exists():
+        raise click.ClickException(
+            f"no policy file at {Path(where).resolve()}: pass --config FILE or set SPENDGATE_CONFIG "
+            "(`spendgate init` writes a starter policy)"
+        )
     try:
-        return load_config(config_path(path))
+        cfg = load_config(where)
+        if secrets:
+            resolve_credentials(cfg, where)
     except ConfigError as e:
-        raise click.ClickException(f"invalid policy\n{e}") from None
+        raise click.ClickException(f"{where} cannot be used:\n{e}") from None
+    return cfg, where
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
@@ -64,9 +93,13 @@ def main() -> None:
 @config_opt
 @db_opt
 @click.option("--port", default=8080, show_default=True, help="Proxy listen port.")
-@click.option("--host", "listen_host", default="", help="Proxy listen address (default: all).")
+@click.option("--host", "listen_host", default="127.0.0.1", show_default=True,
+              help="Proxy listen address. 0.0.0.0 serves other machines and containers: then make sure "
+                   "only your agents can reach it (the proxy tunnels whatever the policy's egress allows).")
 @click.option("--web", is_flag=True, help="Run mitmweb (live console on 127.0.0.1:8081).")
-@click.option("--web-port", default=8081, show_default=True)
+@click.option("--web-port", default=8081, show_default=True, help="mitmweb's port (on 127.0.0.1).")
+@click.option("--admin-port", default=None, type=int,
+              help="Admin API port on 127.0.0.1 (default 8082; needs SPENDGATE_ADMIN_TOKEN).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="One line per decision, as text or JSON.")
 @click.option("--capture", "capture", default=None, metavar="DIR",
@@ -79,22 +112,34 @@ def main() -> None:
 @click.option("--capture-keep", default=48, show_default=True, help="Capture files kept (0: all).")
 @click.argument("mitmproxy_args", nargs=-1, type=click.UNPROCESSED)
 def run(config: str | None, db: str | None, port: int, listen_host: str, web: bool,
-        web_port: int, log_format: str, capture: str | None, capture_no_bodies: bool,
+        web_port: int, admin_port: int | None, log_format: str, capture: str | None, capture_no_bodies: bool,
         capture_redact: tuple[str, ...], capture_max_size: str, capture_max_age: str, capture_keep: int,
         mitmproxy_args: tuple[str, ...]) -> None:
-    """Run the gateway (mitmdump, or mitmweb with --web). Extra args go to mitmproxy."""
-    cfg = config_path(config)
-    _config(cfg)  # fail fast with file:line errors before mitmproxy starts
+    """Run the gateway (mitmdump, or mitmweb with --web). Extra args go to mitmproxy.
+
+    Before anything listens, the policy is validated and every secret it references is
+    read: any problem is reported (file:line each) and nothing starts."""
+    _, cfg = _config(config, secrets=True)
+    busy = [(what, h, p) for what, h, p in (
+        ("the proxy (--port)", listen_host, port),
+        *((("mitmweb (--web-port)", "127.0.0.1", web_port),) if web else ()),
+        *((("the admin API (--admin-port)", "127.0.0.1", admin_port),) if admin_port else ()),
+    ) if not _port_free(h, p)]  # fmt: skip
+    if busy:
+        raise click.ClickException("; ".join(
+            f"port {p} on {h} is in use (another gateway or proxy?): {what} needs a free port"
+            for what, h, p in busy))  # fmt: skip
     tool = "mitmweb" if web else "mitmdump"
     exe = Path(sys.executable).with_name(tool)
     args = [
         str(exe if exe.exists() else tool), "-s", str(GATEWAY),
         "--set", f"spendgate_config={cfg}", "--set", f"spendgate_db={db_path(db)}",
         "--set", f"confdir={CERTS}", "--set", "connection_strategy=lazy",
-        "--listen-port", str(port), "--set", f"spendgate_log_format={log_format}",
+        "--listen-host", listen_host, "--listen-port", str(port),
+        "--set", f"spendgate_log_format={log_format}",
     ]
-    if listen_host:
-        args += ["--listen-host", listen_host]
+    if admin_port:
+        args += ["--set", f"spendgate_admin_listen=127.0.0.1:{admin_port}"]
     if capture:
         args += ["--set", f"spendgate_capture={capture}", "--set", f"spendgate_capture_max_size={capture_max_size}",
                  "--set", f"spendgate_capture_max_age={capture_max_age}",
@@ -108,15 +153,24 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
     if web:
         args += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
                  "--set", "web_host=127.0.0.1"]
+    # Line-buffered output even into a file or a pipe (`spendgate run > gw.log`): each decision,
+    # and mitmweb's login URL, is there as soon as it happens.
+    os.environ["PYTHONUNBUFFERED"] = "1"
     os.execvp(args[0], [*args, *mitmproxy_args])
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--secrets/--no-secrets", default=False,
-              help="Also check that every env:/file: credential resolves here.")
-def check(file: str, secrets: bool) -> None:
-    """Validate a policy file; print every problem with file, line and field."""
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+@click.option("--secrets/--no-secrets", default=True, show_default=True,
+              help="Also check that every env:/file: credential resolves here (as `run` does).")
+def check(file: str | None, secrets: bool) -> None:
+    """Validate a policy file; print every problem with file, line and field.
+
+    Every problem is reported at once: fields, cross-references (a policy naming a vendor
+    without credentials, an unknown vendor, a bad rule) and, unless --no-secrets, every
+    env:/file: secret that does not resolve in this environment. FILE defaults to the
+    policy `run` would use ($SPENDGATE_CONFIG, else policies/spendgate.yaml)."""
+    file = file or config_path(None)
     try:
         cfg = load_config(file)
         if secrets:
@@ -126,11 +180,107 @@ def check(file: str, secrets: bool) -> None:
             click.echo(str(p), err=True)
         raise SystemExit(1) from None
     click.echo(f"{file}: ok ({len(cfg.policies)} policies, {len(cfg.vendors)} vendors, "
-               f"{len(cfg.keys)} static keys)")
+               f"{len(cfg.keys)} static keys{', every secret resolves' if secrets else ', secrets not checked'})")
+
+
+# Starter rules for `spendgate init`: credential env names, common endpoints, limits.
+STARTER: dict[str, dict[str, object]] = {
+    "stripe": {"env": {"secret": "STRIPE_SECRET_KEY"},
+               "allow": ["POST /v1/payment_intents", "GET /v1/payment_intents/*", "POST /v1/payment_intents/*/confirm"],
+               "approve": ["POST /v1/refunds"], "extra": ["max_request_usd: 100      # refused above this (402)"]},
+    "openai": {"env": {"secret": "OPENAI_API_KEY"},
+               "allow": ["POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings"],
+               "extra": ["max_output_tokens: 4096   # per request (403 output_limit_exceeded)"]},
+    "anthropic": {"env": {"secret": "ANTHROPIC_API_KEY"}, "allow": ["POST /v1/messages"],
+                  "extra": ["max_output_tokens: 4096"]},
+    "twilio": {"env": {"account_sid": "TWILIO_ACCOUNT_SID", "secret": "TWILIO_AUTH_TOKEN"},
+               "allow": ["POST /2010-04-01/Accounts/*/Messages.json", "GET /2010-04-01/Accounts/*/Messages/*"]},
+    "resend": {"env": {"secret": "RESEND_API_KEY"}, "allow": ["POST /emails"]},
+    "postmark": {"env": {"secret": "POSTMARK_SERVER_TOKEN"}, "allow": ["POST /email"]},
+    "shopify": {"env": {"secret": "SHOPIFY_ACCESS_TOKEN"}, "allow": ["POST /admin/api/*/graphql.json"]},
+    "gemini": {"env": {"secret": "GEMINI_API_KEY"}, "allow": ["POST /v1beta/models/*"],
+               "extra": ["max_output_tokens: 4096"]},
+    "openrouter": {"env": {"secret": "OPENROUTER_API_KEY"}, "allow": ["POST /api/v1/chat/completions"]},
+}
+
+
+def starter_policy(vendors: list[str], command: str) -> str:
+    """A commented starter policy for ``vendors`` (production-shaped: no upstream, egress denied)."""
+    out = [
+        f"# spendgate policy, written by `{command}`.",
+        "# Check it (every secret must resolve here): spendgate check FILE",
+        "# Run it:                                  spendgate run --config FILE",
+        "# Reference: policies/example.yaml and the README's \"Policy file\".",
+        "version: 1",
+        "",
+        "# Real vendor credentials, as references only (env:NAME or file:PATH), read by the gateway",
+        "# at start and on every reload. Export them where the gateway runs, never for the agent.",
+        "vendors:",
+    ]
+    for name in vendors:
+        envs = dict(STARTER.get(name, {}).get("env", {}))  # type: ignore[call-overload]
+        fields = ", ".join(f"{f}: env:{envs.get(f, f'{name.upper()}_{f.upper()}')}"
+                           for f in REGISTRY[name].credential_fields)
+        out.append(f"  {name}: {{{fields}}}")
+    out += [
+        "",
+        "policies:",
+        "  # One policy per kind of agent; each vault key is issued for one policy:",
+        "  #   spendgate keys issue --policy agent --ttl 1h",
+        "  agent:",
+        "    vendors:",
+    ]
+    for name in vendors:
+        spec = STARTER.get(name, {})
+        out.append(f"      {name}:")
+        allow = spec.get("allow") or []
+        out.append(f"        allow: {json.dumps(allow)}" + ("" if allow else "   # add METHOD /path rules"))
+        if spec.get("approve"):
+            out.append(f"        approve: {json.dumps(spec['approve'])}   # held for a human: spendgate approvals")
+        out += [f"        {line}" for line in spec.get("extra", [])]  # type: ignore[attr-defined]
+    out[out.index("      " + vendors[0] + ":")] += ("   # METHOD /path: * one segment, a trailing ** any rest;"
+                                                     " deny wins, anything else is refused")
+    out += [
+        "    budget: {key_usd: 50, key_daily_usd: 20}   # USD caps per key (estimated before, settled after)",
+        "    rate: 60/minute                             # per key",
+        "    ttl: 1h                                     # default lifetime of its keys",
+        "    approval_timeout: 5m",
+        "",
+        "# Hosts that are not vendors are refused (the gateway is not an open proxy); list the ones",
+        "# agents may reach untouched, e.g. allow: [\"pypi.org\"].",
+        "egress: {default: deny, allow: [], deny: []}",
+        "",
+    ]
+    return "\n".join(out)
 
 
 @main.command()
-@click.option("--dir", "directory", default=CERTS, show_default=True)
+@click.option("--vendor", "vendors", multiple=True, required=True, type=click.Choice(sorted(REGISTRY)),
+              help="A vendor the agents will call (repeatable).")
+@click.option("--output", "-o", default=None,
+              help="Where to write it [default: --config's default, $SPENDGATE_CONFIG or policies/spendgate.yaml].")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(vendors: tuple[str, ...], output: str | None, force: bool) -> None:
+    """Write a commented starter policy for the named vendors."""
+    path = Path(output or config_path(None))
+    if path.exists() and not force:
+        raise click.ClickException(f"{path} exists: choose another --output, or --force to overwrite it")
+    names = list(dict.fromkeys(vendors))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(starter_policy(names, "spendgate init " + " ".join(f"--vendor {v}" for v in names)))
+    env_names = [ref.split(":", 1)[1] for ref in _secret_refs(path) if ref.startswith("env:")]
+    click.echo(f"wrote {path}")
+    click.echo(f"next: export {', '.join(env_names)} (real keys, where the gateway runs),")
+    click.echo(f"      spendgate check {path} && spendgate run --config {path}")
+
+
+def _secret_refs(path: Path) -> list[str]:
+    cfg = load_config(path)
+    return [getattr(vc, f) for n, vc in cfg.vendors.items() for f in REGISTRY[n].credential_fields]
+
+
+@main.command()
+@click.option("--dir", "directory", default=CERTS, show_default=True, help="mitmproxy's confdir.")
 def ca(directory: str) -> None:
     """Create the gateway's CA in ./certs (if missing) and print the cert clients trust."""
     from mitmproxy.certs import CertStore
@@ -143,10 +293,11 @@ def ca(directory: str) -> None:
 @main.command()
 @click.option("--proxy", default="http://127.0.0.1:8080", show_default=True,
               help="The gateway address as the agent reaches it.")
-@click.option("--ca", "ca_path", default=f"{CERTS}/mitmproxy-ca-cert.pem", show_default=True,
-              help="Where the agent sees the CA certificate.")
-def env(proxy: str, ca_path: str) -> None:
-    """Print the environment variables an agent needs (shell syntax)."""
+@click.option("--ca", "ca_path", default=None,
+              help="Where the agent sees the CA certificate [default: this gateway's, as an absolute path].")
+def env(proxy: str, ca_path: str | None) -> None:
+    """Print the environment variables an agent needs (shell syntax: eval "$(spendgate env)")."""
+    ca_path = ca_path or str((Path(CERTS) / "mitmproxy-ca-cert.pem").resolve())
     lines = {
         "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "", "SSL_CERT_FILE": ca_path,
         "REQUESTS_CA_BUNDLE": ca_path, "CURL_CA_BUNDLE": ca_path, "NODE_EXTRA_CA_CERTS": ca_path,
@@ -185,26 +336,30 @@ def _print_key(rec: KeyRecord, as_json: bool, token: str | None = None) -> None:
 
 
 @keys.command("issue")
-@click.option("--policy", required=True)
+@click.option("--policy", required=True, help="The policy (in the policy file) the key is bound to.")
 @click.option("--ttl", default=None, help="Lifetime, e.g. 10m, 1h (default: the policy's ttl).")
 @click.option("--cap-usd", default=None, help="Lifetime spend cap; may only narrow the policy's.")
 @click.option("--label", "labels", multiple=True, help="k=v, repeatable.")
 @config_opt
 @db_opt
 @json_opt
+@click.option("--token-only", is_flag=True, help="Print the token alone (export VAULT_KEY=$(...)).")
 def keys_issue(policy: str, ttl: str | None, cap_usd: str | None, labels: tuple[str, ...],
-               config: str | None, db: str | None, as_json: bool) -> None:
+               config: str | None, db: str | None, as_json: bool, token_only: bool) -> None:
     """Issue a key; its token is printed once and stored only as a hash."""
-    cfg = _config(config)
+    cfg, _ = _config(config)
     try:
         spec = key_spec(cfg, policy, ttl, cap_usd, _labels(labels))
     except IssueError as e:  # the same rules as the admin API's POST /v1/keys (keys.py)
         if e.param in ("ttl", "cap_usd"):
             raise click.BadParameter(e.message, param_hint=f"--{e.param.replace('_', '-')}") from None
         raise click.ClickException(e.message) from None
-    store = _store(db)
+    store = _store(db, create=True)
     rec, token = store.issue_key(spec.policy, spec.ttl_seconds, spec.cap_usd, spec.labels)
     store.close()
+    if token_only:
+        click.echo(token)
+        return
     _print_key(rec, as_json, token)
     if not as_json:
         click.echo("\nThe token is shown once. Give it to the agent as its API key or X-Vault-Key.",
@@ -270,6 +425,11 @@ def keys_revoke(key_id: str | None, labels: tuple[str, ...], db: str | None, as_
 def keys_hash() -> None:
     """Read a token on stdin and print its token_sha256 (for static keys in the policy)."""
     token = sys.stdin.readline().strip()
+    if not re.fullmatch(rf"{TOKEN_PREFIX}[A-Za-z0-9_-]{{32,}}", token):
+        raise click.ClickException(
+            f"that is not a vault key: expected {TOKEN_PREFIX} followed by at least 32 URL-safe "
+            "characters (as `spendgate keys issue` prints)"
+        )
     click.echo(hash_token(token))
 
 
@@ -286,6 +446,7 @@ def approvals() -> None:
 @json_opt
 @click.option("--all", "show_all", is_flag=True, help="Include decided ones.")
 def approvals_list(db: str | None, as_json: bool, show_all: bool) -> None:
+    """List held requests (pending unless --all)."""
     store = _store(db)
     rows = store.list_approvals(None if show_all else "pending")
     store.close()
@@ -308,11 +469,27 @@ def _decide(approval_id: str, status: str, db: str | None) -> None:
     click.echo(f"{approval_id}: {status}")
 
 
+@approvals.command("approve")
+@click.argument("approval_id")
+@db_opt
+def approvals_approve(approval_id: str, db: str | None) -> None:
+    """Approve a held request: it is forwarded."""
+    _decide(approval_id, "approved", db)
+
+
+@approvals.command("deny")
+@click.argument("approval_id")
+@db_opt
+def approvals_deny(approval_id: str, db: str | None) -> None:
+    """Deny a held request: the agent gets approval_denied."""
+    _decide(approval_id, "denied", db)
+
+
 @main.command()
 @click.argument("approval_id")
 @db_opt
 def approve(approval_id: str, db: str | None) -> None:
-    """Approve a held request: it is forwarded."""
+    """Approve a held request (alias of `approvals approve`)."""
     _decide(approval_id, "approved", db)
 
 
@@ -320,7 +497,7 @@ def approve(approval_id: str, db: str | None) -> None:
 @click.argument("approval_id")
 @db_opt
 def deny(approval_id: str, db: str | None) -> None:
-    """Deny a held request: the agent gets approval_denied."""
+    """Deny a held request (alias of `approvals deny`)."""
     _decide(approval_id, "denied", db)
 
 

@@ -163,6 +163,9 @@ def path_segments(path: str) -> tuple[str, ...]:
     return tuple(segments)
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 @dataclass(frozen=True)
 class Rule:
     """``METHOD /path`` with ``*`` (one segment) and a trailing ``**`` (any rest)."""
@@ -181,8 +184,8 @@ class Rule:
         if len(parts) != 2 or not parts[1].startswith("/"):
             raise ValueError(f"{value!r} is not 'METHOD /path' (e.g. 'GET /v1/charges/*')")
         method, path = parts
-        if not (method == "*" or re.fullmatch(r"[A-Za-z]+", method)):
-            raise ValueError(f"{method!r} is not an HTTP method or *")
+        if not (method == "*" or method.upper() in HTTP_METHODS):
+            raise ValueError(f"{method!r} is not an HTTP method or * (one of {', '.join(HTTP_METHODS)})")
         segments = tuple(s for s in path.split("/") if s)
         for i, seg in enumerate(segments):
             if seg == "**" and i != len(segments) - 1:
@@ -637,12 +640,16 @@ def parse_config(text: str, filename: str = "<policy>") -> Config:
         raise ConfigError([Problem(filename, None, "", "nested too deeply")]) from None
     except ValidationError as e:
         problems = []
+        # The cross-reference checks run on the validated model, i.e. only when every field is
+        # valid: run them on the raw data too, so one `check` reports both kinds at once.
+        for loc, msg in _raw_cross_references(data):
+            problems.append(Problem(filename, _line_of(node, loc), _dotted(loc), msg))
         for err in e.errors():
             ctx_err = (err.get("ctx") or {}).get("error")
             if isinstance(ctx_err, _CrossErrors):
                 problems += [
-                    Problem(filename, _line_of(node, loc), _dotted(loc), msg)
-                    for loc, msg in ctx_err.errors
+                    p for loc, msg in ctx_err.errors
+                    if (p := Problem(filename, _line_of(node, loc), _dotted(loc), msg)) not in problems
                 ]
                 continue
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -651,6 +658,37 @@ def parse_config(text: str, filename: str = "<policy>") -> Config:
                 msg = "unknown field (check the spelling)"
             problems.append(Problem(filename, _line_of(node, loc), _dotted(loc), msg))
         raise ConfigError(problems) from None
+
+
+def _raw_cross_references(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """Config._cross_references' vendor and key checks, tolerant of a file with other errors."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    vendors = data.get("vendors") if isinstance(data.get("vendors"), dict) else {}
+    for name, vc in vendors.items():
+        if name in REGISTRY and isinstance(vc, dict):
+            for fld in REGISTRY[name].credential_fields:
+                if vc.get(fld) is None:
+                    out.append((("vendors", name, fld), f"{name} needs {fld}: env:NAME or file:PATH"))
+    policies = data.get("policies") if isinstance(data.get("policies"), dict) else {}
+    for pname, pol in policies.items():
+        pvendors = pol.get("vendors") if isinstance(pol, dict) else None
+        for vname in pvendors if isinstance(pvendors, dict) else ():
+            if vname not in vendors:
+                out.append((("policies", pname, "vendors", vname),
+                            f"vendor {vname!r} has no credentials under the top-level vendors:"))
+    keys = data.get("keys") if isinstance(data.get("keys"), list) else []
+    for i, key in enumerate(keys):
+        if isinstance(key, dict) and "policy" in key and key["policy"] not in policies:
+            out.append((("keys", i, "policy"), f"no policy named {key['policy']!r}"))
+    return out
+
+
+def locate(filename: str, loc: tuple[Any, ...]) -> int | None:
+    """The line of ``loc`` (e.g. ``("vendors", "stripe", "secret")``) in a policy file, if readable."""
+    try:
+        return _line_of(yaml.compose(Path(filename).read_text()), loc)
+    except (OSError, yaml.YAMLError, RecursionError, ValueError):
+        return None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -697,7 +735,8 @@ def resolve_credentials(
         for fld in vendor.credential_fields if vendor else ():
             value, missing = read_secret(getattr(vc, fld), environ)
             if not value:
-                problems.append(Problem(filename, None, f"vendors.{name}.{fld}", missing))
+                problems.append(Problem(filename, locate(filename, ("vendors", name, fld)),
+                                        f"vendors.{name}.{fld}", missing))
             else:
                 creds[fld] = value
         out[name] = creds

@@ -263,20 +263,46 @@ class FakeVendors:
         self.stop()
 
 
+# Fake values for the secrets policies/demo.yaml references: the fakes accept any key.
+FAKE_SECRETS = {
+    "STRIPE_SECRET_KEY": "sk_test_FAKE_for_the_offline_fakes",
+    "OPENAI_API_KEY": "sk-FAKE-for-the-offline-fakes",
+    "ANTHROPIC_API_KEY": "sk-ant-FAKE-for-the-offline-fakes",
+    "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+    "TWILIO_AUTH_TOKEN": "FAKE_for_the_offline_fakes",
+    "RESEND_API_KEY": "re_FAKE_for_the_offline_fakes",
+    "POSTMARK_SERVER_TOKEN": "FAKE-for-the-offline-fakes",
+    "SHOPIFY_ACCESS_TOKEN": "shpat_FAKE_for_the_offline_fakes",
+    "GEMINI_API_KEY": "FAKE-gemini-for-the-offline-fakes",
+    "OPENROUTER_API_KEY": "sk-or-FAKE-for-the-offline-fakes",
+    "DOCS_MCP_TOKEN": "FAKE-docs-mcp-for-the-offline-fakes",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fakes",
-        description="Offline fake Stripe/OpenAI/Anthropic/Twilio/Resend/Postmark/Shopify APIs.",
-    )
+        description="OFFLINE FAKE Stripe/OpenAI/Anthropic/Twilio/Resend/Postmark/Shopify APIs, for trying "
+                    "spendgate and for its tests (policies/demo.yaml points every vendor here). "
+                    "Nothing here is a real API.",
+    )  # fmt: skip
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument("--env", action="store_true",
+                        help="print fake values for the secrets policies/demo.yaml reads (export lines) and exit")
     args = parser.parse_args(argv)
+    if args.env:
+        print("# FAKE secrets for policies/demo.yaml and the offline fakes: never real keys")
+        for name, value in FAKE_SECRETS.items():
+            print(f"export {name}={value}")
+        return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     fake = FakeVendors(args.host, args.port, verbose=args.verbose).start()
-    print(f"fake vendors listening on {fake.url}", flush=True)
+    print(f"fake vendors listening on {fake.url} (OFFLINE FAKES for trying spendgate: not real APIs; "
+          "Ctrl-C stops them)", flush=True)
     try:
         while not stop.wait(0.5):
             pass

@@ -73,7 +73,7 @@ def main() -> None:
         wait_for(fake_log, "listening", procs[-1], "fake vendors")
 
         policy = WORK / "policy.yaml"
-        policy.write_text((ROOT / "policies" / "example.yaml").read_text()
+        policy.write_text((ROOT / "policies" / "demo.yaml").read_text()
                           .replace("http://127.0.0.1:9100", f"http://127.0.0.1:{fake_port}"))
         banner("1. the policy")
         print(spendgate("check", str(policy)).strip())

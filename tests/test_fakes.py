@@ -475,7 +475,8 @@ def test_main_runs_until_sigterm() -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
         assert line.startswith("fake vendors listening on http://127.0.0.1:")
-        url = line.rsplit(" ", 1)[1]
+        assert "OFFLINE FAKES" in line
+        url = line.split()[4]
         assert httpx.get(url + "/__health").json() == {"ok": True}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0

@@ -1,0 +1,205 @@
+"""A new user's first commands: the shipped policies, `init`, `check`, `run` refusing before it
+listens, and the CLI's messages when something is missing. Real subprocesses of the installed
+`spendgate` command, as a user types them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from spendgate.cli import main
+from spendgate.policy import load_config
+from spendgate.vendors import REGISTRY
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_") and not k.endswith(
+    ("_SECRET_KEY", "_API_KEY", "_AUTH_TOKEN", "_ACCOUNT_SID", "_SERVER_TOKEN", "_ACCESS_TOKEN"))}
+
+
+def sg(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
+       ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "spendgate"), *args], cwd=cwd, env={**CLEAN_ENV, **(env or {})},
+                          capture_output=True, text=True, input=stdin, timeout=60)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the shipped policies
+
+
+def test_the_example_policy_is_production_shaped() -> None:
+    cfg = load_config(ROOT / "policies" / "example.yaml")
+    assert cfg.vendors and all(v.upstream is None for v in cfg.vendors.values()), "no upstream: in the example"
+    assert cfg.egress.default == "deny", "a fresh gateway is not an open forward proxy"
+
+
+def test_the_demo_policy_sends_everything_to_the_fakes_and_keeps_the_examples_policies() -> None:
+    demo, example = load_config(ROOT / "policies" / "demo.yaml"), load_config(ROOT / "policies" / "example.yaml")
+    assert {v.upstream for v in demo.vendors.values()} == {"http://127.0.0.1:9100"}
+    assert demo.policies == example.policies and demo.egress == example.egress
+    assert set(demo.vendors) == set(example.vendors)
+    text = (ROOT / "policies" / "demo.yaml").read_text()
+    assert text.startswith("# DEMO policy") and "OFFLINE FAKE" in text
+
+
+# --------------------------------------------------------------------------- init
+
+
+def test_init_writes_a_commented_starter_policy_that_checks(tmp_path: Path) -> None:
+    out = sg("init", "--vendor", "stripe", "--vendor", "twilio", "--vendor", "openai", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "policies" / "spendgate.yaml"  # where `run` looks by default
+    text = path.read_text()
+    assert text.count("\n#") >= 5 and "upstream" not in text
+    cfg = load_config(path)
+    assert list(cfg.vendors) == ["stripe", "twilio", "openai"] and cfg.egress.default == "deny"
+    assert "TWILIO_ACCOUNT_SID" in out.stdout and "STRIPE_SECRET_KEY" in out.stdout
+    missing = sg("check", cwd=tmp_path)  # secrets not exported yet: every one, with its line
+    assert missing.returncode == 1
+    lines = missing.stderr.strip().splitlines()
+    assert [ln.split(": ")[1] for ln in lines] == [
+        "vendors.stripe.secret", "vendors.twilio.account_sid", "vendors.twilio.secret", "vendors.openai.secret"]
+    assert all(ln.startswith("policies/spendgate.yaml:") and ln.split(":")[1].isdigit() for ln in lines)
+    env = {"STRIPE_SECRET_KEY": "x", "TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "y", "OPENAI_API_KEY": "z"}
+    ok = sg("check", cwd=tmp_path, env=env)
+    assert ok.returncode == 0 and "every secret resolves" in ok.stdout, ok.stderr
+    again = sg("init", "--vendor", "resend", cwd=tmp_path)
+    assert again.returncode == 1 and "exists" in again.stderr and "--force" in again.stderr
+    assert sg("init", "--vendor", "nope", cwd=tmp_path).returncode == 2
+
+
+@pytest.mark.parametrize("vendor", sorted(REGISTRY))
+def test_init_knows_every_vendor(tmp_path: Path, vendor: str) -> None:
+    assert sg("init", "--vendor", vendor, "-o", "p.yaml", cwd=tmp_path).returncode == 0
+    assert sg("check", "--no-secrets", "p.yaml", cwd=tmp_path).returncode == 0
+
+
+# --------------------------------------------------------------------------- check and run
+
+
+BAD = """\
+version: 1
+vendors:
+  stripe: {secret: env:NOPE_STRIPE}
+  openai: {secret: file:/nonexistent/openai-key}
+  twilio: {secret: env:NOPE_TWILIO}
+policies:
+  a:
+    vendors:
+      stripe: {allow: ["FOO /v1/x"]}
+      anthropic: {allow: ["POST /v1/messages"]}
+"""
+
+
+def test_check_reports_every_problem_at_once_with_lines(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(BAD)
+    out = sg("check", "p.yaml", cwd=tmp_path)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "p.yaml:5: vendors.twilio.account_sid: twilio needs account_sid: env:NAME or file:PATH",
+        "p.yaml:10: policies.a.vendors.anthropic: vendor 'anthropic' has no credentials under the top-level vendors:",
+        "p.yaml:9: policies.a.vendors.stripe.allow[0]: 'FOO' is not an HTTP method or * "
+        "(one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)",
+    ]
+    fixed = BAD.replace("FOO", "POST").replace("      anthropic: {allow: [\"POST /v1/messages\"]}\n", "")
+    (tmp_path / "p.yaml").write_text(fixed.replace("  twilio: {secret: env:NOPE_TWILIO}\n", ""))
+    out = sg("check", "p.yaml", cwd=tmp_path)
+    assert out.stderr.splitlines() == [
+        "p.yaml:3: vendors.stripe.secret: environment variable NOPE_STRIPE is not set",
+        "p.yaml:4: vendors.openai.secret: cannot read /nonexistent/openai-key: No such file or directory",
+    ]
+    assert sg("check", "--no-secrets", "p.yaml", cwd=tmp_path).returncode == 0
+
+
+def test_run_refuses_before_listening_with_one_clean_message(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(BAD.replace("FOO", "POST").replace(
+        "      anthropic: {allow: [\"POST /v1/messages\"]}\n", "").replace("  twilio: {secret: env:NOPE_TWILIO}\n", ""))
+    out = sg("run", "--config", "p.yaml", "--port", "0", cwd=tmp_path)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr + out.stdout and "listening" not in out.stderr + out.stdout
+    assert out.stderr.startswith("Error: p.yaml cannot be used:\np.yaml:3: vendors.stripe.secret:")
+    assert out.stderr.count("NOPE_STRIPE") == 1 and "openai-key" in out.stderr
+    assert not (tmp_path / "data").exists(), "nothing was created"
+
+
+def test_run_names_a_busy_port(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("version: 1\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = sg("run", "--config", "p.yaml", "--port", str(port), cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in out.stderr and "--port" in out.stderr
+
+
+# --------------------------------------------------------------------------- what is missing, said plainly
+
+
+def test_commands_needing_a_policy_say_how_to_point_at_one(tmp_path: Path) -> None:
+    out = sg("keys", "issue", "--policy", "x", cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"no policy file at {tmp_path}/policies/spendgate.yaml" in out.stderr
+    assert "--config" in out.stderr and "SPENDGATE_CONFIG" in out.stderr and "spendgate init" in out.stderr
+
+
+@pytest.mark.parametrize("args", [("report",), ("keys", "list"), ("keys", "show", "key_x"),
+                                  ("approvals", "list"), ("keys", "revoke", "key_x")])  # fmt: skip
+def test_ledger_readers_never_create_an_empty_ledger(tmp_path: Path, args: tuple[str, ...]) -> None:
+    out = sg(*args, cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"no ledger at {tmp_path}/data/spendgate.db" in out.stderr and "--db" in out.stderr
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("token, ok", [
+    ("vk_" + "A" * 43, True), ("vk_" + "a-_9" * 8, True), ("", False), ("vk_short", False),
+    ("sk_live_" + "a" * 43, False), ("vk_" + "a" * 42 + "!", False), ("vk_" + "a" * 20 + " " + "a" * 20, False),
+])  # fmt: skip
+def test_keys_hash_rejects_malformed_tokens(tmp_path: Path, token: str, ok: bool) -> None:
+    out = sg("keys", "hash", cwd=tmp_path, stdin=token + "\n")
+    assert (out.returncode == 0) is ok, out.stderr
+    if ok:
+        assert len(out.stdout.strip()) == 64
+    else:
+        assert "not a vault key" in out.stderr and out.stdout == ""
+
+
+def test_env_prints_absolute_paths(tmp_path: Path) -> None:
+    out = sg("env", cwd=tmp_path)
+    lines = dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines())
+    assert lines["SSL_CERT_FILE"] == str(tmp_path / "certs" / "mitmproxy-ca-cert.pem")
+    assert lines["HTTPS_PROXY"] == "http://127.0.0.1:8080"
+
+
+def test_every_command_has_help() -> None:
+    def walk(cmd: click.Command, path: str) -> list[tuple[str, click.Command]]:
+        out = [(path, cmd)]
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                out += walk(sub, f"{path} {name}")
+        return out
+
+    commands = walk(main, "spendgate")
+    assert {"spendgate approvals approve", "spendgate approvals deny", "spendgate init"} <= {p for p, _ in commands}
+    missing = [p for p, c in commands if not (c.help or "").strip()]
+    assert missing == []
+    undocumented = [f"{p} {o.opts[0]}" for p, c in commands for o in c.params
+                    if isinstance(o, click.Option) and not o.help and o.opts[0] not in ("--version",)]
+    assert undocumented == []
+
+
+def test_fakes_env_covers_the_demo_policy() -> None:
+    out = subprocess.run([sys.executable, "-m", "fakes", "--env"], cwd=ROOT, capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    exported = {ln.split()[1].split("=")[0] for ln in out.stdout.splitlines() if ln.startswith("export ")}
+    demo = yaml.safe_load((ROOT / "policies" / "demo.yaml").read_text())
+    refs = {v.split(":", 1)[1] for vc in demo["vendors"].values() for k, v in vc.items() if k != "upstream"}
+    assert refs <= exported
+    assert "FAKE" in out.stdout.splitlines()[0]
