@@ -26,6 +26,7 @@ except ImportError:  # loaded with -s from a checkout without installing: map ./
 
 from spendgate.admin import Admin  # noqa: E402
 from spendgate.capture import Capture  # noqa: E402
+from spendgate.console import Console, ReplayGuard  # noqa: E402
 from spendgate.metrics import Metrics  # noqa: E402
 from spendgate.runtime import Runtime  # noqa: E402
 from spendgate.stages.approve import Approve  # noqa: E402
@@ -49,6 +50,7 @@ def make_addons() -> list[object]:
         metrics,
         Admin(runtime, metrics),
         Egress(runtime),
+        ReplayGuard(runtime),
         QueryKeyIn(),
         Identify(runtime),
         Authorize(runtime),
@@ -60,6 +62,7 @@ def make_addons() -> list[object]:
         QueryKeyOut(),
         Meter(runtime),
         Record(runtime),
+        Console(),  # shows the call under the vendor host the agent asked for
         Capture(runtime),  # last: saves the flow as the agent got it, with the decision and cost
     ]
 

@@ -9,7 +9,8 @@ The flow is intercepted the mitmproxy way, so mitmweb shows it as intercepted an
 ``spendgate deny ID`` (or the admin API) write the decision to the ledger, which a
 watcher task polls. A hold nobody answers is refused after the policy's
 ``approval_timeout``. The wait is always bounded: mitmproxy does not tell addons
-when an intercepted flow is killed (mitmproxy#8045), so the watcher ends it itself.
+when an intercepted flow is killed (mitmproxy#8045), so the watcher notices it and answers
+the agent ``approval_denied`` at once (recorded like any denial).
 
 An agent cannot approve its own request: decisions come only from mitmweb and the
 admin listener (both on loopback, which the egress stage refuses to agents) or from
@@ -72,9 +73,14 @@ class Approve:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             await asyncio.sleep(POLL_INTERVAL)
-            if flow.error is not None:  # killed in the UI
-                store.decide_approval(approval_id, "denied", "killed")
-                return
+            if flow.error is not None:  # killed in mitmweb: a human said no
+                store.decide_approval(approval_id, "denied", "mitmweb")
+                # mitmproxy would drop the agent's connection only once it gave up itself; answer it
+                # now instead (the flow is still waiting on its resume event, mitmproxy#8045)
+                flow.error, flow.live = None, True
+                refuse(flow, "approval_denied", f"approval {approval_id} was denied (killed in mitmweb)")
+                flow.intercepted = True  # so that resume() below releases the waiting hook
+                break
             status = store.approval_status(approval_id)
             if not flow.intercepted:  # resumed in mitmweb
                 if status == "pending":

@@ -117,9 +117,27 @@ def _host_only(authority: str) -> str:
 class Identify:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        # flow id → the key slots read at requestheaders (memory only, until the request hook)
+        self._slots: dict[str, list[tuple[str, str]]] = {}
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Read the keys and take them out of the flow as soon as the headers are in: mitmweb
+        lists a flow at requestheaders (its body may still be uploading), and its HTTP API and
+        websocket would show the vault key (or a real key an agent sent) until the request hook."""
+        vendor = vendor_for_host(flow.request.host)
+        if flow.response or vendor is None:
+            return
+        unfold(flow.request.headers)  # read and forward the same headers
+        self._slots[flow.id] = credential_slots(flow.request.headers, vendor)
+        redact(flow.request.headers, vendor)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._slots.pop(flow.id, None)  # e.g. the agent hung up while uploading
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
+        slots = self._slots.pop(flow.id, None)
         if flow.response:
             return
         vendor = vendor_for_host(flow.request.host)
@@ -128,9 +146,12 @@ class Identify:
         call = Call(vendor=vendor.name, host=flow.request.host)
         flow.metadata["spendgate"] = call
         host = flow.request.host.lower()
-        unfold(flow.request.headers)  # read and forward the same headers
-        # Read the keys, then take them out of the flow before any decision is made.
-        slots = credential_slots(flow.request.headers, vendor)
+        unfold(flow.request.headers)  # read and forward the same headers (again: a hook may have added some)
+        # Read the keys (unless requestheaders did), then take them out of the flow before any decision.
+        if slots is None:
+            slots = credential_slots(flow.request.headers, vendor)
+        else:
+            slots += [s for s in credential_slots(flow.request.headers, vendor) if s[1] != REDACTED]
         redact(flow.request.headers, vendor)
 
         if flow.request.scheme != "https" or not flow.client_conn.tls_established:
