@@ -673,12 +673,12 @@ def _raw_cross_references(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], s
     for pname, pol in policies.items():
         pvendors = pol.get("vendors") if isinstance(pol, dict) else None
         for vname in pvendors if isinstance(pvendors, dict) else ():
-            if vname not in vendors:
+            if isinstance(vname, str) and vname not in vendors:
                 out.append((("policies", pname, "vendors", vname),
                             f"vendor {vname!r} has no credentials under the top-level vendors:"))
     keys = data.get("keys") if isinstance(data.get("keys"), list) else []
     for i, key in enumerate(keys):
-        if isinstance(key, dict) and "policy" in key and key["policy"] not in policies:
+        if isinstance(key, dict) and isinstance(key.get("policy"), str) and key["policy"] not in policies:
             out.append((("keys", i, "policy"), f"no policy named {key['policy']!r}"))
     return out
 
