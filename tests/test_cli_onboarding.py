@@ -200,6 +200,8 @@ def test_fakes_env_covers_the_demo_policy() -> None:
                          check=True)  # fmt: skip
     exported = {ln.split()[1].split("=")[0] for ln in out.stdout.splitlines() if ln.startswith("export ")}
     demo = yaml.safe_load((ROOT / "policies" / "demo.yaml").read_text())
-    refs = {v.split(":", 1)[1] for vc in demo["vendors"].values() for k, v in vc.items() if k != "upstream"}
+    refs = {v.split(":", 1)[1] for vc in demo["vendors"].values() for v in vc.values()
+            if isinstance(v, str) and v.startswith("env:")}
+    assert "STRIPE_SECRET_KEY" in refs
     assert refs <= exported
     assert "FAKE" in out.stdout.splitlines()[0]
