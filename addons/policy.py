@@ -38,6 +38,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -400,6 +401,19 @@ class VendorRules(_Model):
         return self
 
 
+class LabelCaps(_Model):
+    """``budget.per_label.<label>``: caps shared by every key carrying the same value of that label."""
+
+    daily_usd: Usd | None = None
+    monthly_usd: Usd | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> LabelCaps:
+        if self.daily_usd is None and self.monthly_usd is None:
+            raise ValueError("give daily_usd and/or monthly_usd")
+        return self
+
+
 class BudgetCaps(_Model):
     """``budget:``: USD caps; the budget stage reserves every one that applies."""
 
@@ -407,6 +421,17 @@ class BudgetCaps(_Model):
     key_daily_usd: Usd | None = None
     policy_daily_usd: Usd | None = None
     policy_monthly_usd: Usd | None = None
+    # {team: {daily_usd: 100}}: each distinct value of a key's `team` label gets its own cap,
+    # shared by every key (of any policy) with that value; keys without the label are not capped by it
+    per_label: dict[str, LabelCaps] = Field(default_factory=dict)
+
+    @field_validator("per_label")
+    @classmethod
+    def _label_names(cls, v: dict[str, LabelCaps]) -> dict[str, LabelCaps]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"{name!r} is not a label name (letters, digits, _ . -)")
+        return v
 
 
 class LoopRule(_Model):
@@ -448,6 +473,16 @@ class EgressRules(_Model):
     deny: list[HostPatternValue] = Field(default_factory=list)
 
 
+def _zone(value: Any) -> ZoneInfo:
+    if isinstance(value, ZoneInfo):
+        return value
+    try:
+        return ZoneInfo(str(value))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not a time zone this system knows (an IANA name like "
+                         "Europe/Paris or America/New_York; pip install tzdata where there is no zone database)") from None
+
+
 class Config(_Model):
     _declared: dict[str, Vendor] = PrivateAttr(default_factory=dict)  # built in _cross_references
     version: Literal[1]
@@ -458,6 +493,9 @@ class Config(_Model):
     keys: list[StaticKey] = Field(default_factory=list)
     egress: EgressRules = EgressRules()
     mode: Literal["enforce", "report"] = "enforce"
+    # The zone budget days and months are counted in (an IANA name, e.g. Europe/Paris); months are
+    # calendar months there. The ledger's timestamps stay UTC.
+    timezone: Annotated[ZoneInfo, BeforeValidator(_zone)] = ZoneInfo("UTC")
 
 
     @field_validator("fx")

@@ -2,9 +2,10 @@
 
 The estimate comes from the vendor module (``estimate(request)``). Every budget
 scope that applies (SPEC §3: per key, per key per day, per policy per day and per
-month; a key's own ``cap_usd`` narrows ``key_usd``) gets the estimate reserved in
-one atomic store transaction; the meter stage settles it to the parsed cost.
-Days and months are UTC.
+month; a key's own ``cap_usd`` narrows ``key_usd``; ``per_label`` caps per label value)
+gets the estimate reserved in one atomic store transaction; the meter stage settles it
+to the parsed cost. Days and calendar months are those of the file's ``timezone:`` (UTC
+unless it says otherwise).
 
 The loop breaker refuses the same priced request (method, path, body) from one key
 more than ``loop.repeats`` times within ``loop.window``, unless it repeats an
@@ -16,15 +17,16 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
+from urllib.parse import quote
 
 from mitmproxy import http
 
 from .. import clock
 from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
-from ..policy import Deny, Policy, VendorRules
+from ..policy import Config, Deny, Policy, VendorRules
 from ..runtime import Runtime
 from ..store import CapExceeded, KeyRecord
 from ..vendors import REGISTRY
@@ -52,8 +54,26 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
     )
 
 
-def budget_caps(policy_name: str, policy: Policy, key: KeyRecord, at: datetime) -> dict[str, int]:
-    """Scope name → cap in nano-dollars, for every cap that applies to this key."""
+UNCAPPED = 2**62  # nanos: a scope counted (a label total another policy caps) but not capped here
+
+
+def label_periods(config: Config | None) -> dict[str, tuple[bool, bool]]:
+    """Label name → (a daily cap, a monthly cap) declared by any policy of the file."""
+    out: dict[str, tuple[bool, bool]] = {}
+    for pol in config.policies.values() if config else ():
+        for name, caps in pol.budget.per_label.items():
+            daily, monthly = out.get(name, (False, False))
+            out[name] = (daily or caps.daily_usd is not None, monthly or caps.monthly_usd is not None)
+    return out
+
+
+def budget_caps(policy_name: str, policy: Policy, key: KeyRecord, at: datetime,
+                labels: dict[str, tuple[bool, bool]] | None = None) -> dict[str, int]:
+    """Scope name → cap in nano-dollars, for every cap that applies to this key.
+
+    ``labels`` (:func:`label_periods`): a label total any policy caps is counted for every key
+    carrying the label, uncapped where this policy sets no cap for it, so the team's total is
+    the same whichever of its agents spent."""
     b = policy.budget
     caps = {}
     day = at.date().isoformat()  # YYYY-MM-DD (a tenth of the cost of f"{at:%Y-%m-%d}")
@@ -66,7 +86,22 @@ def budget_caps(policy_name: str, policy: Policy, key: KeyRecord, at: datetime) 
         caps[f"policy:{policy_name}:day:{day}"] = to_nanos(b.policy_daily_usd)
     if b.policy_monthly_usd is not None:
         caps[f"policy:{policy_name}:month:{day[:7]}"] = to_nanos(b.policy_monthly_usd)
+    for name, (daily, monthly) in (labels if labels is not None else label_periods_of(policy)).items():
+        if (value := key.labels.get(name)) is None:
+            continue  # one cap per distinct label value, across policies; keys without it are not capped
+        scope = f"label:{name}={quote(value, safe='')}"
+        mine = b.per_label.get(name)
+        if daily:
+            cap = mine.daily_usd if mine else None
+            caps[f"{scope}:day:{day}"] = UNCAPPED if cap is None else to_nanos(cap)
+        if monthly:
+            cap = mine.monthly_usd if mine else None
+            caps[f"{scope}:month:{day[:7]}"] = UNCAPPED if cap is None else to_nanos(cap)
     return caps
+
+
+def label_periods_of(policy: Policy) -> dict[str, tuple[bool, bool]]:
+    return {n: (c.daily_usd is not None, c.monthly_usd is not None) for n, c in policy.budget.per_label.items()}
 
 
 def with_default(estimate: Estimate, rules: VendorRules | None) -> Estimate | None:
@@ -188,7 +223,10 @@ class Budget:
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
         assert store is not None
-        caps = budget_caps(call.policy, policy, call.key, clock.now())
+        state = self.runtime.state
+        zone = state.config.timezone if state else UTC
+        caps = budget_caps(call.policy, policy, call.key, clock.now().astimezone(zone),  # days in the file's zone
+                           label_periods(state.config if state else None))
         call.scopes = list(caps)
         if not caps:
             return None
@@ -209,4 +247,6 @@ class Budget:
         else:
             used = store.used_by_scope(caps)
             call.budget_left_nanos = min(cap - used[scope] for scope, cap in caps.items())
+        if call.budget_left_nanos is not None and call.budget_left_nanos > UNCAPPED // 2:
+            call.budget_left_nanos = None  # only uncapped label totals apply: no budget to show
         return None
