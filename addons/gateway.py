@@ -2,7 +2,7 @@
 
     mitmdump -s addons/gateway.py --set spendgate_config=policies/example.yaml
 
-agent ─CONNECT─▶ egress ▶ identify ▶ authorize ▶ models ▶ tools ▶ budget ▶ approve ▶ swap ▶ vendor
+agent ─CONNECT─▶ egress ▶ identify ▶ authorize ▶ models ▶ tools ▶ budget ▶ approve ▶ circuit ▶ swap ▶ vendor
 vendor ─response─▶ meter (cost, settle) ▶ record (ledger, comment) ─▶ agent
 """
 
@@ -32,6 +32,7 @@ from spendgate.runtime import Runtime  # noqa: E402
 from spendgate.stages.approve import Approve  # noqa: E402
 from spendgate.stages.authorize import Authorize  # noqa: E402
 from spendgate.stages.budget import Budget  # noqa: E402
+from spendgate.stages.circuit import Circuit  # noqa: E402
 from spendgate.stages.egress import Egress  # noqa: E402
 from spendgate.stages.identify import Identify  # noqa: E402
 from spendgate.stages.meter import Meter  # noqa: E402
@@ -58,6 +59,7 @@ def make_addons() -> list[object]:
         Tools(runtime),
         Budget(runtime),
         Approve(runtime),
+        Circuit(runtime),
         Swap(runtime),
         QueryKeyOut(),
         Meter(runtime),

@@ -134,4 +134,9 @@ class Metrics:
             family("spendgate_ledger_queue_depth", "gauge",
                    "Ledger writes (call rows, budget settlements) waiting for the writer thread.")
             out.append(f"spendgate_ledger_queue_depth {depth}")
+        for source in self.runtime.metric_sources:  # e.g. spendgate_circuit_open (stages/circuit.py)
+            try:
+                out += source()
+            except Exception:
+                log.exception("spendgate: a metrics source failed")
         return "\n".join(out) + "\n"

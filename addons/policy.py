@@ -442,6 +442,24 @@ class LoopRule(_Model):
     window: Duration = 600
 
 
+class CircuitRule(_Model):
+    """``circuit:`` (stages/circuit.py): ``failures`` consecutive upstream failures within
+    ``window`` pause a policy's calls to a vendor for ``cooldown``; ``circuit: off`` disables it."""
+
+    enabled: bool = True
+    failures: int = Field(default=5, ge=1, le=10_000)
+    window: Duration = 60
+    cooldown: Duration = 30
+
+
+def _circuit(value: Any) -> Any:
+    if value is False or value == "off":
+        return {"enabled": False}
+    if value is True or value == "on":
+        return {}
+    return value
+
+
 class Policy(_Model):
     vendors: dict[str, VendorRules] = Field(default_factory=dict)
     budget: BudgetCaps = BudgetCaps()
@@ -450,6 +468,7 @@ class Policy(_Model):
     mode: Literal["enforce", "report"] | None = None  # None: the file's global mode
     loop: LoopRule = LoopRule()
     approval_timeout: Duration = 300
+    circuit: Annotated[CircuitRule, BeforeValidator(_circuit)] = CircuitRule()
 
 
 

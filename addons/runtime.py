@@ -63,6 +63,8 @@ class Runtime:
         self.store: Store | None = None
         # Called with (ledger row, call) for every recorded request: metrics, structured logs.
         self.on_record: list[Callable[[dict[str, Any], Any], None]] = []
+        # Extra /metrics lines (text format) from stages that keep their own state (the circuit breaker).
+        self.metric_sources: list[Callable[[], list[str]]] = []
         self._db: str | None = None
         self._watch: asyncio.Task | None = None
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only

@@ -61,6 +61,11 @@ policies:
       search-mcp:
         allow: ["* /mcp", "* /mcp/**"]
         tools: {{allow: [web_search]}}
+  flaky:
+    vendors:
+      openai: {{allow: ["POST /v1/embeddings"]}}
+    circuit: {{failures: 2, window: 60s, cooldown: 2s}}
+    loop: {{repeats: 100}}
   providers:
     vendors:
       gemini:
@@ -399,3 +404,36 @@ def test_mcp_batch_refused_as_json_rpc_errors_and_report_mode(agent: Gateway) ->
         ("delete_index", "would_deny", "tool_not_allowed"), (None, "allow", None)]
     report = json.loads(agent.cli("report", "--by", "tool", "--json").stdout)
     assert {r["tool"] for r in report} >= {"web_search", "paid_lookup", "delete_index"}
+
+
+# --------------------------------------------------------------------------- circuit breaker
+
+
+def test_circuit_opens_refuses_without_reaching_the_vendor_then_probes(agent: Gateway) -> None:
+    import time
+
+    import openai
+    from mitmproxy import io
+
+    _, token = agent.issue("flaky")
+    client = openai.OpenAI(api_key=token, max_retries=0)
+    n, rows = len(agent.fakes.requests()), len(agent.calls())
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            client.embeddings.create(model="text-embedding-3-small", input="x",
+                                     extra_headers={"X-Fake-Status": "500"})
+    with pytest.raises(openai.APIStatusError) as e:
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert e.value.status_code == 503 and e.value.body["code"] == "circuit_open"  # type: ignore[index]
+    assert 1 <= int(e.value.response.headers["retry-after"]) <= 2
+    assert len(seen_since(agent, n)) == 2  # the refused call never reached the vendor
+    time.sleep(2.1)
+    assert client.embeddings.create(model="text-embedding-3-small", input="x").data is not None  # the probe
+    got = agent.calls(rows + 4)[rows:]
+    assert [(r["status"], r["reason"]) for r in got] == [(500, None), (500, None), (503, "circuit_open"), (200, None)]
+    assert "circuit opened for 2s after 2 failures" in got[1]["note"]
+    assert "circuit closed" in got[3]["note"]
+    agent.stop()  # the flow file is complete once the gateway stops; the module's other tests ran first
+    with open(agent.flows, "rb") as f:
+        comments = [fl.comment for fl in io.FlowReader(f).stream() if getattr(fl, "comment", "")]
+    assert any("circuit opened" in c for c in comments) and any("DENY · circuit_open" in c for c in comments)

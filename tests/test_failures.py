@@ -234,6 +234,7 @@ policies:
       openai: {{allow: ["POST /v1/chat/completions"]}}
     budget: {{key_usd: 100000}}
     loop: {{repeats: 100000, window: 1s}}
+    circuit: off  # each failure is checked on its own here; tests/test_circuit.py checks the breaker
 """
 
 
