@@ -48,7 +48,7 @@ from . import clock
 from .captures import Entry, Problem, Reader
 from .pipeline import Outcome, Pipeline
 from .policy import Config, load_config
-from .vendors import REGISTRY, vendor_for_host
+from .vendors import BUILT_IN, REGISTRY, vendor_for_host
 
 # Refusals that are not policy decisions: kept as captured, never replayed.
 IDENTITY = frozenset({"missing_vault_key", "unknown_key", "ambiguous_vault_key", "expired", "revoked",
@@ -170,21 +170,22 @@ def replay_config(source: str | os.PathLike[str], directory: Path, *, baseline: 
     key and sends nothing), upstreams dropped. ``baseline``: one policy that allows everything,
     with no cap, rate or loop limit, in report mode (what a capture from elsewhere went through:
     nothing refused, every call priced)."""
-    load_config(source)  # the user's file, validated with its own file:line errors
+    config = load_config(source)  # the user's file, validated with its own file:line errors
     data = yaml.safe_load(Path(source).read_text()) or {}
     vendors = data.setdefault("vendors", {})
     if baseline:  # every vendor: traffic from elsewhere is priced whoever it went to
-        for name in REGISTRY:
+        for name in BUILT_IN:
             vendors.setdefault(name, {})
     for name, vc in vendors.items():
-        for fld in REGISTRY[name].credential_fields:
+        vendor = config.vendor(name) or BUILT_IN.get(name)  # a built-in, or one the file declares
+        for fld in vendor.credential_fields if vendor else ("secret",):
             vc[fld] = f"env:SPENDGATE_REPLAY_{name.upper()}_{fld.upper()}"
             os.environ.setdefault(f"SPENDGATE_REPLAY_{name.upper()}_{fld.upper()}",
                                   "AC" + "0" * 32 if fld == "account_sid" else "replay-stand-in")
         vc.pop("upstream", None)
     if baseline:
         data["policies"] = {BASELINE_POLICY: {
-            "vendors": {name: {"allow": ["* /**"]} for name in REGISTRY},
+            "vendors": {name: {"allow": ["* /**"]} for name in vendors},
             "loop": {"repeats": 1_000_000_000, "window": "1s"}, "mode": "report"}}
         data["keys"] = []
         data.pop("mode", None)

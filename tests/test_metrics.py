@@ -160,6 +160,7 @@ def test_metrics_is_prometheus_text(env: Env) -> None:
         "spendgate_spend_usd_total": "counter",
         "spendgate_added_latency_seconds": "histogram",
         "spendgate_ledger_queue_depth": "gauge",
+        "spendgate_circuit_open": "gauge",
     }
     assert all(f.help for f in families.values())
     (depth,) = values(families["spendgate_ledger_queue_depth"]).values()
