@@ -314,7 +314,7 @@ class VendorConfig(_Model):
     upstream: str | None = None  # e.g. http://127.0.0.1:9001 for a mock or staging server
     hosts: list[HostName] | None = Field(default=None, min_length=1)
     kind: Literal["http", "mcp"] | None = None
-    compatible: Literal["openai"] | None = None
+    compatible: Literal["openai", "anthropic"] | None = None
     credential: Credential | None = None
     raw_credential: Annotated[str, BeforeValidator(_regex)] | None = None
     price: DeclaredPrice | None = None
@@ -323,7 +323,7 @@ class VendorConfig(_Model):
     @model_validator(mode="after")
     def _declaration(self) -> VendorConfig:
         if self.compatible and self.kind == "mcp":
-            raise ValueError("a vendor is either kind: mcp or compatible: openai")
+            raise ValueError("a vendor is either kind: mcp or compatible: openai|anthropic")
         if self.tools is not None and self.kind != "mcp":
             raise ValueError("tools: (per-tool prices) needs kind: mcp")
         if self.price is not None and (self.compatible or self.kind == "mcp"):

@@ -42,7 +42,14 @@ vendors:
       "*_lookup": {{per_call_usd: 0.05}}
       flaky: {{per_call_usd: 0.02}}
     upstream: "{up}"
+  kimi:
+    compatible: anthropic
+    hosts: [api.kimi.example]
+    secret: env:MISTRAL_API_KEY
+    upstream: "{up}"
 fx: {{EUR: 1.10}}
+prices:
+  kimi: {{models: {{kimi-k2: {{input: 0.6, output: 2.5, max_output: 16384}}}}}}
 policies:
   tools:
     vendors:
@@ -75,6 +82,7 @@ policies:
       mistral: {{allow: ["POST /v1/chat/completions"], models: {{deny: ["mistral-large-*"]}}}}
       deepseek: {{allow: ["POST /chat/completions"]}}
       groq: {{allow: ["POST /openai/v1/chat/completions"]}}
+      kimi: {{allow: ["POST /v1/messages"], max_output_tokens: 32, clamp: true}}
     budget: {{key_usd: 10}}
   models:
     vendors:
@@ -406,6 +414,24 @@ def test_mcp_batch_refused_as_json_rpc_errors_and_report_mode(agent: Gateway) ->
     assert {r["tool"] for r in report} >= {"web_search", "paid_lookup", "delete_index"}
 
 
+def test_anthropic_sdk_against_a_declared_anthropic_compatible_provider(agent: Gateway) -> None:
+    import anthropic
+
+    _, token = agent.issue("providers")
+    n, rows = len(agent.fakes.requests()), len(agent.calls())
+    client = anthropic.Anthropic(api_key=token, base_url="https://api.kimi.example", max_retries=0)
+    msg = client.messages.create(model="kimi-k2", max_tokens=500, messages=[{"role": "user", "content": "hi"}])
+    sent = seen_since(agent, n)
+    assert len(sent) == 1 and header(sent[0], "x-api-key") == MISTRAL_KEY
+    assert json.loads(sent[0]["body"])["max_tokens"] == 32  # clamped: model rules apply to declared LLMs
+    row = agent.last_call(rows)
+    assert (row["vendor"], row["model"], row["cost_status"]) == ("kimi", "kimi-k2", "parsed")
+    usage = msg.usage
+    expect = (Decimal(usage.input_tokens) * Decimal("0.6") + Decimal(usage.output_tokens) * Decimal("2.5")) / 10**6
+    assert Decimal(row["cost_usd"]) == expect
+    no_secret_anywhere(agent)
+
+
 # --------------------------------------------------------------------------- circuit breaker
 
 
@@ -433,7 +459,7 @@ def test_circuit_opens_refuses_without_reaching_the_vendor_then_probes(agent: Ga
     assert [(r["status"], r["reason"]) for r in got] == [(500, None), (500, None), (503, "circuit_open"), (200, None)]
     assert "circuit opened for 2s after 2 failures" in got[1]["note"]
     assert "circuit closed" in got[3]["note"]
-    agent.stop()  # the flow file is complete once the gateway stops; the module's other tests ran first
+    agent.stop()  # the flow file is complete once the gateway stops (this test runs last in the module)
     with open(agent.flows, "rb") as f:
         comments = [fl.comment for fl in io.FlowReader(f).stream() if getattr(fl, "comment", "")]
     assert any("circuit opened" in c for c in comments) and any("DENY · circuit_open" in c for c in comments)

@@ -149,3 +149,29 @@ def openai_compatible(name: str, hosts: tuple[str, ...], real_key: str, prices: 
     )
     return vendor
 
+
+def anthropic_compatible(name: str, hosts: tuple[str, ...], real_key: str, prices: Mapping[str, Any],
+                         key_headers: tuple[str, ...],
+                         credential: Callable[[Mapping[str, str]], dict[str, str]]) -> Vendor:
+    """A Vendor speaking Anthropic's Messages API at ``hosts`` (``compatible: anthropic``: the
+    Anthropic-compatible endpoints several providers offer), priced from ``prices``."""
+    from . import anthropic as _anthropic
+    from ._models import ANTHROPIC
+
+    vendor: Vendor
+
+    def estimator(req: RequestView, p: Prices) -> Estimate:
+        return _anthropic._estimate(req, _retarget(p, vendor))
+
+    def parser(req: RequestView, resp: ResponseView, p: Prices, estimate: Estimate) -> Cost:
+        return _anthropic._cost(req, resp, _retarget(p, vendor), estimate)
+
+    def stream_meter(req: RequestView, p: Prices, estimate: Estimate) -> StreamMeter | None:
+        return _anthropic.stream_meter(req, _retarget(p, vendor), estimate)
+
+    vendor = Vendor(
+        name=name, hosts=hosts, key_headers=tuple(dict.fromkeys((*key_headers, "x-api-key"))),
+        real_key=re.compile(real_key), credential_headers=credential, estimator=estimator, parser=parser,
+        stream_meter=stream_meter, prices=prices, llm=ANTHROPIC, free=_anthropic.FREE,
+    )
+    return vendor

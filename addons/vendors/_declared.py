@@ -22,8 +22,10 @@ one. Three kinds:
   at the estimate; a non-2xx answer costs nothing.
 - ``kind: mcp``: a Model Context Protocol server (streamable HTTP, JSON-RPC 2.0): see
   ``_mcp.py``; ``tools: {<tool or glob>: {per_call_usd: X}}`` prices its tool calls.
-- ``compatible: openai``: an OpenAI-compatible LLM API priced from ``price:`` as a token table
-  (``models: {...}``, ``fallback:``), see ``_compatible.py``.
+- ``compatible: openai`` / ``compatible: anthropic``: an LLM API speaking OpenAI's (or
+  Anthropic's Messages) API, priced from the top-level ``prices: {<name>: {models: …}}`` token
+  table, see ``_compatible.py``. The default credential is ``Authorization: Bearer`` (OpenAI
+  style) or ``x-api-key`` (Anthropic style).
 """
 
 from __future__ import annotations
@@ -40,9 +42,15 @@ from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Ve
 _NEVER = r"(?!)"  # a raw_credential pattern that matches nothing
 
 
+def _default_credential(spec: Mapping[str, Any]) -> dict[str, Any]:
+    if spec.get("compatible") == "anthropic":
+        return {"header": "x-api-key", "format": "{secret}"}
+    return {"header": "Authorization", "format": "Bearer {secret}"}
+
+
 def _placement(spec: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
     """(the header holding the real key in the flow, the query parameter it moves to, if any)."""
-    cred = spec.get("credential") or {"header": "Authorization", "format": "Bearer {secret}"}
+    cred = spec.get("credential") or _default_credential(spec)
     if cred.get("query"):
         return f"x-spendgate-query-{cred['query'].lower()}", {cred["query"]: f"x-spendgate-query-{cred['query'].lower()}"}
     if cred.get("basic") is not None:
@@ -51,7 +59,7 @@ def _placement(spec: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
 
 
 def credential_headers(spec: Mapping[str, Any]):  # noqa: ANN201  (a closure over the declaration)
-    cred = spec.get("credential") or {"header": "Authorization", "format": "Bearer {secret}"}
+    cred = spec.get("credential") or _default_credential(spec)
     header, _ = _placement(spec)
 
     def make(creds: Mapping[str, str]) -> dict[str, str]:
@@ -162,6 +170,10 @@ def build(name: str, spec: Mapping[str, Any]) -> Vendor:
 
         return openai_compatible(name, hosts, raw, price, key_headers=key_headers,
                                  credential=credential_headers(spec))
+    if spec.get("compatible") == "anthropic":
+        from ._compatible import anthropic_compatible
+
+        return anthropic_compatible(name, hosts, raw, price, key_headers, credential_headers(spec))
     if spec.get("kind") == "mcp":
         from ._mcp import mcp_vendor
 
