@@ -20,26 +20,40 @@ from . import reports
 from .keys import IssueError, key_spec, parse_labels
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, load_config, resolve_credentials
-from .store import TOKEN_PREFIX, KeyRecord, Store, hash_token, open_store
+from .store import (
+    TOKEN_PREFIX,
+    KeyRecord,
+    SchemaError,
+    Store,
+    StoreUnavailable,
+    hash_token,
+    is_postgres,
+    open_store,
+)
 from .vendors import REGISTRY
 
 GATEWAY = Path(__file__).resolve().parent / "gateway.py"
 CERTS = "certs"
 
 config_opt = click.option("--config", "config", default=None, help="Policy file.")
-db_opt = click.option("--db", "db", default=None, help="Ledger (SQLite file).")
+db_opt = click.option("--db", "db", default=None,
+                      help="Ledger: a SQLite file, or postgresql://user@host:5432/db (fleet mode).")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def _store(db: str | None, create: bool = False) -> Store:
-    """The ledger. Only commands that write keys create it; readers say where they looked."""
+    """The ledger (a SQLite file or a postgresql:// URL). Only commands that write keys create a
+    SQLite file; readers say where they looked."""
     path = db_path(db)
-    if not create and not Path(path).exists():
+    if not create and not is_postgres(path) and path != ":memory:" and not Path(path).exists():
         raise click.ClickException(
             f"no ledger at {Path(path).resolve()}: pass --db FILE or set SPENDGATE_DB "
             "(the gateway and `spendgate keys issue` create it)"
         )
-    return open_store(path)
+    try:
+        return open_store(path)
+    except (SchemaError, StoreUnavailable) as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _config(path: str | None, secrets: bool = False) -> tuple[Config, str]:
@@ -110,10 +124,15 @@ def main() -> None:
 @click.option("--capture-max-size", default="100m", show_default=True, help="Rotate capture files at this size.")
 @click.option("--capture-max-age", default="1h", show_default=True, help="Rotate capture files after this long.")
 @click.option("--capture-keep", default=48, show_default=True, help="Capture files kept (0: all).")
+@click.option("--replica", default=None,
+              help="This gateway's name in a fleet (default: the hostname).")
+@click.option("--lease", default=None, type=float,
+              help="Seconds a silent gateway's holds are kept before another one recovers them (default 30).")
 @click.argument("mitmproxy_args", nargs=-1, type=click.UNPROCESSED)
 def run(config: str | None, db: str | None, port: int, listen_host: str, web: bool,
         web_port: int, admin_port: int | None, log_format: str, capture: str | None, capture_no_bodies: bool,
         capture_redact: tuple[str, ...], capture_max_size: str, capture_max_age: str, capture_keep: int,
+        replica: str | None, lease: float | None,
         mitmproxy_args: tuple[str, ...]) -> None:
     """Run the gateway (mitmdump, or mitmweb with --web). Extra args go to mitmproxy.
 
@@ -150,6 +169,10 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
             args += ["--set", "spendgate_capture_bodies=false"]
         for name in capture_redact:
             args += ["--set", f"spendgate_capture_redact={name}"]
+    if replica:
+        args += ["--set", f"spendgate_replica={replica}"]
+    if lease is not None:
+        args += ["--set", f"spendgate_lease={lease:g}"]
     if web:
         args += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
                  "--set", "web_host=127.0.0.1"]
@@ -515,7 +538,7 @@ def report(by: str, since: str | None, db: str | None, fmt: str | None) -> None:
     """Spend and call counts from the ledger."""
     store = _store(db)
     try:
-        rows = reports.spend(store.path, by=by, since=since)
+        rows = reports.spend(store, by=by, since=since)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     finally:

@@ -22,7 +22,16 @@ from mitmproxy.utils import human
 from . import wire
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, Policy, load_config, resolve_credentials
-from .store import KeyRecord, Store, open_store
+from .store import (
+    DEFAULT_LEASE,
+    KeyRecord,
+    SchemaError,
+    Store,
+    StoreUnavailable,
+    default_replica,
+    open_store,
+    redact_url,
+)
 from .vendors import install_declared
 from .vendors.base import Prices
 
@@ -67,6 +76,7 @@ class Runtime:
         self.metric_sources: list[Callable[[], list[str]]] = []
         self._db: str | None = None
         self._watch: asyncio.Task | None = None
+        self._tend: asyncio.Task | None = None
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
 
@@ -81,7 +91,16 @@ class Runtime:
         )
         loader.add_option(
             "spendgate_db", str, "",
-            "Spendgate ledger, a SQLite file (default: $SPENDGATE_DB, else data/spendgate.db).",
+            "Spendgate ledger: a SQLite file or a postgresql:// URL "
+            "(default: $SPENDGATE_DB, else data/spendgate.db).",
+        )
+        loader.add_option(
+            "spendgate_replica", str, "",
+            "This gateway's name in a fleet (default: the hostname).",
+        )
+        loader.add_option(
+            "spendgate_lease", str, str(int(DEFAULT_LEASE)),
+            "Seconds a silent gateway's budget holds are kept before a live one recovers them.",
         )
         loader.add_option(
             "spendgate_log_format", str, "text",
@@ -108,13 +127,25 @@ class Runtime:
             if db != self._db:
                 if self.store is not None:
                     self.store.close()
-                self.store = open_store(db)
-                self._db = db
-                log.info("spendgate: ledger %s", db)
-                # Holds of a gateway that died mid-call (kill -9, OOM) are never settled by it.
-                if released := getattr(self.store, "release_stale", lambda: 0)():
-                    log.warning("spendgate: released %d budget hold(s) over an hour old, left by a "
-                                "gateway that stopped mid-call", released)
+                self.store = None
+                try:
+                    lease = float(ctx.options.spendgate_lease)
+                    if lease <= 0:
+                        raise ValueError
+                except ValueError:
+                    raise exceptions.OptionsError(
+                        f"spendgate_lease must be a number of seconds > 0, not {ctx.options.spendgate_lease!r}"
+                    ) from None
+                try:
+                    store = open_store(db, replica=ctx.options.spendgate_replica or default_replica(),
+                                       lease=lease)
+                    store.check_writable()
+                except (SchemaError, StoreUnavailable) as e:
+                    log.critical("spendgate: %s, not starting", e)
+                    raise exceptions.OptionsError(f"spendgate: {e}") from None
+                self.store, self._db = store, db
+                log.info("spendgate: ledger %s (replica %s)", redact_url(db), store.replica)
+                self.tend()  # register this gateway, recover the holds of dead ones
             if self.state:
                 self.store.sync_static_keys(static_keys(self.state.config))
         # HTTP/3 stays off: the credential swap is proven at start-up for HTTP/1 and HTTP/2 only
@@ -164,6 +195,33 @@ class Runtime:
     def running(self) -> None:
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_policy())
+        if self._tend is None:
+            self._tend = asyncio.get_running_loop().create_task(self._tend_loop())
+
+    def tend(self) -> None:
+        """Heartbeat this gateway's lease and recover the holds of dead gateways (any backend):
+        a forwarded hold becomes spend at its estimate (flagged row), one never sent is released."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            store.heartbeat()
+            counted, released = store.recover_holds()
+        except StoreUnavailable:
+            return  # logged once by the store; the next beat retries
+        if counted or released:
+            log.warning("spendgate: recovered the holds of a stopped gateway: %d counted at their "
+                        "estimate (flagged rows), %d released (never sent)", counted, released)
+
+    async def _tend_loop(self) -> None:
+        """Every third of the lease, in a worker thread (never a database wait on the event loop)."""
+        while True:
+            store = self.store
+            await asyncio.sleep(max(0.1, (store.lease if store else DEFAULT_LEASE) / 3))
+            try:
+                await asyncio.to_thread(self.tend)
+            except Exception:
+                log.exception("spendgate: heartbeat failed")
 
     async def _watch_policy(self) -> None:
         """Reload the policy file when it changes; an invalid file keeps the old policy."""
@@ -194,7 +252,8 @@ class Runtime:
 
     def done(self) -> None:
         install_declared({})  # the declared vendors go with the policy file that declared them
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._tend):
+            if task is not None:
+                task.cancel()
         if self.store is not None:
             self.store.close()

@@ -904,15 +904,21 @@ def test_kill_9_under_load_loses_no_row_of_an_answered_call(tmp_path: Path, fake
     assert not missing, f"{len(missing)} of {len(answered)} answered calls are not in the ledger: {missing[:5]}"
     assert all(recorded[m] == answered[m] for m in answered), "the ledger says what the client saw"
 
-    # The ledger opens for a new gateway, which releases the holds a dead gateway left behind once
-    # they are old (the dead process can never settle them; a live one may still use recent ones).
-    stale = 7 * NANOS
+    # A new gateway on the ledger recovers the holds the killed one left (its pid is gone on this
+    # host: no need to wait for the lease): a forwarded call may have moved money, so it counts at
+    # its estimate with a flagged row; a hold never sent (waiting for an approval) is released.
+    waiting = 7 * NANOS
     with contextlib.closing(sqlite3.connect(gw.db, isolation_level=None)) as conn:
-        conn.execute("UPDATE reservations SET created_at = '2000-01-01T00:00:00.000+00:00'")
-        conn.execute("INSERT INTO reservations (id, nanos, scopes, created_at) VALUES (?, ?, ?, ?)",
-                     ("res_dead", stale, json.dumps([f"key:{key_id}"]), "2000-01-01T00:00:00.000+00:00"))
+        in_flight = conn.execute("SELECT instance, count(*), sum(nanos) FROM reservations "
+                                 "WHERE forwarded = 1 GROUP BY instance").fetchall()
+        assert len(in_flight) <= 1
+        dead_instance, n_flight, flight_nanos = in_flight[0] if in_flight else (None, 0, 0)
+        conn.execute("INSERT INTO reservations (id, nanos, scopes, created_at, instance, forwarded) "
+                     "VALUES (?, ?, ?, ?, ?, 0)",
+                     ("res_waiting", waiting, json.dumps([f"key:{key_id}"]), "2026-01-01T00:00:00.000+00:00",
+                      dead_instance or "gone/1/x"))
         conn.execute("UPDATE counters SET reserved_nanos = reserved_nanos + ? WHERE scope = ?",
-                     (stale, f"key:{key_id}"))
+                     (waiting, f"key:{key_id}"))
     used_before = usage(gw, key_id, settled=False)[0]
     gw2 = start_gateway(tmp_path / "gw2", fakes, certs, db=gw.db,
                         policy=failure_policy(hostile.url, refused_url, fakes.url))
@@ -920,7 +926,11 @@ def test_kill_9_under_load_loses_no_row_of_an_answered_call(tmp_path: Path, fake
         _, r = post(gw2, token, "ok")
         assert r.status_code == 200
         used, reserved, holds = usage(gw2, key_id)
-        assert (reserved, holds) == (0, 0), "holds of the killed gateway were never released"
-        assert used == used_before + ESTIMATE, "released, not counted"
+        assert (reserved, holds) == (0, 0), "holds of the killed gateway were never recovered"
+        assert used == used_before + flight_nanos + ESTIMATE, "in-flight calls counted, the waiting one released"
+        with contextlib.closing(sqlite3.connect(gw.db)) as conn:
+            flagged = conn.execute("SELECT count(*) FROM calls WHERE cost_status = 'unknown' AND flagged = 1 "
+                                   "AND note LIKE '%stopped before the answer%'").fetchone()[0]
+        assert flagged == n_flight
     finally:
         gw2.stop()

@@ -10,12 +10,13 @@ unless it says otherwise).
 The loop breaker refuses the same priced request (method, path, body) from one key
 more than ``loop.repeats`` times within ``loop.window``, unless it repeats an
 Idempotency-Key already seen (the vendor dedupes those, so they cost nothing).
+
+Both the loop breaker and the holds live in the store: per process on SQLite, across the fleet
+on PostgreSQL (``store.loop_hit``, ``store.reserve``).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import deque
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,6 +30,7 @@ from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
 from ..policy import Config, Deny, Policy, VendorRules
 from ..runtime import Runtime
 from ..store import CapExceeded, KeyRecord
+from ..store.limits import LoopBreaker, fingerprint  # noqa: F401  (LoopBreaker: re-exported)
 from ..vendors import REGISTRY
 from ..vendors.base import Estimate, Prices, RequestView
 
@@ -123,45 +125,9 @@ def unpriceable_message(vendor: str, policy: str, estimate: Estimate) -> str:
             "to hold that amount for such calls")
 
 
-class LoopBreaker:
-    PRUNE_EVERY = 1000  # requests between sweeps of fingerprints whose window has passed
-
-    def __init__(self) -> None:
-        self._seen: dict[str, deque[tuple[float, str | None]]] = {}
-        self._longest_window = 0.0
-        self._since_prune = 0
-
-    def repeated(self, fingerprint: str, idem: str | None, repeats: int, window: float) -> bool:
-        now = clock.monotonic()
-        self._prune(now, window)
-        seen = self._seen.setdefault(fingerprint, deque())
-        while seen and now - seen[0][0] > window:
-            seen.popleft()
-        if idem is not None and any(k == idem for _, k in seen):
-            return False  # a retry the vendor will dedupe
-        if len(seen) >= repeats:
-            return True
-        seen.append((now, idem))
-        return False
-
-    def _prune(self, now: float, window: float) -> None:
-        """Forget fingerprints nobody repeated in time, so memory stays bounded."""
-        self._longest_window = max(self._longest_window, window)
-        self._since_prune += 1
-        if self._since_prune < self.PRUNE_EVERY:
-            return
-        self._since_prune = 0
-        for fp in [fp for fp, seen in self._seen.items() if not seen or now - seen[-1][0] > self._longest_window]:
-            del self._seen[fp]
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-
 class Budget:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.loops = LoopBreaker()
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -206,20 +172,20 @@ class Budget:
                        f"max_request_usd: {cap}")
 
         if view.method != "GET" and (estimate.moves_money or nanos > 0):
-            fp = hashlib.sha256(
-                b"\0".join([call.key.id.encode(), view.method.encode(),
-                            view.path.encode(errors="surrogateescape"), view.body])
-            ).hexdigest()
+            fp = fingerprint(call.key.id.encode(), view.method.encode(),
+                             view.path.encode(errors="surrogateescape"), view.body)
             idem = view.headers.get("idempotency-key")
-            if self.loops.repeated(fp, idem, policy.loop.repeats, policy.loop.window):
+            store = self.runtime.store
+            assert store is not None
+            if store.loop_hit(fp, idem, policy.loop.repeats, policy.loop.window):
                 yield Deny("loop_detected",
                            f"the same request was sent {policy.loop.repeats} times within "
                            f"{policy.loop.window}s; send an Idempotency-Key to retry safely",
                            f"loop: {policy.loop.repeats} in {policy.loop.window}s")
 
-        yield self.hold(call, policy, nanos)
+        yield self.hold(call, policy, nanos, flow)
 
-    def hold(self, call: Call, policy: Policy, nanos: int) -> Deny | None:
+    def hold(self, call: Call, policy: Policy, nanos: int, flow: http.HTTPFlow) -> Deny | None:
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
         assert store is not None
@@ -231,8 +197,18 @@ class Budget:
         if not caps:
             return None
         if nanos > 0:
+            req = flow.request
+            hold = {  # what a recovered hold's ledger row says, should this gateway die mid-call
+                "flow_id": flow.id, "key_id": call.key.id, "policy": call.policy,
+                "labels": call.key.labels_json, "vendor": call.vendor, "method": req.method,
+                "host": call.host or req.host, "path": req.path.split("?", 1)[0][:2000],
+                "currency": call.estimate.currency if call.estimate else None,
+            }
             try:
-                call.reservation = store.reserve(nanos, caps)
+                # A call waiting for an approval is not forwarded yet: if this gateway dies before
+                # the approval, its hold is released, not counted.
+                call.reservation = store.reserve(nanos, caps, hold,
+                                                 forwarded=call.approval_rule is None or call.mode == "report")
             except CapExceeded as e:
                 left = max(0, e.cap_nanos - e.used_nanos)
                 call.budget_left_nanos = left
