@@ -787,14 +787,12 @@ async def _pipeline(tmp: Path, n: int) -> dict[str, Any]:
 
 
 def part_ledger(tmp: Path, rows: int) -> dict[str, Any]:
-    import sqlite_utils
-
     from spendgate import reports
     from spendgate.store.sqlite import CALL_COLUMNS, ensure_schema
 
     path = tmp / "ledger-big.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    ensure_schema(sqlite_utils.Database(conn))
+    ensure_schema(conn)
     conn.execute("PRAGMA synchronous=OFF")
     cols = [k for k in CALL_COLUMNS if k != "id"]
     sql = f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
@@ -870,7 +868,7 @@ async def _revoke_once(b: Bench, gw: Proxy) -> float:
         time.sleep(random.uniform(0.05, 0.15))
         store.revoke(key_id)  # autocommit: returns after the COMMIT
         committed.append(time.perf_counter())
-        store.conn.close()
+        store.close()
 
     thread = threading.Thread(target=revoke)
     thread.start()
