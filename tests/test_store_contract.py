@@ -24,7 +24,7 @@ from spendgate.store.limits import fingerprint
 Opener = Callable[..., Store]
 
 
-@pytest.fixture(params=["sqlite"])  # postgres: with store/postgres.py
+@pytest.fixture(params=["sqlite", "postgres"])
 def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "ledger.db")

@@ -180,6 +180,16 @@ HOLD_FIELDS = ("flow_id", "key_id", "policy", "labels", "vendor", "method", "hos
 DEFAULT_LEASE = 30.0  # seconds a gateway instance may be silent before its holds are recovered
 
 
+def clean_text(value: Any) -> Any:
+    """A value as both databases can store it. mitmproxy decodes raw non-UTF-8 bytes (in an agent's
+    path, a vendor's header) to lone surrogates, which neither accepts: keep them as backslash
+    escapes; PostgreSQL text cannot hold NUL either."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value.replace("\x00", "\\x00") if "\x00" in value else value
+    return value
+
+
 def recovered_row(meta: dict[str, Any], nanos: int, created_at: str, replica: str) -> dict[str, Any]:
     """The ``calls`` row of a forwarded hold whose gateway died: spend at its estimate, flagged."""
     from ..money import from_nanos, plain

@@ -46,6 +46,7 @@ from . import (
     SchemaError,
     Settle,
     Usage,
+    clean_text,
     default_replica,
     hash_token,
     iso,
@@ -64,12 +65,6 @@ BUSY_TIMEOUT_MS = 5000
 
 def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
-
-
-def _text(value: Any) -> Any:
-    """A value as SQLite can store it. mitmproxy decodes raw non-UTF-8 bytes (in an agent's path,
-    a vendor's header) to lone surrogates, which sqlite3 refuses: keep them as backslash escapes."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
 
 
 def _notify(batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> None:
@@ -466,7 +461,7 @@ class SQLiteStore:
                                             dead.get(inst) or (inst or "unknown").split("/")[0])
                         cols = [k for k in CALL_COLUMNS if k != "id"]
                         conn.execute(f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                                     tuple(_text(row.get(k)) for k in cols))
+                                     tuple(clean_text(row.get(k)) for k in cols))
                     else:
                         released += 1
                 conn.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead])
@@ -591,7 +586,7 @@ class SQLiteStore:
                 cols = [k for k in CALL_COLUMNS if k != "id"]
                 c.executemany(
                     f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    [tuple(_text(r.get(k)) for k in cols) for r in calls],
+                    [tuple(clean_text(r.get(k)) for k in cols) for r in calls],
                 )
             for item, _ in batch:
                 if isinstance(item, Settle):
