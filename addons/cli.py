@@ -13,6 +13,7 @@ import re
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,6 +30,7 @@ from .store import (
     hash_token,
     is_postgres,
     open_store,
+    redact_url,
 )
 from .vendors import REGISTRY
 
@@ -545,6 +547,36 @@ def report(by: str, since: str | None, db: str | None, fmt: str | None) -> None:
         store.close()
     click.echo(reports.render(rows, fmt or "table"))
 
+
+@main.command()
+@click.option("--from", "src", required=True, help="The single-box ledger (a SQLite file).")
+@click.option("--to", "dst", default=None,
+              help="The fleet's ledger, postgresql://user@host:5432/db (default: $SPENDGATE_DB).")
+def migrate(src: str, dst: str | None) -> None:
+    """Copy a SQLite ledger (keys, counters, approvals, calls) into PostgreSQL; idempotent."""
+    from .store.transfer import migrate as copy_ledger
+
+    dst = dst or os.environ.get("SPENDGATE_DB") or ""
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="calls", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        out = copy_ledger(src, dst, progress)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    except (SchemaError, StoreUnavailable) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(f"migrated {src} → {redact_url(dst)}: {out['keys']} keys, {out['approvals']} approvals, "
+               f"{out['calls']} new calls rows, ${out['counter_nanos_added'] / 1e9:g} of budget counters added")
 
 if __name__ == "__main__":
     main()

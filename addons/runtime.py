@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from .vendors.base import Prices
 log = logging.getLogger("spendgate")
 
 RELOAD_INTERVAL = 0.5  # seconds between checks of the policy file's mtime
+STORE_WAIT = 2.0  # seconds a call waits for its budget hold; then it is refused 503 store_unavailable
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Runtime:
         self._db: str | None = None
         self._watch: asyncio.Task | None = None
         self._tend: asyncio.Task | None = None
+        # Database work a request waits for (budget holds, the loop breaker) runs here, never on
+        # mitmproxy's event loop: a lock held elsewhere delays that call only.
+        self._db_pool: ThreadPoolExecutor | None = None
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
 
@@ -213,6 +218,25 @@ class Runtime:
             log.warning("spendgate: recovered the holds of a stopped gateway: %d counted at their "
                         "estimate (flagged rows), %d released (never sent)", counted, released)
 
+    async def offload(self, fn: Callable[..., Any], *args: Any,
+                      late: Callable[[], None] | None = None) -> Any:
+        """Run ``fn(*args)`` on the database pool; after :data:`STORE_WAIT` seconds give up with
+        :class:`StoreUnavailable` (the call fails closed, 503) and, once ``fn`` does finish,
+        run ``late`` to undo what it did for a call already refused."""
+        loop = asyncio.get_running_loop()
+        if self._db_pool is None:
+            self._db_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spendgate-db")
+        fut = loop.run_in_executor(self._db_pool, fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), STORE_WAIT)
+        except TimeoutError:
+            if self.store is not None and self.store.available:
+                log.error("spendgate: the ledger did not answer within %ss; refusing the call "
+                          "(503 store_unavailable)", STORE_WAIT)
+            if late is not None:
+                fut.add_done_callback(lambda _: late())
+            raise StoreUnavailable(f"the ledger did not answer within {STORE_WAIT:g}s") from None
+
     async def _tend_loop(self) -> None:
         """Every third of the lease, in a worker thread (never a database wait on the event loop)."""
         while True:
@@ -255,5 +279,8 @@ class Runtime:
         for task in (self._watch, self._tend):
             if task is not None:
                 task.cancel()
+        if self._db_pool is not None:
+            self._db_pool.shutdown(wait=False, cancel_futures=True)
+            self._db_pool = None
         if self.store is not None:
             self.store.close()

@@ -15,7 +15,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from pg import pg_database, pg_url  # noqa: F401  (fixtures)
 
 from spendgate import reports
 from spendgate.store import CapExceeded, KeyRecord, Reservation, Store, hash_token, open_store
@@ -135,6 +134,18 @@ def test_reservations_are_all_or_nothing_and_settle_once(store: Store) -> None:
     store.settle(r2, 0)  # a release
     store.flush()
     assert store.used("key:a") == 10
+
+
+def test_a_hold_without_a_budget_scope_is_still_a_durable_record(reopen: Opener) -> None:
+    """A priced call on a policy with no cap still leaves a hold: if its gateway dies, it is counted."""
+    dead = reopen(replica="dead", lease=0.2)
+    res = dead.reserve(5, {}, {"key_id": "k", "path": "/v1/chat/completions"})
+    assert res.left_nanos is None and res.scopes == ()
+    live = reopen(replica="live", lease=0.2)
+    time.sleep(0.3)
+    live.heartbeat()
+    assert live.recover_holds() == (1, 0)
+    assert live.read("SELECT path, cost_status, estimated_nanos FROM calls") == [("/v1/chat/completions", "unknown", 5)]
 
 
 def test_usage_without_a_hold_is_counted(store: Store) -> None:
@@ -308,3 +319,121 @@ def test_reports_read_the_same_on_every_backend(store: Store) -> None:
                                                                                          ("-", "0")]
     assert [r["day"] for r in reports.spend(store, by="day", since="2026-11-23")] == ["2026-11-23"]
     assert reports.spend(store, by="vendor", since="2026-11-24") == []
+
+
+# --------------------------------------------------------------------------- moving a single box into the fleet
+
+
+def test_migrate_sqlite_into_postgres_is_idempotent(tmp_path: Path, pg_url: str) -> None:
+    from spendgate.store.transfer import migrate
+
+    box = open_store(str(tmp_path / "box.db"), replica="box")
+    a, token_a = box.issue_key("p", None, labels={"run": "1"})
+    b, _ = box.issue_key("p", None)
+    box.revoke(b.id)
+    res = box.reserve(30, {f"key:{a.id}": 100})
+    box.settle(res, 20)
+    box.add_approval({"id": "apr_1", "key_id": a.id, "rule": "POST /v1/refunds", "status": "pending"})
+    for i in range(12):
+        box.record_call(row(i, key_id=a.id, cost_nanos=10, cost_status="parsed"))
+    box.close()
+    seen: list[tuple[int, int]] = []
+    assert migrate(str(tmp_path / "box.db"), pg_url, lambda done, total: seen.append((done, total))) == {
+        "keys": 2, "approvals": 1, "calls": 12, "counter_nanos_added": 20}
+    assert seen[0] == (0, 12) and seen[-1] == (12, 12)
+    fleet = open_store(pg_url, replica="fleet")
+    try:
+        assert fleet.key_by_token(token_a) == a and fleet.get_key(b.id).state() == "revoked"
+        assert fleet.used(f"key:{a.id}") == 20
+        assert [x["id"] for x in fleet.list_approvals()] == ["apr_1"]
+        assert count(fleet, "SELECT count(*) FROM calls") == 12
+        # the box ran a little longer: a second run moves only what is new
+        box = open_store(str(tmp_path / "box.db"), replica="box")
+        box.add_usage(5, [f"key:{a.id}"])
+        box.record_call(row(13, key_id=a.id))
+        box.close()
+        assert migrate(str(tmp_path / "box.db"), pg_url)["calls"] == 1
+        assert migrate(str(tmp_path / "box.db"), pg_url) == {"keys": 2, "approvals": 1, "calls": 0,
+                                                            "counter_nanos_added": 0}
+        assert fleet.used(f"key:{a.id}") == 25 and count(fleet, "SELECT count(*) FROM calls") == 13
+    finally:
+        fleet.close()
+    with pytest.raises(ValueError, match="postgresql://"):
+        migrate(str(tmp_path / "box.db"), str(tmp_path / "other.db"))
+
+
+def test_replicas_starting_together_migrate_once(pg_url: str) -> None:
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores.append(open_store(pg_url))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors and len(stores) == 3
+        assert stores[0].read("SELECT version, count(*) FROM schema_version GROUP BY version") == [(1, 1)]
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_newer_postgres_schema_is_refused(pg_url: str) -> None:
+    from spendgate.store import SchemaError
+
+    open_store(pg_url).close()
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_version (version) VALUES (99)")
+    with pytest.raises(SchemaError, match="version 99, newer than this spendgate knows"):
+        open_store(pg_url)
+
+
+def test_an_unreachable_database_is_store_unavailable_then_recovers(pg_url: str) -> None:
+    """The store answers StoreUnavailable while the database refuses connections (one log line),
+    and works again by itself once it is back."""
+    import psycopg
+
+    from spendgate.store import StoreUnavailable
+
+    store = open_store(pg_url, replica="r")
+    dbname = store.read("SELECT current_database()")[0][0]
+    admin_url = pg_url.split("?")[0]
+    rec, token = store.issue_key("p", None)
+    try:
+        with psycopg.connect(admin_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                          "AND pid <> pg_backend_pid()", (dbname,))
+            try:
+                for _ in range(3):
+                    with pytest.raises(StoreUnavailable):
+                        store.reserve(1, {"s": 10})
+                with pytest.raises(StoreUnavailable):
+                    store.key_by_token(token)  # not from a cache it can no longer trust
+                assert not store.available and store.outages == 1
+                store.record_call(row(1, key_id=rec.id))  # queued through the outage
+            finally:
+                admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                store.reserve(1, {"s": 10})
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store did not recover by itself"
+                time.sleep(0.1)
+        store.flush()
+        assert store.available and store.outages == 1
+        assert count(store, "SELECT count(*) FROM calls") == 1
+        assert store.key_by_token(token) == rec
+    finally:
+        store.close()

@@ -2,7 +2,8 @@
 
 The endpoint rules are ``policy.decide`` (pure, table-tested in ``tests/test_verdicts.py``):
 ``METHOD /path`` patterns matched on the decoded path; deny wins over approve and allow; no
-match is refused. Rate limits are per key and per gateway process (GCRA: O(1) memory per key).
+match is refused. Rate limits are per key (GCRA: O(1) memory per key), kept by the store: per
+gateway process on SQLite, across the fleet on PostgreSQL (``store.rate_hit``).
 Both are verdicts: the policy's mode decides whether they refuse (see ``call.apply_verdicts``).
 """
 
@@ -56,8 +57,9 @@ class Authorize:
         assert call.key is not None
         yield decide(config, call.key.policy, call.vendor or "", flow.request.method, flow.request.path)
         policy = config.policies.get(call.key.policy)
-        if policy is not None and policy.rate is not None:
-            wait = self.limiter.hit(call.key.id, policy.rate)
+        store = self.runtime.store
+        if policy is not None and policy.rate is not None and store is not None:
+            wait = store.rate_hit(call.key.id, policy.rate.limit, policy.rate.period)
             if wait > 0:
                 yield Deny("rate_limited", f"key {call.key.id} is over its rate of {policy.rate.text}",
                            f"rate: {policy.rate.text}", retry_after=wait)

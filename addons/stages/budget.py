@@ -17,7 +17,8 @@ on PostgreSQL (``store.loop_hit``, ``store.reserve``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from urllib.parse import quote
@@ -125,20 +126,55 @@ def unpriceable_message(vendor: str, policy: str, estimate: Estimate) -> str:
             "to hold that amount for such calls")
 
 
+def until_denied(call: Call, verdicts: Iterator[Deny | None]) -> list[Deny | None]:
+    """Run the checks as ``apply_verdicts`` would (enforce mode stops at the first Deny, so later
+    checks neither run nor count), collecting the verdicts for it to apply."""
+    out: list[Deny | None] = []
+    for verdict in verdicts:
+        out.append(verdict)
+        if isinstance(verdict, Deny) and call.mode != "report":
+            break
+    return out
+
+
 class Budget:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The checks touch the database (the loop breaker, the hold): under mitmproxy they run on
+        the runtime's pool, bounded by ``STORE_WAIT`` (then 503 ``store_unavailable``)."""
         call = keyed_call(flow)
         if call is None:
-            return
+            return None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (in-process tests): run them here
+            apply_verdicts(flow, call, self.verdicts(flow, call))
+            return None
+        return self.request_offloaded(flow)
+
+    @fail_closed
+    async def request_offloaded(self, flow: http.HTTPFlow) -> None:
+        call = keyed_call(flow)
+        assert call is not None
+        verdicts = await self.runtime.offload(self.verdicts, flow, call, late=lambda: self.release_late(call))
+        apply_verdicts(flow, call, verdicts)
+
+    def verdicts(self, flow: http.HTTPFlow, call: Call) -> list[Deny | None]:
+        assert call.key is not None
         state = self.runtime.state
         policy = self.runtime.policy(call.key.policy)
         if state is None or policy is None:
-            return
-        apply_verdicts(flow, call, self.checks(flow, call, state.prices, policy))
+            return []
+        return until_denied(call, self.checks(flow, call, state.prices, policy))
+
+    def release_late(self, call: Call) -> None:
+        """A hold made after its call was refused for taking too long: give it back."""
+        res, call.reservation = call.reservation, None
+        if res is not None and self.runtime.store is not None:
+            self.runtime.store.settle(res, 0)
 
     def checks(self, flow: http.HTTPFlow, call: Call, prices: Prices, policy: Policy) -> Iterator[Deny | None]:
         """Price, per-request limit, loop breaker, then the hold (verdicts; see ``call.apply_verdicts``)."""
@@ -194,8 +230,6 @@ class Budget:
         caps = budget_caps(call.policy, policy, call.key, clock.now().astimezone(zone),  # days in the file's zone
                            label_periods(state.config if state else None))
         call.scopes = list(caps)
-        if not caps:
-            return None
         if nanos > 0:
             req = flow.request
             hold = {  # what a recovered hold's ledger row says, should this gateway die mid-call
@@ -220,7 +254,7 @@ class Budget:
                             e.scope)
         if call.reservation is not None:
             call.budget_left_nanos = call.reservation.left_nanos  # read inside the hold's transaction
-        else:
+        elif caps:
             used = store.used_by_scope(caps)
             call.budget_left_nanos = min(cap - used[scope] for scope, cap in caps.items())
         if call.budget_left_nanos is not None and call.budget_left_nanos > UNCAPPED // 2:

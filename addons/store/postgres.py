@@ -307,7 +307,7 @@ class PostgresStore:
         for _ in range(3):
             conn = None
             try:
-                with self.pool.connection(timeout=POOL_WAIT if self.available else 0.2) as conn:
+                with self.pool.connection(timeout=POOL_WAIT if self.available else 0.05) as conn:
                     out = fn(conn)
                 self._up()
                 return out
@@ -450,7 +450,7 @@ class PostgresStore:
         rid = "res_" + secrets.token_hex(8)
         meta = json.dumps({k: (hold or {}).get(k) for k in HOLD_FIELDS})
         ok, scope, cap, used, left = self._run(lambda c: c.execute(
-            "SELECT * FROM spendgate_reserve(%s, %s, %s, %s, %s, %s, %s)",
+            "SELECT * FROM spendgate_reserve(%s, %s, %s::text[], %s::bigint[], %s, %s, %s)",
             (rid, nanos, list(caps), list(caps.values()), self.instance, forwarded, meta),
         ).fetchone())
         if not ok:
@@ -596,7 +596,7 @@ class PostgresStore:
         usage = [item for item, _ in batch if isinstance(item, Usage)]
         with c.transaction():
             if settles or usage:
-                c.execute("SELECT spendgate_apply(%s, %s, %s, %s)", (
+                c.execute("SELECT spendgate_apply(%s::text[], %s::bigint[], %s::text[], %s::bigint[])", (
                     [s.reservation.id for s in settles], [s.actual_nanos for s in settles],
                     [scope for u in usage for scope in u.scopes],
                     [u.nanos for u in usage for _ in u.scopes]))

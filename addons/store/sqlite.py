@@ -45,6 +45,7 @@ from . import (
     Reservation,
     SchemaError,
     Settle,
+    StoreUnavailable,
     Usage,
     clean_text,
     default_replica,
@@ -216,6 +217,8 @@ class SQLiteStore:
         self._pending = 0
         self.available = True  # False while the writer cannot commit (disk full, read-only, locked)
         self.outages = 0
+        self._outage_since = 0.0
+        self._state_lock = threading.Lock()
         self._limits = Gcra()
         self._loops = LoopBreaker()
 
@@ -349,7 +352,8 @@ class SQLiteStore:
                 if used[scope] + nanos > cap:
                     raise CapExceeded(scope, cap, used[scope])
             res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps),
-                              left_nanos=min(cap - used[scope] - nanos for scope, cap in caps.items()))
+                              left_nanos=min((cap - used[scope] - nanos for scope, cap in caps.items()),
+                                             default=None))
             conn.executemany(
                 "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
                 "VALUES (?, 0, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
@@ -362,6 +366,11 @@ class SQLiteStore:
                 (res.id, nanos, json.dumps(res.scopes), ts, self.instance, int(forwarded), meta),
             )
             conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._outage(e)
+            raise StoreUnavailable(f"the ledger {self.path} cannot take a budget hold: {e}") from None
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -565,6 +574,12 @@ class SQLiteStore:
 
     def _outage(self, error: Exception | None) -> None:
         """One log line per change of state (not one per row) while the ledger cannot be written."""
+        if (error is None) == self.available:
+            return
+        with self._state_lock:
+            self._change_state(error)
+
+    def _change_state(self, error: Exception | None) -> None:
         if error is not None and self.available:
             self.available = False
             self.outages += 1
