@@ -142,23 +142,27 @@ MIGRATIONS: dict[int, list[str]] = {
         # Settlements and unheld usage of one batch: per-scope deltas applied in scope order.
         """CREATE FUNCTION spendgate_apply(p_ids text[], p_actuals bigint[], p_uscopes text[], p_unanos bigint[])
            RETURNS void LANGUAGE plpgsql AS $$
-           DECLARE r record;
+           DECLARE
+             sc text[];
+             rels bigint[];
+             acts bigint[];
+             i int;
            BEGIN
-             CREATE TEMP TABLE IF NOT EXISTS spendgate_deltas (scope text, rel bigint, act bigint)
-               ON COMMIT DELETE ROWS;
              WITH d AS (
                DELETE FROM reservations h USING unnest(p_ids, p_actuals) AS x(id, actual)
-               WHERE h.id = x.id RETURNING h.nanos, x.actual, h.scopes)
-             INSERT INTO spendgate_deltas SELECT s, d.nanos, d.actual FROM d, unnest(d.scopes) s;
-             INSERT INTO spendgate_deltas SELECT s, 0, n FROM unnest(p_uscopes, p_unanos) AS u(s, n);
-             FOR r IN SELECT scope, sum(rel) AS rel, sum(act) AS act FROM spendgate_deltas
-                      GROUP BY scope ORDER BY scope LOOP
-               INSERT INTO counters AS c (scope, used_nanos, reserved_nanos) VALUES (r.scope, r.act, 0)
+               WHERE h.id = x.id RETURNING h.nanos, x.actual, h.scopes),
+             deltas AS (
+               SELECT s AS scope, d.nanos AS rel, d.actual AS act FROM d, unnest(d.scopes) s
+               UNION ALL SELECT u.s, 0, u.n FROM unnest(p_uscopes, p_unanos) AS u(s, n))
+             SELECT array_agg(scope ORDER BY scope), array_agg(r ORDER BY scope), array_agg(a ORDER BY scope)
+               INTO sc, rels, acts
+               FROM (SELECT scope, sum(rel)::bigint AS r, sum(act)::bigint AS a FROM deltas GROUP BY scope) g;
+             FOR i IN 1 .. coalesce(cardinality(sc), 0) LOOP
+               INSERT INTO counters AS c (scope, used_nanos, reserved_nanos) VALUES (sc[i], acts[i], 0)
                  ON CONFLICT (scope) DO UPDATE SET
-                   reserved_nanos = greatest(0, c.reserved_nanos - r.rel),
-                   used_nanos = c.used_nanos + r.act, updated_at = now();
+                   reserved_nanos = greatest(0, c.reserved_nanos - rels[i]),
+                   used_nanos = c.used_nanos + acts[i], updated_at = now();
              END LOOP;
-             DELETE FROM spendgate_deltas;
            END $$""",
         # GCRA on the database's clock: one row per key, across the fleet.
         """CREATE FUNCTION spendgate_rate_hit(p_name text, p_limit int, p_period double precision)
@@ -215,8 +219,17 @@ def _key(row: tuple | None) -> KeyRecord | None:
     )
 
 
+# Durability of a commit. "off" (the default here) is PostgreSQL's equivalent of the SQLite
+# ledger's synchronous=NORMAL: a commit survives any gateway crash and a PostgreSQL restart, and
+# only an OS crash or power cut of the database host can lose the last ~0.6 s (3 × wal_writer_delay);
+# a commit then costs a round trip, not a disk flush. SPENDGATE_PG_SYNCHRONOUS_COMMIT=on makes
+# every hold, limit and row wait for the flush (or for a synchronous standby).
+SYNCHRONOUS_COMMIT = os.environ.get("SPENDGATE_PG_SYNCHRONOUS_COMMIT", "off")
+
+
 def _configure(conn: psycopg.Connection) -> None:
     conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    conn.execute("SELECT set_config('synchronous_commit', %s, false)", (SYNCHRONOUS_COMMIT,))
 
 
 def migrate(conn: psycopg.Connection) -> None:
