@@ -659,7 +659,14 @@ def part_fleet(b: Bench, pg_url: str, concurrencies: list[int], seconds: float, 
             sq, pg = row["sqlite"]["rps"], row["postgres"]["rps"]
             row["pg_over_sqlite"] = round(pg / sq, 3) if sq else None
             out[f"{kind} c={c}"] = row
-    for gw in gws.values():
+    # revoke through the database, seen by two PostgreSQL replicas
+    second = b.gateway(name="spendgate-pg2", db=pg_url)
+    replicas = [gws["postgres"], second]
+    ms = sorted(max(asyncio.run(_revoke_across(b, replicas, pg_url))) for _ in range(3 if warmup < 100 else 15))
+    out["revoke_across_replicas"] = {"replicas": len(replicas), "n": len(ms),
+                                     "p50_ms": round(quantile(ms, 0.5), 2), "max_ms": round(ms[-1], 2)}
+    log(f"fleet revoke → refused on every replica: p50 {quantile(ms, 0.5):.1f} ms, max {ms[-1]:.1f} ms")
+    for gw in [*gws.values(), second]:
         gw.stop()
     return out
 
@@ -988,6 +995,50 @@ async def _revoke_once(b: Bench, gw: Proxy) -> float:
         conn.close()
 
 
+async def _revoke_across(b: Bench, gws: list[Proxy], db: str) -> list[float]:
+    """A fresh key warmed on every replica; revoked through the store (as the CLI or another
+    replica does); ms from the commit to each replica's first ``401 revoked``."""
+    from spendgate.store import open_store
+
+    key_id, token = b.issue(db=db)
+    conns = []
+    for gw in gws:
+        target = b.target("spendgate", gw, token)
+        conn = Conn(target, client_context(target.ca))
+        for _ in range(3):
+            status, _, _ = await conn.call(target.request())
+            assert status == 200, status
+        conns.append((conn, target.request()))
+    committed: list[float] = []
+
+    def revoke() -> None:
+        store = open_store(db, replica="bench-cli")
+        time.sleep(random.uniform(0.05, 0.15))
+        store.revoke(key_id)  # autocommit: returns after the COMMIT
+        committed.append(time.perf_counter())
+        store.close()
+
+    async def poll(conn: Conn, request: bytes) -> float:
+        deadline = time.perf_counter() + 5
+        while time.perf_counter() < deadline:
+            status, headers, _ = await conn.call(request)
+            t = time.perf_counter()
+            if status == 401 and headers.get(b"x-spendgate-reason") == b"revoked":
+                while not committed:
+                    await asyncio.sleep(0.001)
+                return (t - committed[0]) * 1000
+        raise RuntimeError("the revoked key was still accepted after 5 s")
+
+    thread = threading.Thread(target=revoke)
+    thread.start()
+    try:
+        return list(await asyncio.gather(*(poll(c, r) for c, r in conns)))
+    finally:
+        thread.join()
+        for c, _ in conns:
+            c.close()
+
+
 def part_revoke(b: Bench, gw: Proxy, times: int) -> dict[str, Any]:
     ms = sorted(asyncio.run(_revoke_once(b, gw)) for _ in range(times))
     log(f"revoke → refusal: p50 {quantile(ms, 0.5):.2f} ms, max {ms[-1]:.2f} ms over {times}")
@@ -1128,8 +1179,12 @@ def check_targets(res: dict[str, Any]) -> dict[str, Any]:
     if "revoke" in res:
         m = res["revoke"]["max_ms"]
         checks[f"revoke effective < {TARGETS['revoke_ms_max']:.0f} ms (max)"] = (m, m < TARGETS["revoke_ms_max"])
+    if "revoke_across_replicas" in res.get("fleet", {}):
+        m = res["fleet"]["revoke_across_replicas"]["max_ms"]
+        checks[f"fleet revoke seen by every replica < {TARGETS['revoke_ms_max']:.0f} ms (max)"] = (
+            m, m < TARGETS["revoke_ms_max"])
     for name, row in res.get("fleet", {}).items():
-        if name != "round_trips_us":
+        if name not in ("round_trips_us", "revoke_across_replicas"):
             r = row["pg_over_sqlite"]
             checks[f"fleet {name}: PostgreSQL ≥ {TARGETS['pg_over_sqlite_min']}× SQLite req/s"] = (
                 r, r is not None and r >= TARGETS["pg_over_sqlite_min"])
@@ -1199,11 +1254,14 @@ def render(res: dict[str, Any]) -> str:
                 "| load | SQLite req/s | PostgreSQL req/s | PG ÷ SQLite | SQLite p50 ms | PG p50 ms | PG p99 ms |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, row in fl.items():
-            if name == "round_trips_us":
+            if name in ("round_trips_us", "revoke_across_replicas"):
                 continue
             sq, pg = row["sqlite"], row["postgres"]
             out.append(f"| {name} | {sq['rps']:.0f} | {pg['rps']:.0f} | {row['pg_over_sqlite']} | "
                        f"{sq['p50_ms']:.2f} | {pg['p50_ms']:.2f} | {pg['p99_ms']:.2f} |")
+        rv = fl["revoke_across_replicas"]
+        out += [f"revoke (commit) → refused by every one of {rv['replicas']} PostgreSQL replicas: "
+                f"p50 {rv['p50_ms']} ms, max {rv['max_ms']} ms ({rv['n']} revokes)"]
         rt = fl["round_trips_us"]
         out += ["", "store operation, µs each (in-process, one thread) | " + " | ".join(rt),
                 "| --- | " + " | ".join("---:" for _ in rt) + " |"]

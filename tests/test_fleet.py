@@ -262,7 +262,7 @@ def test_a_revoke_through_one_replica_is_refused_by_the_others_on_the_next_reque
         for t in threads:
             t.join()
         lag = {n: round((at - committed) * 1000, 1) for n, at in seen.items()}
-        assert set(lag) == {"b", "c"} and max(lag.values()) < 100, lag
+        assert set(lag) == {"b", "c"} and max(lag.values()) < 1000, lag  # SPEC §5: within 1 s (bench: the ms)
         print(f"\nrevoke seen across replicas: admin API DELETE took {admin_ms:.1f} ms; "
               f"commit → first refusal on B/C while polling: {lag} ms")
     finally:
