@@ -317,7 +317,7 @@ class PostgresStore:
         """Run ``fn`` on a pooled connection; a dead connection (a restarted server) is replaced
         and the call retried; an unreachable database raises :class:`StoreUnavailable`."""
         last: BaseException | None = None
-        for _ in range(3):
+        for attempt in range(3):
             conn = None
             try:
                 with self.pool.connection(timeout=POOL_WAIT if self.available else 0.05) as conn:
@@ -332,6 +332,9 @@ class PostgresStore:
                 last = e
                 if conn is None or not conn.broken:
                     break  # the pool could not connect, or a timeout: not a stale connection
+                if attempt == 0:  # a restarted server: drop every stale idle connection, then retry
+                    with contextlib.suppress(Exception):
+                        self.pool.check()
         raise self._down(last or RuntimeError("no connection")) from None
 
     def check_writable(self) -> None:
@@ -430,7 +433,10 @@ class PostgresStore:
             c.execute("UPDATE keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL", (iso(now()), key_id))
             return c.execute("SELECT 1 FROM keys WHERE id = %s", (key_id,)).fetchone() is not None
 
-        return self._run(go)
+        try:
+            return self._run(go)
+        finally:
+            self._drop_keys(None)  # this process sees its own change at once, before the NOTIFY
 
     def revoke_by_labels(self, labels: dict[str, str]) -> list[str]:
         revoked = []
@@ -452,7 +458,10 @@ class PostgresStore:
                         (rec.policy, rec.labels_json, cap, rec.id, rec.policy, rec.labels_json, cap),
                     )
 
-        self._run(go)
+        try:
+            self._run(go)
+        finally:
+            self._drop_keys(None)
 
     # ------------------------------------------------------------------ budget
 
@@ -632,10 +641,15 @@ class PostgresStore:
             if not batch:
                 continue
             try:
-                if conn is None or conn.closed or conn.broken:
-                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
-                    _configure(conn)
-                done = self._write_or_split(conn, batch)
+                try:
+                    if conn is None or conn.closed or conn.broken:
+                        conn = self._connect_writer()
+                    done = self._write_or_split(conn, batch)
+                except psycopg.OperationalError:
+                    if conn is None or not conn.broken:
+                        raise
+                    conn = self._connect_writer()  # its old session died (a restart): once more, fresh
+                    done = self._write_or_split(conn, batch)
             except psycopg.OperationalError as e:  # unreachable, restarted, timed out: keep the rows
                 if conn is not None and not is_outage(e, conn):
                     log.exception("ledger: a batch failed")
@@ -660,6 +674,11 @@ class PostgresStore:
                 self._flushed.notify_all()
         if conn is not None:
             conn.close()
+
+    def _connect_writer(self) -> psycopg.Connection:
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        _configure(conn)
+        return conn
 
     def _write_or_split(self, conn: psycopg.Connection,
                         batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> list[tuple[Any, Any]]:
