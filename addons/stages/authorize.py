@@ -9,7 +9,8 @@ Both are verdicts: the policy's mode decides whether they refuse (see ``call.app
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Awaitable, Iterator
 
 from mitmproxy import http
 
@@ -17,6 +18,7 @@ from .. import clock
 from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..policy import Config, Deny, Rate, Verdict, decide
 from ..runtime import Runtime
+from .budget import until_denied
 
 
 class RateLimiter:
@@ -43,14 +45,29 @@ class Authorize:
         self.limiter = RateLimiter()
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         call = keyed_call(flow)
         if call is None:
-            return
+            return None
         state = self.runtime.state
         assert state is not None
         call.mode = state.config.policy_mode(call.key.policy)
+        policy, store = state.config.policies.get(call.key.policy), self.runtime.store
+        if policy is not None and policy.rate is not None and store is not None and store.dialect == "postgres":
+            try:  # the fleet-wide rate limit is a database round trip: not on the event loop
+                asyncio.get_running_loop()
+                return self.request_offloaded(flow)
+            except RuntimeError:  # no event loop (in-process tests)
+                pass
         apply_verdicts(flow, call, self.checks(flow, call, state.config))
+        return None
+
+    @fail_closed
+    async def request_offloaded(self, flow: http.HTTPFlow) -> None:
+        call = keyed_call(flow)
+        state = self.runtime.state
+        assert call is not None and state is not None
+        apply_verdicts(flow, call, await self.runtime.offload(until_denied, call, self.checks(flow, call, state.config)))
 
     def checks(self, flow: http.HTTPFlow, call: Call, config: Config) -> Iterator[Verdict | None]:
         """The endpoint rules, then the rate limit (counted only if enforce mode got that far)."""
