@@ -72,7 +72,8 @@ from .sqlite import pid_alive
 log = logging.getLogger("spendgate")
 
 CONNECT_TIMEOUT = 3  # seconds to open a connection
-POOL_WAIT = 2.0  # seconds a call waits for a pooled connection (0.2 during an outage: fail fast)
+POOL_WAIT = 1.0  # seconds a call waits for a pooled connection
+PROBE_EVERY = 0.5  # during an outage, one call in this many seconds tries the database; the rest fail at once
 STATEMENT_TIMEOUT_MS = 5000  # a lock wait or a slow query fails the call, not the gateway
 FLUSH_INTERVAL = 0.05
 CHANNEL = "spendgate_keys"
@@ -256,7 +257,7 @@ class PostgresStore:
     dialect = "postgres"
 
     def __init__(self, url: str, replica: str | None = None, lease: float = DEFAULT_LEASE,
-                 pool_size: int = 8) -> None:
+                 pool_size: int = 20) -> None:
         self.url = url
         self.replica = replica or default_replica()
         self.lease = lease
@@ -265,6 +266,7 @@ class PostgresStore:
         self.available = True
         self.outages = 0
         self._outage_since = 0.0
+        self._probed = 0.0
         self._state_lock = threading.Lock()
         self._longest_window = 0.0
         try:
@@ -275,7 +277,7 @@ class PostgresStore:
         except psycopg.Error as e:
             raise SchemaError(f"cannot open the ledger {redact_url(url)}: {_first_line(e)}") from None
         self.pool = ConnectionPool(
-            url, min_size=2, max_size=pool_size, open=False, configure=_configure,
+            url, min_size=2, max_size=pool_size, open=False, configure=_configure,  # ≥ the worker threads
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
             timeout=POOL_WAIT, reconnect_timeout=10**9, name="spendgate",
         )
@@ -316,11 +318,16 @@ class PostgresStore:
     def _run(self, fn: Callable[[psycopg.Connection], Any]) -> Any:
         """Run ``fn`` on a pooled connection; a dead connection (a restarted server) is replaced
         and the call retried; an unreachable database raises :class:`StoreUnavailable`."""
+        if not self.available:
+            now_ = time.monotonic()
+            if now_ - self._probed < PROBE_EVERY:  # known down: fail at once, never wait on the pool
+                raise StoreUnavailable(f"the ledger {redact_url(self.url)} cannot be reached")
+            self._probed = now_
         last: BaseException | None = None
         for attempt in range(3):
             conn = None
             try:
-                with self.pool.connection(timeout=POOL_WAIT if self.available else 0.05) as conn:
+                with self.pool.connection(timeout=POOL_WAIT if self.available else 0.2) as conn:
                     out = fn(conn)
                 self._up()
                 return out
