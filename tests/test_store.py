@@ -126,3 +126,16 @@ def test_an_unwritable_ledger_is_a_clean_error_naming_it(tmp_path: Path) -> None
         s.close()
     finally:
         os.chmod(path, 0o644)
+
+
+def test_the_loop_breaker_keeps_a_bounded_compact_memory() -> None:
+    from spendgate.store.limits import LoopBreaker, fingerprint
+
+    lb = LoopBreaker(max_fingerprints=100)
+    for i in range(1000):  # 1 000 distinct priced requests: only the 100 most recent are kept
+        assert not lb.repeated(fingerprint(str(i).encode()), None, 3, 600, now=float(i))
+    assert len(lb) == 100
+    assert all(len(k) == 16 for k in lb._seen)  # a 16-byte digest each, not the request
+    recent = fingerprint(b"999")
+    assert [lb.repeated(recent, None, 3, 600, now=1000.0) for _ in range(3)] == [False, False, True]
+    assert max(len(v) for v in lb._seen.values()) <= 3  # at most `repeats` timestamps per fingerprint
