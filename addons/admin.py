@@ -235,7 +235,7 @@ class UsageHandler(Handler):
         by = self.get_query_argument("by", "key")
         since = self.get_query_argument("since", None) or None
         try:
-            rows = reports.spend(self.store.path, by=by, since=since)
+            rows = reports.spend(self.store, by=by, since=since)
         except ValueError as e:
             raise ApiError(400, "invalid_request", str(e)) from None
         # The report names its first column after `by`; the API calls it "group" so the

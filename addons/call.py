@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from mitmproxy import http
 
 from .money import from_nanos, plain
 from .policy import Approve, Deny, Verdict
-from .store import KeyRecord, Reservation
+from .store import KeyRecord, Reservation, StoreUnavailable
 from .vendors.base import Cost, Estimate, RequestView, StreamMeter
 
 log = logging.getLogger("spendgate")
@@ -65,6 +66,7 @@ STATUS: dict[str, int] = {
     "upstream_timeout": 504,
     "internal_error": 503,
     "circuit_open": 503,  # stages/circuit.py, with Retry-After
+    "store_unavailable": 503,  # the ledger database cannot be reached: fail closed
 }
 
 
@@ -204,6 +206,10 @@ def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     def _refuse(self: Any, flow: http.HTTPFlow) -> None:
+        if isinstance(sys.exception(), StoreUnavailable):  # logged once per outage by the store
+            refuse(flow, "store_unavailable",
+                   "the spendgate ledger cannot be reached; the request was not sent")
+            return
         log.exception("spendgate: %s.%s failed; refusing the request",
                       type(self).__name__, hook.__name__)
         refuse(flow, "internal_error", "the gateway could not check this request; it was not sent")

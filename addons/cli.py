@@ -13,6 +13,7 @@ import re
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,26 +21,41 @@ from . import reports
 from .keys import IssueError, key_spec, parse_labels
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, load_config, resolve_credentials
-from .store import TOKEN_PREFIX, KeyRecord, Store, hash_token, open_store
+from .store import (
+    TOKEN_PREFIX,
+    KeyRecord,
+    SchemaError,
+    Store,
+    StoreUnavailable,
+    hash_token,
+    is_postgres,
+    open_store,
+    redact_url,
+)
 from .vendors import REGISTRY
 
 GATEWAY = Path(__file__).resolve().parent / "gateway.py"
 CERTS = "certs"
 
 config_opt = click.option("--config", "config", default=None, help="Policy file.")
-db_opt = click.option("--db", "db", default=None, help="Ledger (SQLite file).")
+db_opt = click.option("--db", "db", default=None,
+                      help="Ledger: a SQLite file, or postgresql://user@host:5432/db (fleet mode).")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def _store(db: str | None, create: bool = False) -> Store:
-    """The ledger. Only commands that write keys create it; readers say where they looked."""
+    """The ledger (a SQLite file or a postgresql:// URL). Only commands that write keys create a
+    SQLite file; readers say where they looked."""
     path = db_path(db)
-    if not create and not Path(path).exists():
+    if not create and not is_postgres(path) and path != ":memory:" and not Path(path).exists():
         raise click.ClickException(
             f"no ledger at {Path(path).resolve()}: pass --db FILE or set SPENDGATE_DB "
             "(the gateway and `spendgate keys issue` create it)"
         )
-    return open_store(path)
+    try:
+        return open_store(path)
+    except (SchemaError, StoreUnavailable) as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _config(path: str | None, secrets: bool = False) -> tuple[Config, str]:
@@ -110,10 +126,15 @@ def main() -> None:
 @click.option("--capture-max-size", default="100m", show_default=True, help="Rotate capture files at this size.")
 @click.option("--capture-max-age", default="1h", show_default=True, help="Rotate capture files after this long.")
 @click.option("--capture-keep", default=48, show_default=True, help="Capture files kept (0: all).")
+@click.option("--replica", default=None,
+              help="This gateway's name in a fleet (default: the hostname).")
+@click.option("--lease", default=None, type=float,
+              help="Seconds a silent gateway's holds are kept before another one recovers them (default 30).")
 @click.argument("mitmproxy_args", nargs=-1, type=click.UNPROCESSED)
 def run(config: str | None, db: str | None, port: int, listen_host: str, web: bool,
         web_port: int, admin_port: int | None, log_format: str, capture: str | None, capture_no_bodies: bool,
         capture_redact: tuple[str, ...], capture_max_size: str, capture_max_age: str, capture_keep: int,
+        replica: str | None, lease: float | None,
         mitmproxy_args: tuple[str, ...]) -> None:
     """Run the gateway (mitmdump, or mitmweb with --web). Extra args go to mitmproxy.
 
@@ -150,6 +171,10 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
             args += ["--set", "spendgate_capture_bodies=false"]
         for name in capture_redact:
             args += ["--set", f"spendgate_capture_redact={name}"]
+    if replica:
+        args += ["--set", f"spendgate_replica={replica}"]
+    if lease is not None:
+        args += ["--set", f"spendgate_lease={lease:g}"]
     if web:
         args += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
                  "--set", "web_host=127.0.0.1"]
@@ -515,13 +540,43 @@ def report(by: str, since: str | None, db: str | None, fmt: str | None) -> None:
     """Spend and call counts from the ledger."""
     store = _store(db)
     try:
-        rows = reports.spend(store.path, by=by, since=since)
+        rows = reports.spend(store, by=by, since=since)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     finally:
         store.close()
     click.echo(reports.render(rows, fmt or "table"))
 
+
+@main.command()
+@click.option("--from", "src", required=True, help="The single-box ledger (a SQLite file).")
+@click.option("--to", "dst", default=None,
+              help="The fleet's ledger, postgresql://user@host:5432/db (default: $SPENDGATE_DB).")
+def migrate(src: str, dst: str | None) -> None:
+    """Copy a SQLite ledger (keys, counters, approvals, calls) into PostgreSQL; idempotent."""
+    from .store.transfer import migrate as copy_ledger
+
+    dst = dst or os.environ.get("SPENDGATE_DB") or ""
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="calls", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        out = copy_ledger(src, dst, progress)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    except (SchemaError, StoreUnavailable) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(f"migrated {src} → {redact_url(dst)}: {out['keys']} keys, {out['approvals']} approvals, "
+               f"{out['calls']} new calls rows, ${out['counter_nanos_added'] / 1e9:g} of budget counters added")
 
 if __name__ == "__main__":
     main()

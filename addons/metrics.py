@@ -129,11 +129,17 @@ class Metrics:
             out.append(f"spendgate_added_latency_seconds_sum{{{label}}} {decimal_str(hist.sum_us, 6)}")
             out.append(f"spendgate_added_latency_seconds_count{{{label}}} {hist.count}")
 
-        depth = getattr(self.runtime.store, "queue_depth", None)
-        if depth is not None:  # a backend without a write-behind queue has nothing to report
+        store = self.runtime.store
+        if store is not None:  # (not yet open: nothing to report)
             family("spendgate_ledger_queue_depth", "gauge",
                    "Ledger writes (call rows, budget settlements) waiting for the writer thread.")
-            out.append(f"spendgate_ledger_queue_depth {depth}")
+            out.append(f"spendgate_ledger_queue_depth {store.queue_depth}")
+            family("spendgate_store_up", "gauge",
+                   "1 while the ledger database accepts writes, 0 during an outage (calls refused 503).")
+            out.append(f"spendgate_store_up {int(store.available)}")
+            family("spendgate_store_outages_total", "counter",
+                   "Ledger outages (database unreachable, disk full, read-only) since start.")
+            out.append(f"spendgate_store_outages_total {store.outages}")
         for source in self.runtime.metric_sources:  # e.g. spendgate_circuit_open (stages/circuit.py)
             try:
                 out += source()

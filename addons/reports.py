@@ -3,6 +3,9 @@
 Spend counts what was billed or moved: parsed costs, rate-table estimates
 (``cost_status=estimated``), and, for ``unknown`` costs, the pre-call estimate
 (the same conservative rule the budget uses). Sums are exact integer nano-dollars.
+
+The query is the same on both ledger backends (SQLite, PostgreSQL); only the JSON label
+lookup is spelled per dialect.
 """
 
 from __future__ import annotations
@@ -40,14 +43,22 @@ def _since(since: str | None) -> str | None:
         raise ValueError(f"--since {since!r}: give a date (2026-11-01) or a duration (24h, 7d)") from None
 
 
-def spend(db_path: str, by: str = "key", since: str | None = None) -> list[dict[str, Any]]:
+LABEL = {
+    "sqlite": lambda name: f"json_extract(labels, '$.\"{name}\"')",
+    "postgres": lambda name: f"(labels::jsonb ->> '{name}')",
+}
+
+
+def spend(source: str | Any, by: str = "key", since: str | None = None) -> list[dict[str, Any]]:
     """Rows of {group, calls, allowed, refused, would_deny, spend_usd, parsed_usd,
-    estimated_usd, unknown}, biggest spend first."""
+    estimated_usd, unknown}, biggest spend first. ``source`` is an open store (its ``read``
+    runs the query) or a SQLite path (opened read-only)."""
+    dialect = "sqlite" if isinstance(source, str) else source.dialect
     if by.startswith("label:"):
         name = by.removeprefix("label:")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"bad label name {name!r}")
-        group = f"coalesce(json_extract(labels, '$.\"{name}\"'), '-')"
+        group = f"coalesce({LABEL[dialect](name)}, '-')"
     elif by in GROUPS:
         group = GROUPS[by]
     else:
@@ -56,29 +67,32 @@ def spend(db_path: str, by: str = "key", since: str | None = None) -> list[dict[
     sql = f"""
         SELECT {group} AS grp,
                count(*) AS calls,
-               sum(decision = 'allow') AS allowed,
-               sum(decision = 'deny') AS refused,
-               sum(decision = 'would_deny') AS would_deny,
+               sum(CASE WHEN decision = 'allow' THEN 1 ELSE 0 END) AS allowed,
+               sum(CASE WHEN decision = 'deny' THEN 1 ELSE 0 END) AS refused,
+               sum(CASE WHEN decision = 'would_deny' THEN 1 ELSE 0 END) AS would_deny,
                sum({counted}) AS spend,
                sum(CASE WHEN cost_status = 'parsed' THEN cost_nanos ELSE 0 END) AS parsed,
                sum(CASE WHEN cost_status IN ('estimated', 'unknown') AND decision != 'deny'
                         THEN coalesce(cost_nanos, estimated_nanos, 0) ELSE 0 END) AS estimated,
-               sum(cost_status = 'unknown') AS unknown
+               sum(CASE WHEN cost_status = 'unknown' THEN 1 ELSE 0 END) AS unknown
         FROM calls {"WHERE ts >= ?" if since else ""}
         GROUP BY grp ORDER BY spend DESC, grp
     """
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        cur = conn.execute(sql, (_since(since),) if since else ())
-        rows = cur.fetchall()
-    finally:
-        conn.close()
+    params = (_since(since),) if since else ()
+    if isinstance(source, str):
+        conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+    else:
+        rows = source.read(sql, params)
     return [
         {
-            by: grp, "calls": calls, "allowed": allowed or 0, "refused": refused or 0,
-            "would_deny": would or 0, "spend_usd": plain(from_nanos(sp or 0)),
-            "parsed_usd": plain(from_nanos(parsed or 0)), "estimated_usd": plain(from_nanos(est or 0)),
-            "unknown": unknown or 0,
+            by: grp, "calls": calls, "allowed": int(allowed or 0), "refused": int(refused or 0),
+            "would_deny": int(would or 0), "spend_usd": plain(from_nanos(int(sp or 0))),
+            "parsed_usd": plain(from_nanos(int(parsed or 0))), "estimated_usd": plain(from_nanos(int(est or 0))),
+            "unknown": int(unknown or 0),
         }
         for grp, calls, allowed, refused, would, sp, parsed, est, unknown in rows
     ]

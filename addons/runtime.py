@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,23 @@ from mitmproxy.utils import human
 from . import wire
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, Policy, load_config, resolve_credentials
-from .store import KeyRecord, Store, open_store
+from .store import (
+    DEFAULT_LEASE,
+    KeyRecord,
+    SchemaError,
+    Store,
+    StoreUnavailable,
+    default_replica,
+    open_store,
+    redact_url,
+)
 from .vendors import install_declared
 from .vendors.base import Prices
 
 log = logging.getLogger("spendgate")
 
 RELOAD_INTERVAL = 0.5  # seconds between checks of the policy file's mtime
+STORE_WAIT = 2.0  # seconds a call waits for its budget hold; then it is refused 503 store_unavailable
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,10 @@ class Runtime:
         self.metric_sources: list[Callable[[], list[str]]] = []
         self._db: str | None = None
         self._watch: asyncio.Task | None = None
+        self._tend: asyncio.Task | None = None
+        # Database work a request waits for (budget holds, the loop breaker) runs here, never on
+        # mitmproxy's event loop: a lock held elsewhere delays that call only.
+        self._db_pool: ThreadPoolExecutor | None = None
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
 
@@ -81,7 +96,16 @@ class Runtime:
         )
         loader.add_option(
             "spendgate_db", str, "",
-            "Spendgate ledger, a SQLite file (default: $SPENDGATE_DB, else data/spendgate.db).",
+            "Spendgate ledger: a SQLite file or a postgresql:// URL "
+            "(default: $SPENDGATE_DB, else data/spendgate.db).",
+        )
+        loader.add_option(
+            "spendgate_replica", str, "",
+            "This gateway's name in a fleet (default: the hostname).",
+        )
+        loader.add_option(
+            "spendgate_lease", str, str(int(DEFAULT_LEASE)),
+            "Seconds a silent gateway's budget holds are kept before a live one recovers them.",
         )
         loader.add_option(
             "spendgate_log_format", str, "text",
@@ -108,13 +132,25 @@ class Runtime:
             if db != self._db:
                 if self.store is not None:
                     self.store.close()
-                self.store = open_store(db)
-                self._db = db
-                log.info("spendgate: ledger %s", db)
-                # Holds of a gateway that died mid-call (kill -9, OOM) are never settled by it.
-                if released := getattr(self.store, "release_stale", lambda: 0)():
-                    log.warning("spendgate: released %d budget hold(s) over an hour old, left by a "
-                                "gateway that stopped mid-call", released)
+                self.store = None
+                try:
+                    lease = float(ctx.options.spendgate_lease)
+                    if lease <= 0:
+                        raise ValueError
+                except ValueError:
+                    raise exceptions.OptionsError(
+                        f"spendgate_lease must be a number of seconds > 0, not {ctx.options.spendgate_lease!r}"
+                    ) from None
+                try:
+                    store = open_store(db, replica=ctx.options.spendgate_replica or default_replica(),
+                                       lease=lease)
+                    store.check_writable()
+                except (SchemaError, StoreUnavailable) as e:
+                    log.critical("spendgate: %s, not starting", e)
+                    raise exceptions.OptionsError(f"spendgate: {e}") from None
+                self.store, self._db = store, db
+                log.info("spendgate: ledger %s (replica %s)", redact_url(db), store.replica)
+                self.tend()  # register this gateway, recover the holds of dead ones
             if self.state:
                 self.store.sync_static_keys(static_keys(self.state.config))
         # HTTP/3 stays off: the credential swap is proven at start-up for HTTP/1 and HTTP/2 only
@@ -164,6 +200,52 @@ class Runtime:
     def running(self) -> None:
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_policy())
+        if self._tend is None:
+            self._tend = asyncio.get_running_loop().create_task(self._tend_loop())
+
+    def tend(self) -> None:
+        """Heartbeat this gateway's lease and recover the holds of dead gateways (any backend):
+        a forwarded hold becomes spend at its estimate (flagged row), one never sent is released."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            store.heartbeat()
+            counted, released = store.recover_holds()
+        except StoreUnavailable:
+            return  # logged once by the store; the next beat retries
+        if counted or released:
+            log.warning("spendgate: recovered the holds of a stopped gateway: %d counted at their "
+                        "estimate (flagged rows), %d released (never sent)", counted, released)
+
+    async def offload(self, fn: Callable[..., Any], *args: Any,
+                      late: Callable[[], None] | None = None) -> Any:
+        """Run ``fn(*args)`` on the database pool; after :data:`STORE_WAIT` seconds give up with
+        :class:`StoreUnavailable` (the call fails closed, 503) and, once ``fn`` does finish,
+        run ``late`` to undo what it did for a call already refused."""
+        loop = asyncio.get_running_loop()
+        if self._db_pool is None:
+            self._db_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spendgate-db")
+        fut = loop.run_in_executor(self._db_pool, fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), STORE_WAIT)
+        except TimeoutError:
+            if self.store is not None and self.store.available:
+                log.error("spendgate: the ledger did not answer within %ss; refusing the call "
+                          "(503 store_unavailable)", STORE_WAIT)
+            if late is not None:
+                fut.add_done_callback(lambda _: late())
+            raise StoreUnavailable(f"the ledger did not answer within {STORE_WAIT:g}s") from None
+
+    async def _tend_loop(self) -> None:
+        """Every third of the lease, in a worker thread (never a database wait on the event loop)."""
+        while True:
+            store = self.store
+            await asyncio.sleep(max(0.1, (store.lease if store else DEFAULT_LEASE) / 3))
+            try:
+                await asyncio.to_thread(self.tend)
+            except Exception:
+                log.exception("spendgate: heartbeat failed")
 
     async def _watch_policy(self) -> None:
         """Reload the policy file when it changes; an invalid file keeps the old policy."""
@@ -194,7 +276,11 @@ class Runtime:
 
     def done(self) -> None:
         install_declared({})  # the declared vendors go with the policy file that declared them
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._tend):
+            if task is not None:
+                task.cancel()
+        if self._db_pool is not None:
+            self._db_pool.shutdown(wait=False, cancel_futures=True)
+            self._db_pool = None
         if self.store is not None:
             self.store.close()

@@ -23,6 +23,11 @@ Then: vault-key lookup (10 vs 100 000 keys) and policy rule matching (10 vs 1 00
 rules), measured in-process; report queries over a ledger of 1 000 000 ``calls`` rows;
 revoke-to-refusal latency against the running gateway; and the gateway's resident
 memory (VmRSS) after 0, N/2 and N requests.
+
+``--pg URL`` (or ``--only fleet --pg URL``) adds fleet mode: the same gateway on a
+PostgreSQL ledger (a throwaway schema in that database) against the SQLite ledger, for
+reads (GET) and money-moving calls (a priced POST: loop breaker, hold, settle), at each
+concurrency, and the cost of each database round trip in-process (µs per operation).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ TARGETS = {
     "p50_added_ms_max": 1.0,  # spendgate p50 − bare p50, at concurrency 1
     "lookup_ratio_max": 2.0,  # key lookup p50 with 100 000 keys ÷ with 10 keys ("flat")
     "revoke_ms_max": 100.0,  # revoke commit → first 401 revoked
+    "pg_over_sqlite_min": 0.85,  # fleet mode req/s ÷ SQLite mode req/s (reads and money calls)
 }
 
 
@@ -219,12 +225,19 @@ class Target:
     ca: str  # the CA the client trusts
     proxy: int | None = None  # a proxy on 127.0.0.1, reached with CONNECT host:port
     headers: dict[str, str] = field(default_factory=dict)
+    method: str = "GET"
+    path: str = PATH
+    body: bytes = b""
 
     def request(self) -> bytes:
         host = self.host if self.port == 443 else f"{self.host}:{self.port}"
-        extra = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
-        return (f"GET {PATH} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: spendgate-bench\r\n"
-                f"Accept: application/json\r\n{extra}\r\n").encode()
+        headers = {**self.headers}
+        if self.body:
+            headers.update({"Content-Type": "application/x-www-form-urlencoded",
+                            "Content-Length": str(len(self.body))})
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        return (f"{self.method} {self.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: spendgate-bench\r\n"
+                f"Accept: application/json\r\n{extra}\r\n").encode() + self.body
 
 
 @dataclass
@@ -403,6 +416,11 @@ policies:
     ttl: 1h
     approval_timeout: 5m
     loop: {{repeats: 3, window: 10m}}
+  money-agent:               # fleet mode: a priced call every time (hold, loop breaker, settle), never refused
+    vendors:
+      stripe: {{allow: ["POST /v1/payment_intents/*/confirm"], default_estimate_usd: 1}}
+    budget: {{key_usd: 1000000000, key_daily_usd: 1000000000, policy_daily_usd: 1000000000}}
+    loop: {{repeats: 1000000000, window: 1m}}
   support-agent:
     vendors:
       openai: {{allow: ["POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings"]}}
@@ -497,21 +515,21 @@ class Bench:
         self.procs.append(p)
         return p
 
-    def gateway(self) -> Proxy:
+    def gateway(self, db: str | None = None, name: str = "spendgate") -> Proxy:
         extra = []
         if any('"spendgate_admin_listen"' in f.read_text() for f in ADDONS.glob("*.py")):
             extra = ["--set", "spendgate_admin_listen="]  # no admin listener: no fixed port to collide on
-        p = start_mitmdump("spendgate", self.tmp, self.confdir, self.fake_ca, self.env, [
+        p = start_mitmdump(name, self.tmp, self.confdir, self.fake_ca, self.env, [
             "-s", str(ADDONS / "gateway.py"),
-            "--set", f"spendgate_config={self.policy}", "--set", f"spendgate_db={self.db}", *extra,
+            "--set", f"spendgate_config={self.policy}", "--set", f"spendgate_db={db or self.db}", *extra,
         ])
         self.procs.append(p)
         return p
 
-    def issue(self, policy: str = "billing-agent") -> tuple[str, str]:
-        from spendgate.store.sqlite import SQLiteStore
+    def issue(self, policy: str = "billing-agent", db: str | None = None) -> tuple[str, str]:
+        from spendgate.store import open_store
 
-        store = SQLiteStore(str(self.db))
+        store = open_store(db or str(self.db))
         try:
             rec, token = store.issue_key(policy, 3600, labels={"run": "bench"})
         finally:
@@ -596,6 +614,96 @@ def part_throughput(b: Bench, concurrencies: list[int], seconds: float, rounds: 
     if not ok:
         log(f"WARNING: the spendgate run had non-200 answers; see {gw.log}")
     return out
+
+
+@contextlib.contextmanager
+def pg_schema(url: str):
+    """A throwaway schema in the PostgreSQL database at ``url``: a ledger URL, dropped afterwards."""
+    from urllib.parse import quote
+
+    import psycopg
+
+    schema = f"bench_{os.getpid()}_{random.randrange(10**6)}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in url else "?"
+    try:
+        yield f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def part_fleet(b: Bench, pg_url: str, concurrencies: list[int], seconds: float, rounds: int,
+               warmup: int) -> dict[str, Any]:
+    """The same gateway on SQLite and on PostgreSQL, interleaved: reads and money-moving calls."""
+    out: dict[str, Any] = {"round_trips_us": round_trips(b.tmp, pg_url)}
+    gws = {"sqlite": b.gateway(name="spendgate-sqlite", db=str(b.tmp / "fleet-sqlite.db")),
+           "postgres": b.gateway(name="spendgate-pg", db=pg_url)}
+    dbs = {"sqlite": str(b.tmp / "fleet-sqlite.db"), "postgres": pg_url}
+    kinds = {"read": ("billing-agent", "GET", PATH, b""),
+             "money": ("money-agent", "POST", PATH + "/confirm", b"return_url=https%3A%2F%2Fexample.com")}
+    for kind, (policy, method, path, body) in kinds.items():
+        tokens = {name: b.issue(policy, db=dbs[name])[1] for name in gws}
+        for c in concurrencies:
+            totals = {name: LoadResult() for name in gws}
+            for r in range(rounds):
+                for name, gw in gws.items():
+                    t = b.target("spendgate", gw, tokens[name])
+                    t.method, t.path, t.body = method, path, body
+                    res = measured(gw, t, c, seconds=seconds, warmup=warmup)
+                    log(f"fleet {kind} c={c} round {r + 1}/{rounds} {name}: {res.requests / res.elapsed:.0f} req/s "
+                        f"statuses={dict(res.statuses)} errors={dict(res.errors)}")
+                    totals[name].merge(res)
+            row = {name: t.summary() for name, t in totals.items()}
+            sq, pg = row["sqlite"]["rps"], row["postgres"]["rps"]
+            row["pg_over_sqlite"] = round(pg / sq, 3) if sq else None
+            out[f"{kind} c={c}"] = row
+    # revoke through the database, seen by two PostgreSQL replicas
+    second = b.gateway(name="spendgate-pg2", db=pg_url)
+    replicas = [gws["postgres"], second]
+    ms = sorted(max(asyncio.run(_revoke_across(b, replicas, pg_url))) for _ in range(3 if warmup < 100 else 15))
+    out["revoke_across_replicas"] = {"replicas": len(replicas), "n": len(ms),
+                                     "p50_ms": round(quantile(ms, 0.5), 2), "max_ms": round(ms[-1], 2)}
+    log(f"fleet revoke → refused on every replica: p50 {quantile(ms, 0.5):.1f} ms, max {ms[-1]:.1f} ms")
+    for gw in [*gws.values(), second]:
+        gw.stop()
+    return out
+
+
+def round_trips(tmp: Path, pg_url: str, n: int = 2000) -> dict[str, dict[str, float]]:
+    """µs per store operation, in-process, per backend: what each database round trip costs."""
+    from spendgate.store import open_store
+
+    out: dict[str, dict[str, float]] = {}
+    for name, url in (("sqlite", str(tmp / "rt.db")), ("postgres", pg_url)):
+        store = open_store(url, replica="bench-rt")
+        try:
+            out[name] = _time_ops(store, n)
+            log(f"round trips {name}: {out[name]}")
+        finally:
+            store.close()
+    return out
+
+
+def _time_ops(store: Any, n: int) -> dict[str, float]:
+    rec, token = store.issue_key("p", 3600)
+    caps = {f"key:{rec.id}": 10**18, "policy:p:day:x": 10**18, "policy:p:month:x": 10**18}
+    ops = {
+        "key_by_token": lambda: store.key_by_token(token),
+        "reserve (3 scopes)": lambda: store.reserve(1000, caps),
+        "rate_hit": lambda: store.rate_hit(rec.id, 10**9, 3600.0),
+        "loop_hit": lambda: store.loop_hit(os.urandom(16), None, 3, 600.0),
+        "used_by_scope": lambda: store.used_by_scope(caps),
+    }
+    row = {}
+    for op, fn in ops.items():
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        row[op] = round((time.perf_counter() - t0) / n * 1e6, 1)
+    return row
 
 
 def _bulk_keys(store: Any, n: int) -> list[str]:
@@ -787,14 +895,12 @@ async def _pipeline(tmp: Path, n: int) -> dict[str, Any]:
 
 
 def part_ledger(tmp: Path, rows: int) -> dict[str, Any]:
-    import sqlite_utils
-
     from spendgate import reports
     from spendgate.store.sqlite import CALL_COLUMNS, ensure_schema
 
     path = tmp / "ledger-big.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    ensure_schema(sqlite_utils.Database(conn))
+    ensure_schema(conn)
     conn.execute("PRAGMA synchronous=OFF")
     cols = [k for k in CALL_COLUMNS if k != "id"]
     sql = f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
@@ -822,10 +928,10 @@ def part_ledger(tmp: Path, rows: int) -> dict[str, Any]:
             "amount": None, "request_id": f"req_{i}", "latency_ms": 1.5,
         })
         if len(chunk) == 10_000:
-            conn.executemany(sql, [tuple(r[k] for k in cols) for r in chunk])
+            conn.executemany(sql, [tuple(r.get(k) for k in cols) for r in chunk])
             chunk = []
     if chunk:
-        conn.executemany(sql, [tuple(r[k] for k in cols) for r in chunk])
+        conn.executemany(sql, [tuple(r.get(k) for k in cols) for r in chunk])
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -870,7 +976,7 @@ async def _revoke_once(b: Bench, gw: Proxy) -> float:
         time.sleep(random.uniform(0.05, 0.15))
         store.revoke(key_id)  # autocommit: returns after the COMMIT
         committed.append(time.perf_counter())
-        store.conn.close()
+        store.close()
 
     thread = threading.Thread(target=revoke)
     thread.start()
@@ -887,6 +993,50 @@ async def _revoke_once(b: Bench, gw: Proxy) -> float:
     finally:
         thread.join()
         conn.close()
+
+
+async def _revoke_across(b: Bench, gws: list[Proxy], db: str) -> list[float]:
+    """A fresh key warmed on every replica; revoked through the store (as the CLI or another
+    replica does); ms from the commit to each replica's first ``401 revoked``."""
+    from spendgate.store import open_store
+
+    key_id, token = b.issue(db=db)
+    conns = []
+    for gw in gws:
+        target = b.target("spendgate", gw, token)
+        conn = Conn(target, client_context(target.ca))
+        for _ in range(3):
+            status, _, _ = await conn.call(target.request())
+            assert status == 200, status
+        conns.append((conn, target.request()))
+    committed: list[float] = []
+
+    def revoke() -> None:
+        store = open_store(db, replica="bench-cli")
+        time.sleep(random.uniform(0.05, 0.15))
+        store.revoke(key_id)  # autocommit: returns after the COMMIT
+        committed.append(time.perf_counter())
+        store.close()
+
+    async def poll(conn: Conn, request: bytes) -> float:
+        deadline = time.perf_counter() + 5
+        while time.perf_counter() < deadline:
+            status, headers, _ = await conn.call(request)
+            t = time.perf_counter()
+            if status == 401 and headers.get(b"x-spendgate-reason") == b"revoked":
+                while not committed:
+                    await asyncio.sleep(0.001)
+                return (t - committed[0]) * 1000
+        raise RuntimeError("the revoked key was still accepted after 5 s")
+
+    thread = threading.Thread(target=revoke)
+    thread.start()
+    try:
+        return list(await asyncio.gather(*(poll(c, r) for c, r in conns)))
+    finally:
+        thread.join()
+        for c, _ in conns:
+            c.close()
 
 
 def part_revoke(b: Bench, gw: Proxy, times: int) -> dict[str, Any]:
@@ -1029,6 +1179,15 @@ def check_targets(res: dict[str, Any]) -> dict[str, Any]:
     if "revoke" in res:
         m = res["revoke"]["max_ms"]
         checks[f"revoke effective < {TARGETS['revoke_ms_max']:.0f} ms (max)"] = (m, m < TARGETS["revoke_ms_max"])
+    if "revoke_across_replicas" in res.get("fleet", {}):
+        m = res["fleet"]["revoke_across_replicas"]["max_ms"]
+        checks[f"fleet revoke seen by every replica < {TARGETS['revoke_ms_max']:.0f} ms (max)"] = (
+            m, m < TARGETS["revoke_ms_max"])
+    for name, row in res.get("fleet", {}).items():
+        if name not in ("round_trips_us", "revoke_across_replicas"):
+            r = row["pg_over_sqlite"]
+            checks[f"fleet {name}: PostgreSQL ≥ {TARGETS['pg_over_sqlite_min']}× SQLite req/s"] = (
+                r, r is not None and r >= TARGETS["pg_over_sqlite_min"])
     return {k: {"value": v, "ok": ok} for k, (v, ok) in checks.items()}
 
 
@@ -1088,6 +1247,27 @@ def render(res: dict[str, Any]) -> str:
                 "| spendgate report | ms | groups |", "| --- | ---: | ---: |"]
         out += [f"| --by {k} | {v['ms']} | {v['groups']} |" for k, v in lg["report_ms"].items()]
         out.append("")
+    fl = res.get("fleet")
+    if fl:
+        out += ["fleet mode: the same gateway on PostgreSQL vs SQLite (reads: GET; money: a priced POST "
+                "with loop breaker, hold and settle)",
+                "| load | SQLite req/s | PostgreSQL req/s | PG ÷ SQLite | SQLite p50 ms | PG p50 ms | PG p99 ms |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, row in fl.items():
+            if name in ("round_trips_us", "revoke_across_replicas"):
+                continue
+            sq, pg = row["sqlite"], row["postgres"]
+            out.append(f"| {name} | {sq['rps']:.0f} | {pg['rps']:.0f} | {row['pg_over_sqlite']} | "
+                       f"{sq['p50_ms']:.2f} | {pg['p50_ms']:.2f} | {pg['p99_ms']:.2f} |")
+        rv = fl["revoke_across_replicas"]
+        out += [f"revoke (commit) → refused by every one of {rv['replicas']} PostgreSQL replicas: "
+                f"p50 {rv['p50_ms']} ms, max {rv['max_ms']} ms ({rv['n']} revokes)"]
+        rt = fl["round_trips_us"]
+        out += ["", "store operation, µs each (in-process, one thread) | " + " | ".join(rt),
+                "| --- | " + " | ".join("---:" for _ in rt) + " |"]
+        for op in next(iter(rt.values())):
+            out.append(f"| {op} | " + " | ".join(str(rt[b][op]) for b in rt) + " |")
+        out.append("")
     rv = res.get("revoke")
     if rv:
         out += [f"revoke → first 401 revoked: p50 {rv['p50_ms']} ms, max {rv['max_ms']} ms ({rv['n']} revokes)", ""]
@@ -1146,6 +1326,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated parts to run (pipeline,throughput,lookup,ledger,revoke,memory,profile)")
     ap.add_argument("--profile", metavar="DIR", help="also profile the gateway under load with py-spy into DIR")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed (not with --smoke)")
+    ap.add_argument("--pg", metavar="URL",
+                    help="also benchmark fleet mode on this PostgreSQL database (a throwaway schema), "
+                         "e.g. postgresql://postgres@127.0.0.1:5432/test")
     ap.add_argument("--addons", metavar="DIR",
                     help="benchmark the spendgate package in DIR (a scratch copy of addons/) instead")
     args = ap.parse_args(argv)
@@ -1159,6 +1342,10 @@ def main(argv: list[str] | None = None) -> int:
     ledger_rows = args.ledger_rows or (10_000 if smoke else 1_000_000)
     big_keys = args.keys or (2000 if smoke else 100_000)
     parts = set(args.only.split(","))
+    if args.pg:
+        parts.add("fleet")
+    elif "fleet" in parts:
+        ap.error("--only fleet needs --pg URL")
     if args.profile:
         parts.add("profile")
 
@@ -1179,12 +1366,17 @@ def main(argv: list[str] | None = None) -> int:
             res["lookup"] = part_lookup(tmp, [10, big_keys], [10, 1000], 500 if smoke else 20_000)
         if "ledger" in parts:
             res["ledger"] = part_ledger(tmp, ledger_rows)
-        if parts & {"throughput", "revoke", "memory", "profile"}:
+        if parts & {"throughput", "revoke", "memory", "profile", "fleet"}:
             with bench_env(tmp) as b:
+                if "fleet" in parts:
+                    with pg_schema(args.pg) as url:
+                        res["fleet"] = part_fleet(b, url, concurrencies, seconds, rounds,
+                                                  warmup=20 if smoke else 200)
                 if "throughput" in parts:
                     res["throughput"] = part_throughput(b, concurrencies, seconds, rounds,
                                                         warmup=20 if smoke else 200)
-                gw = next((p for p in b.procs if p.name == "spendgate"), None) or b.gateway()
+                if parts & {"revoke", "profile", "memory"}:
+                    gw = next((p for p in b.procs if p.name == "spendgate"), None) or b.gateway()
                 bare = next((p for p in b.procs if p.name == "bare"), None)
                 if "revoke" in parts:
                     res["revoke"] = part_revoke(b, gw, 3 if smoke else 20)

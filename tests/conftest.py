@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from harness import BIN, REAL_CREDENTIALS, Gateway, start_gateway
 from inprocess import POLICY
+from pg import pg_database, pg_url  # noqa: F401  (fixtures: a throwaway PostgreSQL schema)
 
 from fakes import FakeVendors
 from spendgate.pipeline import Pipeline

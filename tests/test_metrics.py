@@ -161,10 +161,14 @@ def test_metrics_is_prometheus_text(env: Env) -> None:
         "spendgate_added_latency_seconds": "histogram",
         "spendgate_ledger_queue_depth": "gauge",
         "spendgate_circuit_open": "gauge",
+        "spendgate_store_up": "gauge",
+        "spendgate_store_outages_total": "counter",
     }
     assert all(f.help for f in families.values())
     (depth,) = values(families["spendgate_ledger_queue_depth"]).values()
     assert depth >= 0 and depth == int(depth)
+    assert list(values(families["spendgate_store_up"]).values()) == [1]
+    assert list(values(families["spendgate_store_outages_total"]).values()) == [0]
 
 
 def _connect(gw: Gateway, target: str) -> str:

@@ -1,15 +1,15 @@
-"""The SQLite store: keys (hash only), static keys, revocation, reservations, write-behind."""
+"""What only the SQLite backend promises (the shared contract is tests/test_store_contract.py):
+no token on disk, Datasette/sqlite-utils compatibility, schema versions."""
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from spendgate.store import CapExceeded, KeyRecord, hash_token
+from spendgate.store import hash_token
 from spendgate.store.sqlite import SQLiteStore
 
 
@@ -28,112 +28,6 @@ def test_tokens_are_stored_hashed_and_looked_up(store: SQLiteStore, tmp_path: Pa
     raw = (tmp_path / "ledger.db").read_bytes() + (tmp_path / "ledger.db-wal").read_bytes()
     assert token.encode() not in raw and hash_token(token).encode() in raw
     assert "token_sha256" not in rec.public()
-
-
-def test_revoke_and_labels(store: SQLiteStore) -> None:
-    a, _ = store.issue_key("p", None, labels={"run": "42"})
-    b, _ = store.issue_key("p", None, labels={"run": "42", "team": "x"})
-    c, _ = store.issue_key("p", None, labels={"run": "43"})
-    assert sorted(store.revoke_by_labels({"run": "42"})) == sorted([a.id, b.id])
-    assert store.get_key(a.id).state() == "revoked" and store.get_key(c.id).state() == "active"
-    assert store.revoke(c.id) and not store.revoke("key_nope")
-
-
-def test_revoke_from_another_connection_is_seen_at_once(store: SQLiteStore) -> None:
-    rec, token = store.issue_key("p", None)
-    other = SQLiteStore(store.path)  # the CLI, in another process, in real life
-    other.revoke(rec.id)
-    other.close()
-    assert store.key_by_token(token).state() == "revoked"
-
-
-def test_static_keys_sync_never_unrevokes(store: SQLiteStore) -> None:
-    token = "vk_" + "s" * 40
-    static = KeyRecord(id="smoke", policy="p", token_sha256=hash_token(token), labels={"a": "b"},
-                       source="static")
-    store.sync_static_keys([static])
-    assert store.key_by_token(token).id == "smoke"
-    store.revoke("smoke")
-    store.sync_static_keys([static])
-    assert store.key_by_token(token).state() == "revoked"
-
-
-def test_reservations_are_all_or_nothing(store: SQLiteStore) -> None:
-    caps = {"key:a": 50, "policy:p:day": 1000}
-    r1 = store.reserve(30, caps)
-    with pytest.raises(CapExceeded) as e:
-        store.reserve(30, caps)
-    assert e.value.scope == "key:a" and e.value.used_nanos == 30
-    assert store.used("policy:p:day") == 30  # the failed hold left nothing behind
-    store.settle(r1, 10)
-    store.flush()
-    assert store.used("key:a") == 10
-    store.settle(r1, 10)  # settling twice never counts twice
-    store.flush()
-    assert store.used("key:a") == 10
-
-
-def test_reservations_hold_across_threads_and_connections(store: SQLiteStore) -> None:
-    stores = [SQLiteStore(store.path) for _ in range(4)]
-    granted: list[int] = []
-
-    def worker(s: SQLiteStore) -> None:
-        for _ in range(10):
-            try:
-                s.reserve(10, {"key:z": 50})
-                granted.append(1)
-            except CapExceeded:
-                pass
-
-    threads = [threading.Thread(target=worker, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for s in stores:
-        s.close()
-    assert len(granted) == 5 and store.used("key:z") == 50
-
-
-def test_calls_are_written_behind_and_flushed_on_close(tmp_path: Path) -> None:
-    s = SQLiteStore(str(tmp_path / "l.db"))
-    for i in range(500):
-        s.record_call({"ts": f"2026-11-23T00:00:{i % 60:02d}", "decision": "allow", "path": "/x"})
-    s.close()
-    n = sqlite3.connect(tmp_path / "l.db").execute("SELECT count(*) FROM calls").fetchone()[0]
-    assert n == 500
-
-
-def test_on_commit_fires_once_the_row_is_readable_elsewhere(tmp_path: Path) -> None:
-    s = SQLiteStore(str(tmp_path / "l.db"))
-    seen: list[int] = []
-    fired = threading.Event()
-
-    def on_commit() -> None:  # another connection, as `spendgate report` or a kill -9 survivor sees it
-        seen.append(sqlite3.connect(tmp_path / "l.db").execute("SELECT count(*) FROM calls").fetchone()[0])
-        fired.set()
-
-    s.record_call({"ts": "2026-11-23T00:00:00", "decision": "allow", "path": "/x"}, on_commit)
-    assert fired.wait(5) and seen == [1]
-    # a row that can never be written is logged and dropped, and its answer is released all the same
-    fired.clear()
-    s.record_call({"ts": "2026-11-23T00:00:00", "decision": "allow", "path": object()}, on_commit)
-    assert fired.wait(5) and seen == [1, 1]
-    s.close()
-
-
-def test_a_revoke_is_seen_through_the_parsed_key_cache(store: SQLiteStore) -> None:
-    rec, token = store.issue_key("p", 60)
-    assert store.key_by_token(token).state() == "active"  # parsed, cached by its row
-    other = SQLiteStore(store.path)  # the CLI: another connection
-    other.revoke(rec.id)
-    other.close()
-    assert store.key_by_token(token).state() == "revoked"
-
-
-def test_used_by_scope_reads_every_scope_at_once(store: SQLiteStore) -> None:
-    store.reserve(7, {"a": 100, "b": 100})
-    assert store.used_by_scope(["a", "b", "never"]) == {"a": 7, "b": 7, "never": 0}
 
 
 def test_ledger_opens_with_the_sqlite_utils_cli(tmp_path: Path) -> None:
@@ -160,3 +54,88 @@ def test_money_strings_never_use_exponents() -> None:
     assert plain(from_nanos(285)) == "0.000000285"
     assert plain(from_nanos(to_nanos(Decimal("1E+2")))) == "100"
     assert to_nanos(Decimal("0.00000015")) == 150
+
+
+OLD_V1_SCHEMA = [  # the ledger as spendgate wrote it before schema versions (sqlite-utils' DDL)
+    'CREATE TABLE "keys" ("id" TEXT PRIMARY KEY, "policy" TEXT, "token_sha256" TEXT, "labels" TEXT, '
+    '"created_at" TEXT, "expires_at" TEXT, "revoked_at" TEXT, "cap_usd" TEXT, "source" TEXT)',
+    'CREATE UNIQUE INDEX "idx_keys_token_sha256" ON "keys" ("token_sha256")',
+    'CREATE TABLE "calls" ("id" INTEGER PRIMARY KEY, "ts" TEXT, "key_id" TEXT, "decision" TEXT, '
+    '"flow_id" TEXT, "policy" TEXT, "labels" TEXT, "vendor" TEXT, "method" TEXT, "host" TEXT, "path" TEXT, '
+    '"status" INTEGER, "reason" TEXT, "estimated_usd" TEXT, "estimated_nanos" INTEGER, "cost_usd" TEXT, '
+    '"cost_nanos" INTEGER, "cost_status" TEXT, "flagged" INTEGER, "note" TEXT, "currency" TEXT, '
+    '"amount" TEXT, "request_id" TEXT, "latency_ms" REAL)',
+    'CREATE TABLE "counters" ("scope" TEXT PRIMARY KEY, "used_nanos" INTEGER, "reserved_nanos" INTEGER, '
+    '"updated_at" TEXT)',
+    'CREATE TABLE "approvals" ("id" TEXT PRIMARY KEY, "flow_id" TEXT, "key_id" TEXT, "policy" TEXT, '
+    '"vendor" TEXT, "method" TEXT, "path" TEXT, "rule" TEXT, "estimated_usd" TEXT, "created_at" TEXT, '
+    '"expires_at" TEXT, "status" TEXT, "decided_by" TEXT, "decided_at" TEXT)',
+    'CREATE TABLE "reservations" ("id" TEXT PRIMARY KEY, "nanos" INTEGER, "scopes" TEXT, "created_at" TEXT)',
+]
+
+
+def test_an_old_ledger_is_upgraded_in_place_and_its_old_holds_recovered(tmp_path: Path) -> None:
+    from spendgate.store.sqlite import SCHEMA_VERSION
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for sql in OLD_V1_SCHEMA:
+        conn.execute(sql)
+    conn.execute("INSERT INTO counters VALUES ('key:k', 0, 40, '')")
+    conn.execute("INSERT INTO reservations VALUES ('res_old', 40, '[\"key:k\"]', '2000-01-01T00:00:00.000+00:00')")
+    conn.execute("INSERT INTO calls (ts, key_id, decision) VALUES ('2026-01-01', 'k', 'allow')")
+    conn.close()
+    s = SQLiteStore(str(path), lease=1)
+    try:
+        versions = [v for (v,) in s.read("SELECT version FROM schema_version ORDER BY version")]
+        assert versions == list(range(1, SCHEMA_VERSION + 1))
+        assert s.read("SELECT count(*) FROM calls")[0][0] == 1  # kept
+        s.heartbeat()
+        # an old hold (no gateway instance) older than the lease: its gateway is gone; it was forwarded
+        assert s.recover_holds() == (1, 0) and s.used("key:k") == 40
+    finally:
+        s.close()
+    SQLiteStore(str(path)).close()  # opening again migrates nothing
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    from spendgate.store import SchemaError
+
+    path = str(tmp_path / "l.db")
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (99, '')")
+    with pytest.raises(SchemaError, match="version 99, newer than this spendgate knows"):
+        SQLiteStore(path)
+
+
+def test_an_unwritable_ledger_is_a_clean_error_naming_it(tmp_path: Path) -> None:
+    import os
+
+    from spendgate.store import SchemaError
+
+    path = tmp_path / "l.db"
+    SQLiteStore(str(path)).close()
+    os.chmod(path, 0o444)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip("running as root: a read-only file is still writable")
+        s = SQLiteStore(str(path))
+        with pytest.raises(SchemaError, match=f"cannot write to the ledger {path}: .*readonly"):
+            s.check_writable()
+        s.close()
+    finally:
+        os.chmod(path, 0o644)
+
+
+def test_the_loop_breaker_keeps_a_bounded_compact_memory() -> None:
+    from spendgate.store.limits import LoopBreaker, fingerprint
+
+    lb = LoopBreaker(max_fingerprints=100)
+    for i in range(1000):  # 1 000 distinct priced requests: only the 100 most recent are kept
+        assert not lb.repeated(fingerprint(str(i).encode()), None, 3, 600, now=float(i))
+    assert len(lb) == 100
+    assert all(len(k) == 16 for k in lb._seen)  # a 16-byte digest each, not the request
+    recent = fingerprint(b"999")
+    assert [lb.repeated(recent, None, 3, 600, now=1000.0) for _ in range(3)] == [False, False, True]
+    assert max(len(v) for v in lb._seen.values()) <= 3  # at most `repeats` timestamps per fingerprint

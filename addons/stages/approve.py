@@ -85,10 +85,14 @@ class Approve:
             if not flow.intercepted:  # resumed in mitmweb
                 if status == "pending":
                     store.decide_approval(approval_id, "approved", "mitmweb")
+                if status in ("pending", "approved") and call.reservation is not None:
+                    store.mark_forwarded(call.reservation)
                 elif status != "approved":
                     refuse(flow, "approval_denied", f"approval {approval_id} was {status}")
                 return
             if status == "approved":
+                if call.reservation is not None:  # about to be sent: a crash now must count it
+                    store.mark_forwarded(call.reservation)
                 break
             if status == "denied":
                 refuse(flow, "approval_denied", f"approval {approval_id} was denied")

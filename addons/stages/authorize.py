@@ -2,13 +2,15 @@
 
 The endpoint rules are ``policy.decide`` (pure, table-tested in ``tests/test_verdicts.py``):
 ``METHOD /path`` patterns matched on the decoded path; deny wins over approve and allow; no
-match is refused. Rate limits are per key and per gateway process (GCRA: O(1) memory per key).
+match is refused. Rate limits are per key (GCRA: O(1) memory per key), kept by the store: per
+gateway process on SQLite, across the fleet on PostgreSQL (``store.rate_hit``).
 Both are verdicts: the policy's mode decides whether they refuse (see ``call.apply_verdicts``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Awaitable, Iterator
 
 from mitmproxy import http
 
@@ -16,6 +18,7 @@ from .. import clock
 from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..policy import Config, Deny, Rate, Verdict, decide
 from ..runtime import Runtime
+from .budget import until_denied
 
 
 class RateLimiter:
@@ -42,22 +45,38 @@ class Authorize:
         self.limiter = RateLimiter()
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         call = keyed_call(flow)
         if call is None:
-            return
+            return None
         state = self.runtime.state
         assert state is not None
         call.mode = state.config.policy_mode(call.key.policy)
+        policy, store = state.config.policies.get(call.key.policy), self.runtime.store
+        if policy is not None and policy.rate is not None and store is not None and store.dialect == "postgres":
+            try:  # the fleet-wide rate limit is a database round trip: not on the event loop
+                asyncio.get_running_loop()
+                return self.request_offloaded(flow)
+            except RuntimeError:  # no event loop (in-process tests)
+                pass
         apply_verdicts(flow, call, self.checks(flow, call, state.config))
+        return None
+
+    @fail_closed
+    async def request_offloaded(self, flow: http.HTTPFlow) -> None:
+        call = keyed_call(flow)
+        state = self.runtime.state
+        assert call is not None and state is not None
+        apply_verdicts(flow, call, await self.runtime.offload(until_denied, call, self.checks(flow, call, state.config)))
 
     def checks(self, flow: http.HTTPFlow, call: Call, config: Config) -> Iterator[Verdict | None]:
         """The endpoint rules, then the rate limit (counted only if enforce mode got that far)."""
         assert call.key is not None
         yield decide(config, call.key.policy, call.vendor or "", flow.request.method, flow.request.path)
         policy = config.policies.get(call.key.policy)
-        if policy is not None and policy.rate is not None:
-            wait = self.limiter.hit(call.key.id, policy.rate)
+        store = self.runtime.store
+        if policy is not None and policy.rate is not None and store is not None:
+            wait = store.rate_hit(call.key.id, policy.rate.limit, policy.rate.period)
             if wait > 0:
                 yield Deny("rate_limited", f"key {call.key.id} is over its rate of {policy.rate.text}",
                            f"rate: {policy.rate.text}", retry_after=wait)

@@ -10,13 +10,15 @@ unless it says otherwise).
 The loop breaker refuses the same priced request (method, path, body) from one key
 more than ``loop.repeats`` times within ``loop.window``, unless it repeats an
 Idempotency-Key already seen (the vendor dedupes those, so they cost nothing).
+
+Both the loop breaker and the holds live in the store: per process on SQLite, across the fleet
+on PostgreSQL (``store.loop_hit``, ``store.reserve``).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import deque
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from urllib.parse import quote
@@ -29,6 +31,7 @@ from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
 from ..policy import Config, Deny, Policy, VendorRules
 from ..runtime import Runtime
 from ..store import CapExceeded, KeyRecord
+from ..store.limits import LoopBreaker, fingerprint  # noqa: F401  (LoopBreaker: re-exported)
 from ..vendors import REGISTRY
 from ..vendors.base import Estimate, Prices, RequestView
 
@@ -123,56 +126,55 @@ def unpriceable_message(vendor: str, policy: str, estimate: Estimate) -> str:
             "to hold that amount for such calls")
 
 
-class LoopBreaker:
-    PRUNE_EVERY = 1000  # requests between sweeps of fingerprints whose window has passed
-
-    def __init__(self) -> None:
-        self._seen: dict[str, deque[tuple[float, str | None]]] = {}
-        self._longest_window = 0.0
-        self._since_prune = 0
-
-    def repeated(self, fingerprint: str, idem: str | None, repeats: int, window: float) -> bool:
-        now = clock.monotonic()
-        self._prune(now, window)
-        seen = self._seen.setdefault(fingerprint, deque())
-        while seen and now - seen[0][0] > window:
-            seen.popleft()
-        if idem is not None and any(k == idem for _, k in seen):
-            return False  # a retry the vendor will dedupe
-        if len(seen) >= repeats:
-            return True
-        seen.append((now, idem))
-        return False
-
-    def _prune(self, now: float, window: float) -> None:
-        """Forget fingerprints nobody repeated in time, so memory stays bounded."""
-        self._longest_window = max(self._longest_window, window)
-        self._since_prune += 1
-        if self._since_prune < self.PRUNE_EVERY:
-            return
-        self._since_prune = 0
-        for fp in [fp for fp, seen in self._seen.items() if not seen or now - seen[-1][0] > self._longest_window]:
-            del self._seen[fp]
-
-    def __len__(self) -> int:
-        return len(self._seen)
+def until_denied(call: Call, verdicts: Iterator[Deny | None]) -> list[Deny | None]:
+    """Run the checks as ``apply_verdicts`` would (enforce mode stops at the first Deny, so later
+    checks neither run nor count), collecting the verdicts for it to apply."""
+    out: list[Deny | None] = []
+    for verdict in verdicts:
+        out.append(verdict)
+        if isinstance(verdict, Deny) and call.mode != "report":
+            break
+    return out
 
 
 class Budget:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.loops = LoopBreaker()
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """The checks touch the database (the loop breaker, the hold): under mitmproxy they run on
+        the runtime's pool, bounded by ``STORE_WAIT`` (then 503 ``store_unavailable``)."""
         call = keyed_call(flow)
         if call is None:
-            return
+            return None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (in-process tests): run them here
+            apply_verdicts(flow, call, self.verdicts(flow, call))
+            return None
+        return self.request_offloaded(flow)
+
+    @fail_closed
+    async def request_offloaded(self, flow: http.HTTPFlow) -> None:
+        call = keyed_call(flow)
+        assert call is not None
+        verdicts = await self.runtime.offload(self.verdicts, flow, call, late=lambda: self.release_late(call))
+        apply_verdicts(flow, call, verdicts)
+
+    def verdicts(self, flow: http.HTTPFlow, call: Call) -> list[Deny | None]:
+        assert call.key is not None
         state = self.runtime.state
         policy = self.runtime.policy(call.key.policy)
         if state is None or policy is None:
-            return
-        apply_verdicts(flow, call, self.checks(flow, call, state.prices, policy))
+            return []
+        return until_denied(call, self.checks(flow, call, state.prices, policy))
+
+    def release_late(self, call: Call) -> None:
+        """A hold made after its call was refused for taking too long: give it back."""
+        res, call.reservation = call.reservation, None
+        if res is not None and self.runtime.store is not None:
+            self.runtime.store.settle(res, 0)
 
     def checks(self, flow: http.HTTPFlow, call: Call, prices: Prices, policy: Policy) -> Iterator[Deny | None]:
         """Price, per-request limit, loop breaker, then the hold (verdicts; see ``call.apply_verdicts``)."""
@@ -206,20 +208,20 @@ class Budget:
                        f"max_request_usd: {cap}")
 
         if view.method != "GET" and (estimate.moves_money or nanos > 0):
-            fp = hashlib.sha256(
-                b"\0".join([call.key.id.encode(), view.method.encode(),
-                            view.path.encode(errors="surrogateescape"), view.body])
-            ).hexdigest()
+            fp = fingerprint(call.key.id.encode(), view.method.encode(),
+                             view.path.encode(errors="surrogateescape"), view.body)
             idem = view.headers.get("idempotency-key")
-            if self.loops.repeated(fp, idem, policy.loop.repeats, policy.loop.window):
+            store = self.runtime.store
+            assert store is not None
+            if store.loop_hit(fp, idem, policy.loop.repeats, policy.loop.window):
                 yield Deny("loop_detected",
                            f"the same request was sent {policy.loop.repeats} times within "
                            f"{policy.loop.window}s; send an Idempotency-Key to retry safely",
                            f"loop: {policy.loop.repeats} in {policy.loop.window}s")
 
-        yield self.hold(call, policy, nanos)
+        yield self.hold(call, policy, nanos, flow)
 
-    def hold(self, call: Call, policy: Policy, nanos: int) -> Deny | None:
+    def hold(self, call: Call, policy: Policy, nanos: int, flow: http.HTTPFlow) -> Deny | None:
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
         assert store is not None
@@ -228,11 +230,19 @@ class Budget:
         caps = budget_caps(call.policy, policy, call.key, clock.now().astimezone(zone),  # days in the file's zone
                            label_periods(state.config if state else None))
         call.scopes = list(caps)
-        if not caps:
-            return None
         if nanos > 0:
+            req = flow.request
+            hold = {  # what a recovered hold's ledger row says, should this gateway die mid-call
+                "flow_id": flow.id, "key_id": call.key.id, "policy": call.policy,
+                "labels": call.key.labels_json, "vendor": call.vendor, "method": req.method,
+                "host": call.host or req.host, "path": req.path.split("?", 1)[0][:2000],
+                "currency": call.estimate.currency if call.estimate else None,
+            }
             try:
-                call.reservation = store.reserve(nanos, caps)
+                # A call waiting for an approval is not forwarded yet: if this gateway dies before
+                # the approval, its hold is released, not counted.
+                call.reservation = store.reserve(nanos, caps, hold,
+                                                 forwarded=call.approval_rule is None or call.mode == "report")
             except CapExceeded as e:
                 left = max(0, e.cap_nanos - e.used_nanos)
                 call.budget_left_nanos = left
@@ -244,7 +254,7 @@ class Budget:
                             e.scope)
         if call.reservation is not None:
             call.budget_left_nanos = call.reservation.left_nanos  # read inside the hold's transaction
-        else:
+        elif caps:
             used = store.used_by_scope(caps)
             call.budget_left_nanos = min(cap - used[scope] for scope, cap in caps.items())
         if call.budget_left_nanos is not None and call.budget_left_nanos > UNCAPPED // 2:

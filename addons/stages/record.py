@@ -24,6 +24,21 @@ log = logging.getLogger("spendgate")
 
 REFUSED_MARK = ":no_entry:"
 COMMIT_WAIT = 5.0  # seconds an answer waits, at most, for its ledger row to be committed
+MONEY_COMMIT_WAIT = 60.0  # ... when money may have moved: held through a ledger outage, not sent unrecorded
+
+
+def commit_wait(call: Call, ledger_up: bool) -> float:
+    """How long this call's answer may wait for its row. A call that may have moved money (it was
+    forwarded with a price) is held up to :data:`MONEY_COMMIT_WAIT`, through a ledger outage
+    (disk full, database down); a refusal or a free read waits :data:`COMMIT_WAIT`, and not at
+    all while the ledger is known to be down or the call was refused for it (its row stays queued
+    and is committed later)."""
+    moved = call.decision != "deny" and (call.estimated_nanos > 0 or bool(call.cost and call.cost.usd))
+    if moved:
+        return MONEY_COMMIT_WAIT
+    if not ledger_up or call.reason == "store_unavailable":  # refused *because* the ledger is stuck
+        return 0.0
+    return COMMIT_WAIT
 
 
 def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
@@ -144,7 +159,8 @@ class Record:
         store = self.runtime.store
         assert store is not None
         row = ledger_row(flow, call, status)
-        on_commit, answer = commit_waiter()
+        wait = commit_wait(call, store.available)
+        on_commit, answer = commit_waiter(wait) if wait else (None, None)
         store.record_call(row, on_commit)
         for listener in self.runtime.on_record:
             try:
@@ -167,7 +183,7 @@ def _has_event_log() -> bool:
         return False
 
 
-def commit_waiter() -> tuple[Callable[[], None] | None, Awaitable[None] | None]:
+def commit_waiter(timeout: float = COMMIT_WAIT) -> tuple[Callable[[], None] | None, Awaitable[None] | None]:
     """A callback for the ledger's writer thread, and an awaitable it resolves; (None, None)
     outside an event loop.
 
@@ -185,15 +201,15 @@ def commit_waiter() -> tuple[Callable[[], None] | None, Awaitable[None] | None]:
         if not done.done():
             done.set_result(None)
 
-    return (lambda: loop.call_soon_threadsafe(resolve)), _wait(done)
+    return (lambda: loop.call_soon_threadsafe(resolve)), _wait(done, timeout)
 
 
-async def _wait(done: asyncio.Future[None]) -> None:
+async def _wait(done: asyncio.Future[None], timeout: float) -> None:
     try:
-        await asyncio.wait_for(done, COMMIT_WAIT)
+        await asyncio.wait_for(done, timeout)
     except TimeoutError:
         log.error("spendgate: the ledger did not commit within %ss; answering anyway (the row stays queued)",
-                  COMMIT_WAIT)
+                  timeout)
 
 
 LOG_FIELDS = ("ts", "decision", "reason", "vendor", "method", "host", "path", "status", "key_id",

@@ -1,8 +1,21 @@
-"""The ledger behind one small interface: keys, budget counters and calls.
+"""The ledger behind one contract: keys, budget, approvals and calls.
 
-The pipeline and the CLI talk to :class:`Store` only, so a PostgreSQL backend
-for multi-replica fleets can be added as ``store/postgres.py`` without touching
-them. ``open_store(path)`` picks the backend (SQLite today).
+Every part of spendgate (stages, CLI, admin API, metrics) talks to a :class:`Store`, which is
+the sum of four small protocols; nothing probes a backend for optional methods. Two backends
+implement it, and one contract test suite (``tests/test_store_contract.py``) runs against both:
+
+- ``sqlite.py``: the embedded default, one box (a path: ``data/spendgate.db``);
+- ``postgres.py``: fleet mode, N gateway replicas on one database (``postgresql://…``).
+
+``open_store(url)`` picks the backend by the ledger's name: a ``postgresql://`` (or
+``postgres://``) URL means PostgreSQL, anything else is a SQLite path.
+
+**Holds of a dead gateway** (one rule for both backends): every gateway process registers an
+*instance* (its replica name, host, pid) and heartbeats it. When an instance is silent past the
+lease (``--lease``, 30 s by default), or is known dead (same host, pid gone), any live gateway
+recovers its holds: a hold whose request had been forwarded becomes spend at its estimate, with a
+``calls`` row (``cost_status=unknown``, flagged: the vendor may have acted), and a hold never
+forwarded (waiting for an approval) is released.
 """
 
 from __future__ import annotations
@@ -91,14 +104,108 @@ class Reservation:
     left_nanos: int | None = None  # the tightest scope's room after this hold, as its transaction saw it
 
 
+@dataclass(frozen=True)
+class Settle:
+    """Queue item: replace a hold by the real cost (0 releases it)."""
+
+    reservation: Reservation
+    actual_nanos: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Queue item: spend that was never held (report-only mode), added to every scope."""
+
+    scopes: tuple[str, ...]
+    nanos: int
+
+
+@dataclass(frozen=True)
+class CallRow:
+    """Queue item: one ``calls`` row."""
+
+    row: dict[str, Any]
+
+
+LedgerItem = Settle | Usage | CallRow
+
+
+class StoreUnavailable(Exception):
+    """The ledger database cannot be reached (or answered too late): the call fails closed with
+    503 ``store_unavailable``."""
+
+
+class SchemaError(Exception):
+    """The ledger's schema is newer than this code, or cannot be upgraded."""
+
+
 class CapExceeded(Exception):
     def __init__(self, scope: str, cap_nanos: int, used_nanos: int) -> None:
         super().__init__(scope)
         self.scope, self.cap_nanos, self.used_nanos = scope, cap_nanos, used_nanos
 
 
-class Store(Protocol):
-    # keys
+# The ``calls`` columns (SPEC §6), in order, with their Python types; both backends use them.
+CALL_COLUMNS: dict[str, type] = {
+    "id": int,
+    "ts": str,
+    "flow_id": str,
+    "key_id": str,
+    "policy": str,
+    "labels": str,  # JSON object
+    "vendor": str,
+    "method": str,
+    "host": str,
+    "path": str,
+    "status": int,
+    "decision": str,  # allow | deny | would_deny
+    "reason": str,
+    "estimated_usd": str,  # exact decimal strings; *_nanos are the same as integers for SQL sums
+    "estimated_nanos": int,
+    "cost_usd": str,
+    "cost_nanos": int,
+    "cost_status": str,  # parsed | estimated | zero | unknown
+    "flagged": int,
+    "note": str,
+    "currency": str,
+    "amount": str,
+    "request_id": str,  # the vendor's request id, for support tickets
+    "latency_ms": float,
+    "model": str,  # the model an LLM request named (stages/models.py)
+    "tool": str,  # the MCP tool(s) a tools/call named (stages/tools.py)
+}
+
+# Fields of a would-be ``calls`` row a hold carries, so a recovered hold gets a proper row.
+HOLD_FIELDS = ("flow_id", "key_id", "policy", "labels", "vendor", "method", "host", "path", "currency")
+DEFAULT_LEASE = 30.0  # seconds a gateway instance may be silent before its holds are recovered
+
+
+def clean_text(value: Any) -> Any:
+    """A value as both databases can store it. mitmproxy decodes raw non-UTF-8 bytes (in an agent's
+    path, a vendor's header) to lone surrogates, which neither accepts: keep them as backslash
+    escapes; PostgreSQL text cannot hold NUL either."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value.replace("\x00", "\\x00") if "\x00" in value else value
+    return value
+
+
+def recovered_row(meta: dict[str, Any], nanos: int, created_at: str, replica: str) -> dict[str, Any]:
+    """The ``calls`` row of a forwarded hold whose gateway died: spend at its estimate, flagged."""
+    from ..money import from_nanos, plain
+
+    return {
+        **{k: meta.get(k) for k in HOLD_FIELDS}, "ts": created_at, "status": None,
+        "decision": "allow", "reason": None, "estimated_usd": plain(from_nanos(nanos)),
+        "estimated_nanos": nanos, "cost_usd": None, "cost_nanos": None, "cost_status": "unknown",
+        "flagged": 1, "note": f"gateway {replica} stopped before the answer; counted at the estimate",
+        "labels": meta.get("labels") or "{}",
+    }
+
+
+class KeyStore(Protocol):
+    """Vault keys: stored as a SHA-256 only; a revoke is seen by the next request everywhere."""
+
     def issue_key(
         self, policy: str, ttl_seconds: int | None, cap_usd: Decimal | None = None,
         labels: dict[str, str] | None = None,
@@ -106,26 +213,123 @@ class Store(Protocol):
     def key_by_token(self, token: str) -> KeyRecord | None: ...
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def list_keys(self) -> list[KeyRecord]: ...
-    def revoke(self, key_id: str) -> bool: ...
+    def revoke(self, key_id: str) -> bool:
+        """True if the key exists (revoked now or before)."""
+        ...
     def revoke_by_labels(self, labels: dict[str, str]) -> list[str]: ...
-    def sync_static_keys(self, keys: list[KeyRecord]) -> None: ...
-    # budget counters
-    def reserve(self, nanos: int, caps: dict[str, int]) -> Reservation: ...
-    def settle(self, reservation: Reservation, actual_nanos: int) -> None: ...
+    def sync_static_keys(self, keys: list[KeyRecord]) -> None:
+        """Add the policy file's static keys; a key revoked by the CLI stays revoked."""
+        ...
+
+
+class BudgetStore(Protocol):
+    """Budget counters per scope (spent + held), holds, and the fleet-wide limits."""
+
+    def reserve(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                forwarded: bool = True) -> Reservation:
+        """Hold ``nanos`` on every scope of ``caps`` (scope → cap) in one transaction, or on none
+        (:class:`CapExceeded` names the first scope that would overshoot). ``hold`` carries the
+        would-be ``calls`` row (:data:`HOLD_FIELDS`) for a recovery; ``forwarded=False`` marks a
+        request that will wait (an approval) before it is sent."""
+        ...
+    def mark_forwarded(self, reservation: Reservation) -> None:
+        """The held request is about to be sent (an approval was granted)."""
+        ...
+    def settle(self, reservation: Reservation, actual_nanos: int) -> None:
+        """Replace a hold by the real cost (0 releases it); queued; settling twice counts once."""
+        ...
+    def add_usage(self, nanos: int, scopes: Iterable[str]) -> None:
+        """Count spend that was never held (report-only mode); queued."""
+        ...
     def used(self, scope: str) -> int: ...
     def used_by_scope(self, scopes: Iterable[str]) -> dict[str, int]: ...
-    # calls
-    def record_call(self, row: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None: ...
-    def flush(self) -> None: ...
+    def heartbeat(self) -> None:
+        """Register (first call) or refresh this gateway instance's lease."""
+        ...
+    def recover_holds(self) -> tuple[int, int]:
+        """Settle the holds of dead gateway instances: (counted at estimate, released)."""
+        ...
+    def rate_hit(self, name: str, limit: int, period: float) -> float:
+        """GCRA: 0 if a request under ``limit``/``period`` is allowed (and counted), else the
+        seconds to wait. Per process on SQLite, across the fleet on PostgreSQL."""
+        ...
+    def loop_hit(self, fingerprint: bytes, idem: str | None, repeats: int, window: float) -> bool:
+        """Has this priced request been seen ``repeats`` times within ``window`` seconds? (A retry
+        with an Idempotency-Key already seen is not a repeat.) Counts it if not."""
+        ...
+
+
+class ApprovalStore(Protocol):
+    """Calls held for a human: decidable from any gateway, the CLI or the admin API."""
+
+    def add_approval(self, row: dict[str, Any]) -> None: ...
+    def approval_status(self, approval_id: str) -> str | None: ...
+    def decide_approval(self, approval_id: str, status: str, by: str) -> bool:
+        """Set a pending approval to approved/denied/timeout; False if it was not pending."""
+        ...
+    def list_approvals(self, status: str | None = "pending") -> list[dict[str, Any]]: ...
+
+
+class Ledger(Protocol):
+    """The ``calls`` table: rows written behind (group commit), read by reports."""
+
+    dialect: str  # "sqlite" | "postgres": the SQL the reports speak
+    url: str  # the path or URL it was opened with
+    available: bool  # False during an outage (database unreachable, disk full, read-only)
+    outages: int  # outages since the store was opened
+
+    def record_call(self, row: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None:
+        """Queue a row; ``on_commit`` runs (on the writer thread) once it is committed."""
+        ...
+    def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read-only query (``?`` placeholders) for reports."""
+        ...
+    @property
+    def queue_depth(self) -> int:
+        """Rows and settlements waiting for the writer."""
+        ...
+    def check_writable(self) -> None:
+        """Raise :class:`SchemaError` naming the ledger and the problem if it cannot be written."""
+        ...
+    def flush(self, timeout: float = 10.0) -> None: ...
     def close(self) -> None: ...
 
 
-def open_store(path: str) -> Store:
-    """``:memory:``: a throwaway ledger in this process (replay, tests); else a SQLite file."""
-    if path == ":memory:":
+class Store(KeyStore, BudgetStore, ApprovalStore, Ledger, Protocol):
+    """The whole contract: what a backend implements and ``tests/test_store_contract.py`` checks."""
+
+    replica: str
+    lease: float
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(url: str, replica: str | None = None, lease: float = DEFAULT_LEASE) -> Store:
+    """The backend for ``url``: PostgreSQL for a ``postgresql://`` URL; ``:memory:``, a throwaway
+    ledger in this process (replay, tests); else a SQLite file."""
+    if url == ":memory:":
         from .memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(replica=replica, lease=lease)
+    if is_postgres(url):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, replica=replica, lease=lease)
     from .sqlite import SQLiteStore
 
-    return SQLiteStore(path)
+    return SQLiteStore(url, replica=replica, lease=lease)
+
+
+def default_replica() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db`` (for logs)."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

@@ -2,7 +2,9 @@
 
 The same operations as the SQLite store, synchronous and deterministic: a settle takes effect
 before the next request is checked, a committed row is committed when ``record_call`` returns.
-Nothing survives the process; one process only (there is nothing to share).
+Nothing survives the process; one process only (there is nothing to share): no other gateway
+instance can die holding its holds, rate limits and the loop breaker are this process's
+(``limits.py``, on the gateway's clock), and ``read`` (reports' SQL) is not offered.
 """
 
 from __future__ import annotations
@@ -16,13 +18,31 @@ from decimal import Decimal
 from hmac import compare_digest
 from typing import Any
 
-from . import CapExceeded, KeyRecord, Reservation, hash_token, iso, new_token, now
+from . import (
+    DEFAULT_LEASE,
+    CapExceeded,
+    KeyRecord,
+    Reservation,
+    default_replica,
+    hash_token,
+    iso,
+    new_token,
+    now,
+)
+from .limits import Gcra, LoopBreaker
 
 
 class MemoryStore:
-    path = ":memory:"
+    path = url = ":memory:"
+    dialect = "memory"
+    available = True  # nothing to be unavailable
+    outages = 0
 
-    def __init__(self, keep_calls: bool = True) -> None:
+    def __init__(self, keep_calls: bool = True, replica: str | None = None, lease: float = DEFAULT_LEASE) -> None:
+        self.replica = replica or default_replica()
+        self.lease = lease
+        self._limits = Gcra()
+        self._loops = LoopBreaker()
         self.keep_calls = keep_calls  # False: rows go to on_record listeners only (memory stays flat)
         self.keys: dict[str, KeyRecord] = {}  # id → key
         self._by_hash: dict[str, str] = {}  # token sha256 → id
@@ -84,13 +104,14 @@ class MemoryStore:
                 self.keys[rec.id] = replace(old, policy=rec.policy, labels=dict(rec.labels), cap_usd=rec.cap_usd)
 
     # budget counters
-    def reserve(self, nanos: int, caps: dict[str, int]) -> Reservation:
+    def reserve(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                forwarded: bool = True) -> Reservation:
         used = self.used_by_scope(caps)
         for scope, cap in caps.items():
             if used[scope] + nanos > cap:
                 raise CapExceeded(scope, cap, used[scope])
         res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps),
-                          left_nanos=min(cap - used[scope] - nanos for scope, cap in caps.items()))
+                          left_nanos=min((cap - used[scope] - nanos for scope, cap in caps.items()), default=None))
         for scope in caps:
             self.counters.setdefault(scope, [0, 0])[1] += nanos
         self.reservations[res.id] = (res, iso(now()) or "")
@@ -104,7 +125,10 @@ class MemoryStore:
             counter[1] = max(0, counter[1] - reservation.nanos)
             counter[0] += actual_nanos
 
-    def add_usage(self, nanos: int, scopes: list[str]) -> None:
+    def mark_forwarded(self, reservation: Reservation) -> None:
+        pass  # nobody else can recover this process's holds
+
+    def add_usage(self, nanos: int, scopes: Iterable[str]) -> None:
         for scope in scopes:
             self.counters.setdefault(scope, [0, 0])[0] += nanos
 
@@ -114,12 +138,17 @@ class MemoryStore:
     def used_by_scope(self, scopes: Iterable[str]) -> dict[str, int]:
         return {s: sum(self.counters.get(s, (0, 0))) for s in scopes}
 
-    def release_stale(self, older_than: timedelta = timedelta(hours=1)) -> int:
-        cutoff = iso(now() - older_than) or ""
-        stale = [res for res, created in self.reservations.values() if created < cutoff]
-        for res in stale:
-            self.settle(res, 0)
-        return len(stale)
+    def heartbeat(self) -> None:
+        pass
+
+    def recover_holds(self) -> tuple[int, int]:
+        return 0, 0  # one process: no other gateway instance can have died holding anything
+
+    def rate_hit(self, name: str, limit: int, period: float) -> float:
+        return self._limits.hit(name, limit, period)
+
+    def loop_hit(self, fingerprint: bytes, idem: str | None, repeats: int, window: float) -> bool:
+        return self._loops.repeated(fingerprint, idem, repeats, window)
 
     # approvals
     def add_approval(self, row: dict[str, Any]) -> None:
@@ -150,7 +179,13 @@ class MemoryStore:
         if on_commit is not None:
             on_commit()
 
-    def flush(self) -> None:
+    def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError("an in-memory ledger has no SQL: read .calls")
+
+    def check_writable(self) -> None:
+        pass
+
+    def flush(self, timeout: float = 10.0) -> None:
         pass
 
     def close(self) -> None:

@@ -10,79 +10,83 @@ other gateway processes on the same machine.
   commit), so no commit ever runs on mitmproxy's event loop. ``record_call(row, on_commit)`` lets the
   record stage hold an answer until its row is committed: a ``kill -9`` then loses no row
   of an answered call.
+- Rate limits and the loop breaker are per process (``limits.py``): one box, one gateway.
+- ``schema_version`` records the schema; :data:`MIGRATIONS` upgrade an older ledger under the
+  write lock, and a newer one is refused (:class:`SchemaError`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
+import os
 import queue
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from hmac import compare_digest
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+from . import (
+    CALL_COLUMNS,
+    DEFAULT_LEASE,
+    HOLD_FIELDS,
+    CallRow,
+    CapExceeded,
+    KeyRecord,
+    LedgerItem,
+    Reservation,
+    SchemaError,
+    Settle,
+    StoreUnavailable,
+    Usage,
+    clean_text,
+    default_replica,
+    hash_token,
+    iso,
+    new_token,
+    now,
+    recovered_row,
+)
+from .limits import Gcra, LoopBreaker
 
-from . import CapExceeded, KeyRecord, Reservation, hash_token, iso, new_token, now
+log = logging.getLogger("spendgate")
 
 FLUSH_INTERVAL = 0.05  # seconds the idle writer thread waits for work (a new row wakes it at once)
 BUSY_TIMEOUT_MS = 5000
 
-CALL_COLUMNS: dict[str, type] = {
-    "id": int,
-    "ts": str,
-    "flow_id": str,
-    "key_id": str,
-    "policy": str,
-    "labels": str,  # JSON object
-    "vendor": str,
-    "method": str,
-    "host": str,
-    "path": str,
-    "status": int,
-    "decision": str,  # allow | deny | would_deny
-    "reason": str,
-    "estimated_usd": str,  # exact decimal strings; *_nanos are the same as integers for SQL sums
-    "estimated_nanos": int,
-    "cost_usd": str,
-    "cost_nanos": int,
-    "cost_status": str,  # parsed | estimated | zero | unknown
-    "flagged": int,
-    "note": str,
-    "currency": str,
-    "amount": str,
-    "request_id": str,  # the vendor's request id, for support tickets
-    "latency_ms": float,
-    "model": str,  # the model an LLM request named (stages/models.py)
-    "tool": str,  # the MCP tool(s) a tools/call named (stages/tools.py)
-}
 
 
 def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def _text(value: Any) -> Any:
-    """A value as SQLite can store it. mitmproxy decodes raw non-UTF-8 bytes (in an agent's path,
-    a vendor's header) to lone surrogates, which sqlite3 refuses: keep them as backslash escapes."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
-
-
-def _notify(batch: list[tuple[str, Any, Callable[[], None] | None]]) -> None:
-    for _, _, on_commit in batch:
+def _notify(batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> None:
+    for _, on_commit in batch:
         if on_commit is not None:
             try:
                 on_commit()
             except Exception:  # e.g. the event loop is gone at shutdown
-                import logging
+                log.exception("ledger: commit callback failed")
 
-                logging.getLogger("spendgate").exception("ledger: commit callback failed")
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, someone else's
+        return True
+    return True
 
 
 @functools.lru_cache(maxsize=4096)
@@ -105,54 +109,144 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create tables and indexes if missing (idempotent, like sqlite-utils' create)."""
-    db.enable_wal()
-    db["keys"].create(
-        {
-            "id": str, "policy": str, "token_sha256": str, "labels": str, "created_at": str,
-            "expires_at": str, "revoked_at": str, "cap_usd": str, "source": str,
-        },
-        pk="id", if_not_exists=True,
-    )
-    db["keys"].create_index(["token_sha256"], unique=True, if_not_exists=True)
-    db["calls"].create(CALL_COLUMNS, pk="id", if_not_exists=True)
-    have = db["calls"].columns_dict
-    for name, kind in CALL_COLUMNS.items():  # a ledger from an older version gains new columns
+SCHEMA_VERSION = 2
+
+
+_TYPES = {int: "INTEGER", str: "TEXT", float: "REAL"}
+
+def _add_call_columns(conn: sqlite3.Connection) -> None:
+    """``calls`` gains the columns it lacks (``model``, ``tool``; a ledger written by a build
+    between versions may have some already)."""
+    have = {r[1] for r in conn.execute('PRAGMA table_info("calls")')}
+    for name, kind in CALL_COLUMNS.items():
         if name not in have:
-            db["calls"].add_column(name, kind)
-    db["calls"].create_index(["ts"], if_not_exists=True)
-    db["calls"].create_index(["key_id", "ts"], if_not_exists=True)
-    db["counters"].create(
-        {"scope": str, "used_nanos": int, "reserved_nanos": int, "updated_at": str},
-        pk="scope", if_not_exists=True,
-    )
-    db["approvals"].create(
-        {
-            "id": str, "flow_id": str, "key_id": str, "policy": str, "vendor": str, "method": str,
-            "path": str, "rule": str, "estimated_usd": str, "created_at": str, "expires_at": str,
-            "status": str, "decided_by": str, "decided_at": str,
-        },
-        pk="id", if_not_exists=True,
-    )
-    db["reservations"].create(
-        {"id": str, "nanos": int, "scopes": str, "created_at": str}, pk="id", if_not_exists=True
-    )
+            conn.execute(f'ALTER TABLE "calls" ADD COLUMN "{name}" {_TYPES[kind]}')
+
+
+# version → the steps that bring the schema to it (raw SQL or a function of the connection; all
+# of a migration runs inside one transaction).
+MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
+    1: [  # the first schema (ledgers from before versions were recorded are at 1)
+        'CREATE TABLE IF NOT EXISTS "keys" ("id" TEXT PRIMARY KEY, "policy" TEXT, "token_sha256" TEXT, '
+        '"labels" TEXT, "created_at" TEXT, "expires_at" TEXT, "revoked_at" TEXT, "cap_usd" TEXT, "source" TEXT)',
+        'CREATE UNIQUE INDEX IF NOT EXISTS "idx_keys_token_sha256" ON "keys" ("token_sha256")',
+        'CREATE TABLE IF NOT EXISTS "calls" ("id" INTEGER PRIMARY KEY, "ts" TEXT, "flow_id" TEXT, "key_id" TEXT, '
+        '"policy" TEXT, "labels" TEXT, "vendor" TEXT, "method" TEXT, "host" TEXT, "path" TEXT, "status" INTEGER, '
+        '"decision" TEXT, "reason" TEXT, "estimated_usd" TEXT, "estimated_nanos" INTEGER, "cost_usd" TEXT, '
+        '"cost_nanos" INTEGER, "cost_status" TEXT, "flagged" INTEGER, "note" TEXT, "currency" TEXT, '
+        '"amount" TEXT, "request_id" TEXT, "latency_ms" REAL)',
+        'CREATE INDEX IF NOT EXISTS "idx_calls_ts" ON "calls" ("ts")',
+        'CREATE INDEX IF NOT EXISTS "idx_calls_key_id_ts" ON "calls" ("key_id", "ts")',
+        'CREATE TABLE IF NOT EXISTS "counters" ("scope" TEXT PRIMARY KEY, "used_nanos" INTEGER, '
+        '"reserved_nanos" INTEGER, "updated_at" TEXT)',
+        'CREATE TABLE IF NOT EXISTS "approvals" ("id" TEXT PRIMARY KEY, "flow_id" TEXT, "key_id" TEXT, '
+        '"policy" TEXT, "vendor" TEXT, "method" TEXT, "path" TEXT, "rule" TEXT, "estimated_usd" TEXT, '
+        '"created_at" TEXT, "expires_at" TEXT, "status" TEXT, "decided_by" TEXT, "decided_at" TEXT)',
+        'CREATE TABLE IF NOT EXISTS "reservations" ("id" TEXT PRIMARY KEY, "nanos" INTEGER, "scopes" TEXT, '
+        '"created_at" TEXT)',
+    ],
+    2: [  # holds know their gateway instance, whether they were forwarded, and their would-be row
+        'ALTER TABLE "reservations" ADD COLUMN "instance" TEXT',
+        'ALTER TABLE "reservations" ADD COLUMN "forwarded" INTEGER NOT NULL DEFAULT 1',
+        'ALTER TABLE "reservations" ADD COLUMN "meta" TEXT',
+        'CREATE TABLE IF NOT EXISTS "instances" ("id" TEXT PRIMARY KEY, "replica" TEXT, "host" TEXT, '
+        '"pid" INTEGER, "started_at" TEXT, "heartbeat_at" TEXT)',
+    ],
+    3: [_add_call_columns],  # model, tool
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create or upgrade the schema under the write lock (two gateways starting at once migrate
+    once); refuse a schema newer than this code knows."""
+    conn.execute("PRAGMA journal_mode=WAL")
+
+    def version() -> int:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" in tables:
+            return conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+        return 1 if "calls" in tables else 0
+
+    if version() == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = version()
+        if current > SCHEMA_VERSION:
+            raise SchemaError(f"the ledger's schema is version {current}, newer than this spendgate "
+                              f"knows ({SCHEMA_VERSION}): upgrade spendgate")
+        for v in range(current + 1, SCHEMA_VERSION + 1):
+            for step in MIGRATIONS[v]:
+                if callable(step):
+                    step(conn)
+                else:
+                    conn.execute(step)
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        conn.executemany("INSERT OR IGNORE INTO schema_version VALUES (?, ?)",
+                         [(v, iso(now())) for v in range(max(current, 1), SCHEMA_VERSION + 1)])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 class SQLiteStore:
-    def __init__(self, path: str) -> None:
-        self.path = path
+    dialect = "sqlite"
+
+    def __init__(self, path: str, replica: str | None = None, lease: float = DEFAULT_LEASE) -> None:
+        self.path = self.url = path
+        self.replica = replica or default_replica()
+        self.lease = lease
+        self.instance = f"{self.replica}/{os.getpid()}/{secrets.token_hex(3)}"
+        self._registered = False
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = _connect(path)
-        ensure_schema(sqlite_utils.Database(self.conn))
-        # (kind, item, callback after commit): "call" rows and "settle" holds
-        self._queue: queue.SimpleQueue[tuple[str, Any, Callable[[], None] | None]] = queue.SimpleQueue()
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        try:
+            ensure_schema(self.conn)
+        except sqlite3.Error as e:
+            self.close_connections()
+            raise SchemaError(f"cannot open the ledger {path}: {e}") from None
+        self._queue: queue.SimpleQueue[tuple[LedgerItem, Callable[[], None] | None]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._stop = threading.Event()
         self._flushed = threading.Condition()
         self._pending = 0
+        self.available = True  # False while the writer cannot commit (disk full, read-only, locked)
+        self.outages = 0
+        self._outage_since = 0.0
+        self._state_lock = threading.Lock()
+        self._limits = Gcra()
+        self._loops = LoopBreaker()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection (the event loop, a worker thread and the writer each have one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _connect(self.path)
+            self._conns.append(conn)
+        return conn
+
+    def close_connections(self) -> None:
+        for conn in self._conns:
+            conn.close()
+        self._conns.clear()
+        self._local = threading.local()
+
+    def check_writable(self) -> None:
+        """Raise :class:`SchemaError` naming the path and the problem if the ledger cannot be written."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS _spendgate_probe (x)")
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise SchemaError(f"cannot write to the ledger {self.path}: {e}") from None
 
     # ------------------------------------------------------------------ keys
 
@@ -238,59 +332,84 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ budget counters
 
-    def reserve(self, nanos: int, caps: dict[str, int]) -> Reservation:
+    def reserve(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                forwarded: bool = True) -> Reservation:
         """Hold ``nanos`` against every scope in ``caps`` (scope → cap in nanos), or none.
 
         Raises :class:`CapExceeded` naming the first scope that would overshoot. One
         ``BEGIN IMMEDIATE`` transaction takes SQLite's write lock, so concurrent
         reservations from other processes are serialised: a cap can't be overshot.
         """
+        if not self._registered:
+            self.heartbeat()
         ts = iso(now())
-        self.conn.execute("BEGIN IMMEDIATE")
+        meta = json.dumps({k: (hold or {}).get(k) for k in HOLD_FIELDS})
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            used = self.used_by_scope(caps)
+            used = self._used(conn, caps)
             for scope, cap in caps.items():
                 if used[scope] + nanos > cap:
                     raise CapExceeded(scope, cap, used[scope])
             res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps),
-                              left_nanos=min(cap - used[scope] - nanos for scope, cap in caps.items()))
-            for scope in caps:
-                self.conn.execute(
-                    "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
-                    "VALUES (?, 0, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
-                    "reserved_nanos = reserved_nanos + excluded.reserved_nanos, updated_at = excluded.updated_at",
-                    (scope, nanos, ts),
-                )
-            self.conn.execute(
-                "INSERT INTO reservations (id, nanos, scopes, created_at) VALUES (?,?,?,?)",
-                (res.id, nanos, json.dumps(res.scopes), ts),
+                              left_nanos=min((cap - used[scope] - nanos for scope, cap in caps.items()),
+                                             default=None))
+            conn.executemany(
+                "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
+                "VALUES (?, 0, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
+                "reserved_nanos = reserved_nanos + excluded.reserved_nanos, updated_at = excluded.updated_at",
+                [(scope, nanos, ts) for scope in caps],
             )
-            self.conn.execute("COMMIT")
+            conn.execute(
+                "INSERT INTO reservations (id, nanos, scopes, created_at, instance, forwarded, meta) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (res.id, nanos, json.dumps(res.scopes), ts, self.instance, int(forwarded), meta),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._outage(e)
+            raise StoreUnavailable(f"the ledger {self.path} cannot take a budget hold: {e}") from None
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         return res
+
+    def mark_forwarded(self, reservation: Reservation) -> None:
+        self.conn.execute("UPDATE reservations SET forwarded = 1 WHERE id = ?", (reservation.id,))
 
     def settle(self, reservation: Reservation, actual_nanos: int) -> None:
         """Replace a hold by the real cost (0 releases it). Queued: holding a little
         longer is always safe, it can only make a cap stricter for a few milliseconds."""
-        self._submit("settle", (reservation, actual_nanos))
+        self._submit(Settle(reservation, actual_nanos))
 
-    def _settle_now(self, conn: sqlite3.Connection, reservation: Reservation, actual: int) -> None:
-        cur = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
-        if cur.rowcount == 0:
-            return  # already settled (or released as stale): never count twice
-        ts = iso(now())
-        for scope in reservation.scopes:
-            conn.execute(
-                "UPDATE counters SET reserved_nanos = max(0, reserved_nanos - ?), "
-                "used_nanos = used_nanos + ?, updated_at = ? WHERE scope = ?",
-                (reservation.nanos, actual, ts, scope),
-            )
-
-    def add_usage(self, nanos: int, scopes: list[str]) -> None:
+    def add_usage(self, nanos: int, scopes: Iterable[str]) -> None:
         """Count spend that was not reserved (e.g. report-only mode)."""
-        self._submit("settle", (Reservation("", 0, tuple(scopes)), nanos))
+        self._submit(Usage(tuple(scopes), nanos))
+
+    @staticmethod
+    def _settle_now(conn: sqlite3.Connection, res_id: str, nanos: int, scopes: Iterable[str],
+                    actual: int) -> bool:
+        cur = conn.execute("DELETE FROM reservations WHERE id = ?", (res_id,))
+        if cur.rowcount == 0:
+            return False  # already settled (or recovered): never count twice
+        conn.executemany(
+            "UPDATE counters SET reserved_nanos = max(0, reserved_nanos - ?), "
+            "used_nanos = used_nanos + ?, updated_at = ? WHERE scope = ?",
+            [(nanos, actual, iso(now()), scope) for scope in scopes],
+        )
+        return True
+
+    @staticmethod
+    def _add_usage_now(conn: sqlite3.Connection, scopes: Iterable[str], nanos: int) -> None:
+        conn.executemany(
+            "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
+            "VALUES (?, ?, 0, ?) ON CONFLICT(scope) DO UPDATE SET "
+            "used_nanos = used_nanos + excluded.used_nanos, updated_at = excluded.updated_at",
+            [(scope, nanos, iso(now())) for scope in scopes],
+        )
 
     def used(self, scope: str) -> int:
         """Spent plus held in ``scope``, in nanos."""
@@ -298,33 +417,82 @@ class SQLiteStore:
 
     def used_by_scope(self, scopes: Iterable[str]) -> dict[str, int]:
         """Spent plus held, per scope, in one query (0 for a scope never used)."""
+        return self._used(self.conn, scopes)
+
+    @staticmethod
+    def _used(conn: sqlite3.Connection, scopes: Iterable[str]) -> dict[str, int]:
         out = dict.fromkeys(scopes, 0)
-        rows = self.conn.execute(
+        rows = conn.execute(
             f"SELECT scope, used_nanos + reserved_nanos FROM counters WHERE scope IN ({','.join('?' * len(out))})",
             tuple(out),
         ).fetchall()
         out.update(rows)
         return out
 
-    def release_stale(self, older_than: timedelta = timedelta(hours=1)) -> int:
-        """Release holds left by a gateway that died mid-call (run at start-up)."""
-        cutoff = iso(now() - older_than)
-        rows = self.conn.execute(
-            "SELECT id, nanos, scopes FROM reservations WHERE created_at < ?", (cutoff,)
-        ).fetchall()
-        for rid, nanos, scopes in rows:
-            self._transaction(self._settle_now, Reservation(rid, nanos, tuple(json.loads(scopes))), 0)
-        return len(rows)
+    # ------------------------------------------------------------------ gateway instances, dead holds
 
-    def _transaction(self, fn: Any, *args: Any, conn: sqlite3.Connection | None = None) -> None:
-        conn = conn or self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            fn(conn, *args)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    def heartbeat(self) -> None:
+        ts = iso(now())
+        self.conn.execute(
+            "INSERT INTO instances (id, replica, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            (self.instance, self.replica, _HOST, os.getpid(), ts, ts),
+        )
+        self._registered = True
+
+    def recover_holds(self) -> tuple[int, int]:
+        """Settle the holds of dead gateway instances (silent past the lease, or a pid on this host
+        that is gone): forwarded → spend at the estimate with a flagged row; not forwarded → released."""
+        cutoff = iso(now() - timedelta(seconds=self.lease))
+        conn = self.conn
+        instances = conn.execute("SELECT id, replica, host, pid, heartbeat_at FROM instances").fetchall()
+        dead = {iid: replica for iid, replica, host, pid, beat in instances
+                if iid != self.instance and (beat < cutoff or (host == _HOST and not pid_alive(pid)))}
+        live = {iid for iid, *_ in instances} - dead.keys()
+        rows = conn.execute(
+            "SELECT id, nanos, scopes, created_at, instance, forwarded, meta FROM reservations"
+        ).fetchall()
+        # A hold with no live instance: its gateway is dead, stopped, or older than instances
+        # (a ledger from before schema 2: only once older than the lease).
+        todo = [r for r in rows if r[4] in dead or (r[4] not in live and r[4] != self.instance
+                                                    and (r[4] is not None or r[3] < cutoff))]
+        counted = released = 0
+        if todo or dead:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for rid, nanos, scopes, created, inst, forwarded, meta in todo:
+                    actual = nanos if forwarded else 0
+                    if not self._settle_now(conn, rid, nanos, json.loads(scopes), actual):
+                        continue
+                    if forwarded:
+                        counted += 1
+                        row = recovered_row(json.loads(meta or "{}"), nanos, created,
+                                            dead.get(inst) or (inst or "unknown").split("/")[0])
+                        cols = [k for k in CALL_COLUMNS if k != "id"]
+                        conn.execute(f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                     tuple(clean_text(row.get(k)) for k in cols))
+                    else:
+                        released += 1
+                conn.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return counted, released
+
+    def _retire(self) -> None:
+        """A clean stop: this instance's lease ends now (any hold it still has is recovered)."""
+        if self._registered:
+            self.conn.execute("UPDATE instances SET heartbeat_at = '' WHERE id = ?", (self.instance,))
+
+    # ------------------------------------------------------------------ fleet-wide limits (one box here)
+
+    def rate_hit(self, name: str, limit: int, period: float) -> float:
+        return self._limits.hit(name, limit, period)
+
+    def loop_hit(self, fingerprint: bytes, idem: str | None, repeats: int, window: float) -> bool:
+        return self._loops.repeated(fingerprint, idem, repeats, window)
 
     # ------------------------------------------------------------------ approvals
 
@@ -356,17 +524,20 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ calls (write-behind)
 
+    def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, params).fetchall()
+
     def record_call(self, row: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None:
         """Queue a ``calls`` row; ``on_commit`` is called (from the writer thread) once it is committed."""
-        self._submit("call", row, on_commit)
+        self._submit(CallRow(row), on_commit)
 
-    def _submit(self, kind: str, item: Any, on_commit: Callable[[], None] | None = None) -> None:
+    def _submit(self, item: LedgerItem, on_commit: Callable[[], None] | None = None) -> None:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="spendgate-ledger", daemon=True)
             self._writer.start()
         with self._flushed:
             self._pending += 1
-        self._queue.put((kind, item, on_commit))
+        self._queue.put((item, on_commit))
 
     @property
     def queue_depth(self) -> int:
@@ -374,8 +545,11 @@ class SQLiteStore:
 
     def _write_loop(self) -> None:
         conn = _connect(self.path)
+        backoff = 0.0
         while not self._stop.is_set() or not self._queue.empty():
-            batch: list[tuple[str, Any, Callable[[], None] | None]] = []
+            if backoff:
+                self._stop.wait(backoff)
+            batch: list[tuple[LedgerItem, Callable[[], None] | None]] = []
             try:
                 batch.append(self._queue.get(timeout=FLUSH_INTERVAL))
                 while len(batch) < 1000:
@@ -383,65 +557,96 @@ class SQLiteStore:
             except queue.Empty:
                 pass
             if batch:
-                self._write_batch(conn, batch)
-                with self._flushed:
-                    self._pending -= len(batch)
-                    self._flushed.notify_all()
+                ok = self._write_batch(conn, batch)
+                backoff = 0.0 if ok else min(max(backoff * 2, 0.05), 2.0)
+                if ok:
+                    with self._flushed:
+                        self._pending -= len(batch)
+                        self._flushed.notify_all()
+                else:
+                    if self._stop.is_set() and backoff >= 2.0:
+                        log.error("ledger: stopping with %d write(s) that could not be committed",
+                                  self._pending)
+                        return
+                    for item in batch:  # keep them, in order, for the retry
+                        self._queue.put(item)
         conn.close()
 
+    def _outage(self, error: Exception | None) -> None:
+        """One log line per change of state (not one per row) while the ledger cannot be written."""
+        if (error is None) == self.available:
+            return
+        with self._state_lock:
+            self._change_state(error)
+
+    def _change_state(self, error: Exception | None) -> None:
+        if error is not None and self.available:
+            self.available = False
+            self.outages += 1
+            self._outage_since = time.monotonic()
+            log.error("ledger: cannot write %s (%s); holding %d write(s) and retrying with back-off",
+                      self.path, error, self._pending)
+        elif error is None and not self.available:
+            self.available = True
+            log.warning("ledger: %s writable again after %.1fs; %d queued write(s) committed",
+                        self.path, time.monotonic() - self._outage_since, self._pending)
+
     def _write_batch(self, conn: sqlite3.Connection,
-                     batch: list[tuple[str, Any, Callable[[], None] | None]]) -> None:
-        calls = [item for kind, item, _ in batch if kind == "call"]
-        settles = [item for kind, item, _ in batch if kind == "settle"]
+                     batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> bool:
+        """Commit a batch in one transaction; False (rows kept) if the ledger cannot be written."""
+        calls = [item.row for item, _ in batch if isinstance(item, CallRow)]
 
         def write(c: sqlite3.Connection) -> None:
             if calls:
                 cols = [k for k in CALL_COLUMNS if k != "id"]
                 c.executemany(
                     f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    [tuple(_text(r.get(k)) for k in cols) for r in calls],
+                    [tuple(clean_text(r.get(k)) for k in cols) for r in calls],
                 )
-            for res, actual in settles:
-                if res.id:
-                    self._settle_now(c, res, actual)
-                else:
-                    for scope in res.scopes:
-                        c.execute(
-                            "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
-                            "VALUES (?, ?, 0, ?) ON CONFLICT(scope) DO UPDATE SET "
-                            "used_nanos = used_nanos + excluded.used_nanos",
-                            (scope, actual, iso(now())),
-                        )
+            for item, _ in batch:
+                if isinstance(item, Settle):
+                    res = item.reservation
+                    self._settle_now(c, res.id, res.nanos, res.scopes, item.actual_nanos)
+                elif isinstance(item, Usage):
+                    self._add_usage_now(c, item.scopes, item.nanos)
 
         try:
             self._transaction(write, conn=conn)
-        except sqlite3.OperationalError as e:  # locked, busy, disk: keep the rows for a retry
-            import logging
-
-            logging.getLogger("spendgate").error("ledger write failed (%s); retrying", e)
-            for item in batch:
-                self._queue.put(item)
-                with self._flushed:
-                    self._pending += 1
+        except sqlite3.OperationalError as e:  # locked, busy, disk full, read-only: keep the rows
+            self._outage(e)
+            return False
         except Exception:  # one row that can never be written must not stop the others, or this thread
-            import logging
-
             if len(batch) > 1:
                 for item in batch:
-                    self._write_batch(conn, [item])
-            else:
-                logging.getLogger("spendgate").exception("ledger: dropped a %s that cannot be written",
-                                                         batch[0][0])
-                _notify(batch)  # logged and gone: its answer need not wait any longer
-        else:
-            _notify(batch)
+                    if not self._write_batch(conn, [item]):
+                        self._queue.put(item)
+                        with self._flushed:
+                            self._pending += 1
+                return True
+            log.exception("ledger: dropped a %s that cannot be written", type(batch[0][0]).__name__)
+            _notify(batch)  # logged and gone: its answer need not wait any longer
+            return True
+        self._outage(None)
+        _notify(batch)
+        return True
+
+    def _transaction(self, fn: Any, *args: Any, conn: sqlite3.Connection | None = None) -> None:
+        conn = conn or self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                conn.execute("ROLLBACK")
+            raise
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until every queued row is committed."""
-        deadline = datetime.now(UTC) + timedelta(seconds=timeout)
+        deadline = time.monotonic() + timeout
         with self._flushed:
             while self._pending > 0:
-                left = (deadline - datetime.now(UTC)).total_seconds()
+                left = deadline - time.monotonic()
                 if left <= 0 or not self._flushed.wait(left):
                     break
 
@@ -450,4 +655,9 @@ class SQLiteStore:
         self._stop.set()
         if self._writer is not None:
             self._writer.join(timeout=10)
-        self.conn.close()
+        with contextlib.suppress(sqlite3.Error):
+            self._retire()
+        self.close_connections()
+
+
+_HOST = default_replica()

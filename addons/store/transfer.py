@@ -1,0 +1,110 @@
+"""``spendgate migrate --from data/spendgate.db --to postgresql://…``: move a single-box ledger
+into the fleet's database.
+
+What moves: keys (hash only; a key revoked on either side stays revoked), approvals, budget
+counters, and every ``calls`` row. Stop the single-box gateway first: a hold it still has
+open counts as spend (the conservative side, as for any gateway that stopped mid-call).
+
+**Idempotent**, and safe to interrupt: the destination remembers, per source (the file's real
+path), the last ``calls`` id it copied and the counter values it already added (table
+``imported``). Running it again copies only the rows written since and adds only the spend
+added since; each chunk of rows commits together with its bookmark.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from . import CALL_COLUMNS, is_postgres
+from .postgres import PostgresStore
+from .sqlite import SQLiteStore
+
+CHUNK = 5000
+_KEY_COLS = "id, policy, token_sha256, labels, created_at, expires_at, revoked_at, cap_usd, source"
+_APPROVAL_COLS = ("id, flow_id, key_id, policy, vendor, method, path, rule, estimated_usd, created_at, "
+                  "expires_at, status, decided_by, decided_at")
+
+
+def migrate(src_path: str, dst_url: str, progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+    """Copy the SQLite ledger at ``src_path`` into the PostgreSQL ledger at ``dst_url``.
+    ``progress(done, total)`` is called after each chunk of calls. Returns what was copied."""
+    if is_postgres(src_path):
+        raise ValueError("--from must be a SQLite ledger file (the single box)")
+    if not is_postgres(dst_url):
+        raise ValueError("--to must be a postgresql:// URL (the fleet's ledger)")
+    if not os.path.exists(src_path):
+        raise ValueError(f"--from {src_path}: no such ledger")
+    source = "sqlite:" + os.path.realpath(src_path)
+    src = SQLiteStore(src_path)
+    dst = PostgresStore(dst_url, replica="migrate")
+    try:
+        return _copy(src, dst, source, progress)
+    finally:
+        src.close()
+        dst.close()
+
+
+def _copy(src: SQLiteStore, dst: PostgresStore, source: str,
+          progress: Callable[[int, int], None] | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    keys = src.read(f"SELECT {_KEY_COLS} FROM keys")
+    approvals = src.read(f"SELECT {_APPROVAL_COLS} FROM approvals")
+    counters = src.read("SELECT scope, coalesce(used_nanos, 0) + coalesce(reserved_nanos, 0) FROM counters")
+
+    def small_tables(c: Any) -> None:
+        with c.transaction():
+            cur = c.cursor()
+            cur.executemany(f"INSERT INTO keys ({_KEY_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+                            "ON CONFLICT (id) DO UPDATE SET revoked_at = coalesce(keys.revoked_at, "
+                            "excluded.revoked_at)", keys)
+            cur.executemany(f"INSERT INTO approvals ({_APPROVAL_COLS}) VALUES ({', '.join(['%s'] * 14)}) "
+                            "ON CONFLICT (id) DO NOTHING", approvals)
+            done = dict(c.execute("SELECT what, value FROM imported WHERE source = %s AND what LIKE 'counter:%%' "
+                                  "FOR UPDATE", (source,)).fetchall())
+            added = 0
+            for scope, value in sorted(counters):
+                delta = value - done.get("counter:" + scope, 0)
+                if delta:
+                    added += delta
+                    c.execute("INSERT INTO counters AS k (scope, used_nanos) VALUES (%s, %s) ON CONFLICT (scope) "
+                              "DO UPDATE SET used_nanos = k.used_nanos + excluded.used_nanos, updated_at = now()",
+                              (scope, delta))
+                    c.execute("INSERT INTO imported (source, what, value) VALUES (%s, %s, %s) ON CONFLICT "
+                              "(source, what) DO UPDATE SET value = excluded.value", (source, "counter:" + scope, value))
+            out["counter_nanos_added"] = added
+
+    dst._run(small_tables)
+    out["keys"], out["approvals"] = len(keys), len(approvals)
+
+    cols = [k for k in CALL_COLUMNS if k != "id"]
+    have = {r[1] for r in src.read('PRAGMA table_info("calls")')}
+    select = ", ".join(k if k in have else "NULL" for k in cols)
+    last = dst._run(lambda c: c.execute("SELECT value FROM imported WHERE source = %s AND what = 'calls'",
+                                        (source,)).fetchone())
+    last_id = last[0] if last else 0
+    total = src.read("SELECT count(*) FROM calls WHERE id > ?", (last_id,))[0][0]
+    copied = 0
+    if progress:
+        progress(0, total)
+    while True:
+        rows = src.read(f"SELECT id, {select} FROM calls WHERE id > ? ORDER BY id LIMIT {CHUNK}", (last_id,))
+        if not rows:
+            break
+        chunk_last = rows[-1][0]
+
+        def write(c: Any, rows: list[tuple] = rows, chunk_last: int = chunk_last) -> None:
+            with c.transaction():
+                with c.cursor().copy(f"COPY calls ({', '.join(cols)}) FROM STDIN") as copy:
+                    for r in rows:
+                        copy.write_row(r[1:])
+                c.execute("INSERT INTO imported (source, what, value) VALUES (%s, 'calls', %s) "
+                          "ON CONFLICT (source, what) DO UPDATE SET value = excluded.value", (source, chunk_last))
+
+        dst._run(write)
+        last_id, copied = chunk_last, copied + len(rows)
+        if progress:
+            progress(copied, total)
+    out["calls"] = copied
+    return out

@@ -1,0 +1,445 @@
+"""The store contract (``spendgate.store.Store``), one suite for every backend.
+
+Every test takes the ``store`` fixture, parameterised over the backends (SQLite, PostgreSQL), and
+``reopen`` for a second store on the same ledger (another gateway replica, or the CLI). A new
+backend passes when it passes this file unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from spendgate import reports
+from spendgate.store import CapExceeded, KeyRecord, Reservation, Store, hash_token, open_store
+from spendgate.store.limits import fingerprint
+
+Opener = Callable[..., Store]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def reopen(ledger_url: str) -> Iterator[Opener]:
+    """Open another store on the same ledger (closed at the end of the test)."""
+    opened: list[Store] = []
+
+    def open_(**kw: object) -> Store:
+        s = open_store(ledger_url, **kw)  # type: ignore[arg-type]
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in reversed(opened):
+        s.close()
+
+
+@pytest.fixture
+def store(reopen: Opener) -> Store:
+    return reopen(replica="test")
+
+
+def count(store: Store, sql: str, params: tuple = ()) -> int:
+    return int(store.read(sql, params)[0][0])
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_keys_are_looked_up_by_token_and_never_show_their_hash(store: Store) -> None:
+    rec, token = store.issue_key("p", 60, Decimal("5"), {"run": "1"})
+    assert token.startswith("vk_") and len(token) >= 35
+    assert store.key_by_token(token) == rec
+    assert store.key_by_token(token + "x") is None
+    assert store.get_key(rec.id) == rec and store.get_key("key_nope") is None
+    assert rec.cap_usd == Decimal("5") and rec.labels == {"run": "1"} and rec.state() == "active"
+    assert "token_sha256" not in rec.public()
+    assert count(store, "SELECT count(*) FROM keys WHERE token_sha256 = ?", (hash_token(token),)) == 1
+    assert count(store, "SELECT count(*) FROM keys WHERE token_sha256 = ?", (token,)) == 0
+
+
+def test_keys_list_in_issue_order(store: Store) -> None:
+    ids = [store.issue_key("p", None)[0].id for _ in range(3)]
+    assert [k.id for k in store.list_keys()] == ids
+
+
+def test_revoke_and_revoke_by_labels(store: Store) -> None:
+    a, _ = store.issue_key("p", None, labels={"run": "42"})
+    b, _ = store.issue_key("p", None, labels={"run": "42", "team": "x"})
+    c, _ = store.issue_key("p", None, labels={"run": "43"})
+    assert sorted(store.revoke_by_labels({"run": "42"})) == sorted([a.id, b.id])
+    assert store.get_key(a.id).state() == "revoked" and store.get_key(c.id).state() == "active"
+    assert store.revoke(c.id) and store.revoke(c.id) and not store.revoke("key_nope")
+
+
+def test_a_revoke_elsewhere_is_seen_by_the_next_lookup(store: Store, reopen: Opener) -> None:
+    rec, token = store.issue_key("p", 60)
+    assert store.key_by_token(token).state() == "active"  # looked up once (and cached, if it caches)
+    other = reopen(replica="cli")  # the CLI or another replica
+    assert other.revoke(rec.id)
+    committed = time.perf_counter()
+    while store.key_by_token(token).state() != "revoked":  # SPEC §5: within 1 s (PostgreSQL: a NOTIFY)
+        assert time.perf_counter() - committed < 1.0, "a revoke elsewhere was not seen within 1 s"
+    new, new_token = other.issue_key("p", 60)
+    assert store.key_by_token(new_token) == new  # a key issued elsewhere works at once
+
+
+def test_expired_keys_say_so(store: Store) -> None:
+    rec, token = store.issue_key("p", 1)
+    assert store.key_by_token(token).state(rec.created_at) == "active"
+    assert store.key_by_token(token).state(rec.expires_at) == "expired"
+
+
+def test_static_keys_sync_never_unrevokes(store: Store) -> None:
+    token = "vk_" + "s" * 40
+    static = KeyRecord(id="smoke", policy="p", token_sha256=hash_token(token), labels={"a": "b"},
+                       source="static")
+    store.sync_static_keys([static])
+    assert store.key_by_token(token).id == "smoke"
+    store.revoke("smoke")
+    store.sync_static_keys([KeyRecord(id="smoke", policy="q", token_sha256=hash_token(token),
+                                      source="static")])
+    got = store.key_by_token(token)
+    assert got.state() == "revoked" and got.policy == "q" and got.labels == {} and got.source == "static"
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def test_reservations_are_all_or_nothing_and_settle_once(store: Store) -> None:
+    caps = {"key:a": 50, "policy:p:day": 1000}
+    r1 = store.reserve(30, caps)
+    assert r1.left_nanos == 20
+    with pytest.raises(CapExceeded) as e:
+        store.reserve(30, caps)
+    assert (e.value.scope, e.value.cap_nanos, e.value.used_nanos) == ("key:a", 50, 30)
+    assert store.used("policy:p:day") == 30  # the failed hold left nothing behind
+    store.settle(r1, 10)
+    store.flush()
+    assert store.used("key:a") == 10
+    store.settle(r1, 10)  # settling twice never counts twice
+    store.flush()
+    assert store.used_by_scope(["key:a", "policy:p:day", "never"]) == {"key:a": 10, "policy:p:day": 10,
+                                                                       "never": 0}
+    r2 = store.reserve(40, caps)
+    store.settle(r2, 0)  # a release
+    store.flush()
+    assert store.used("key:a") == 10
+
+
+def test_a_hold_without_a_budget_scope_is_still_a_durable_record(reopen: Opener) -> None:
+    """A priced call on a policy with no cap still leaves a hold: if its gateway dies, it is counted."""
+    dead = reopen(replica="dead", lease=0.2)
+    res = dead.reserve(5, {}, {"key_id": "k", "path": "/v1/chat/completions"})
+    assert res.left_nanos is None and res.scopes == ()
+    live = reopen(replica="live", lease=0.2)
+    time.sleep(0.3)
+    live.heartbeat()
+    assert live.recover_holds() == (1, 0)
+    assert live.read("SELECT path, cost_status, estimated_nanos FROM calls") == [("/v1/chat/completions", "unknown", 5)]
+
+
+def test_usage_without_a_hold_is_counted(store: Store) -> None:
+    store.add_usage(7, ["a", "b"])
+    store.add_usage(5, ["a"])
+    store.flush()
+    assert store.used_by_scope(["a", "b"]) == {"a": 12, "b": 7}
+
+
+def test_caps_hold_across_threads_and_stores(store: Store, reopen: Opener) -> None:
+    stores = [reopen(replica=f"r{i}") for i in range(4)]
+    granted: list[Reservation] = []
+
+    def worker(s: Store) -> None:
+        for _ in range(10):
+            with contextlib.suppress(CapExceeded):
+                granted.append(s.reserve(10, {"key:z": 50, "policy:p:day": 35}))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 3 and store.used_by_scope(["key:z", "policy:p:day"]) == {
+        "key:z": 30, "policy:p:day": 30}
+
+
+def test_holds_of_a_dead_gateway_are_counted_if_forwarded_and_released_if_not(
+        reopen: Opener) -> None:
+    dead = reopen(replica="dead", lease=0.3)
+    forwarded = dead.reserve(20, {"key:k": 100}, {"key_id": "k", "policy": "p", "vendor": "stripe",
+                                                    "method": "POST", "path": "/v1/charges",
+                                                    "flow_id": "f1", "labels": '{"run": "1"}'})
+    dead.reserve(30, {"key:k": 100}, {"key_id": "k"}, forwarded=False)
+    approved = dead.reserve(15, {"key:k": 100}, {"key_id": "k"}, forwarded=False)
+    dead.mark_forwarded(approved)
+    live = reopen(replica="live", lease=0.3)
+    live.heartbeat()
+    assert live.recover_holds() == (0, 0)  # "dead" beat a moment ago: its lease still runs
+    assert live.used("key:k") == 65
+    time.sleep(0.45)  # "dead" never beats again (a kill -9, a lost machine)
+    live.heartbeat()
+    assert live.recover_holds() == (2, 1)
+    assert live.recover_holds() == (0, 0)  # once
+    assert live.used("key:k") == 35  # forwarded: at their estimate; the one never sent: released
+    rows = live.read("SELECT key_id, vendor, path, flow_id, labels, decision, cost_status, flagged, "
+                     "estimated_nanos, cost_nanos, note FROM calls ORDER BY estimated_nanos")
+    assert [r[:10] for r in rows] == [
+        ("k", None, None, None, "{}", "allow", "unknown", 1, 15, None),
+        ("k", "stripe", "/v1/charges", "f1", '{"run": "1"}', "allow", "unknown", 1, 20, None),
+    ]
+    assert "dead" in rows[0][10]
+    dead.settle(forwarded, 3)  # the dead gateway's late settle (it was only paused) counts nothing
+    dead.flush()
+    assert live.used("key:k") == 35
+
+
+def test_a_live_gateway_keeps_its_holds(reopen: Opener) -> None:
+    a = reopen(replica="a", lease=0.3)
+    b = reopen(replica="b", lease=0.3)
+    a.reserve(10, {"s": 100})
+    for _ in range(3):
+        time.sleep(0.15)
+        a.heartbeat()
+        b.heartbeat()
+        assert b.recover_holds() == (0, 0)
+    assert b.used("s") == 10
+
+
+def test_a_cleanly_stopped_gateway_leaves_no_hold(reopen: Opener) -> None:
+    a = reopen(replica="a")
+    a.reserve(10, {"s": 100}, forwarded=False)
+    a.close()
+    b = reopen(replica="b")
+    b.heartbeat()
+    assert b.recover_holds() == (0, 1) and b.used("s") == 0
+
+
+def test_rate_limit(store: Store) -> None:
+    assert [store.rate_hit("key:a", 3, 60) == 0 for _ in range(4)] == [True, True, True, False]
+    assert 0 < store.rate_hit("key:a", 3, 60) <= 20
+    assert store.rate_hit("key:b", 3, 60) == 0  # per name
+
+
+def test_loop_breaker(store: Store) -> None:
+    fp, other = fingerprint(b"k", b"POST", b"/v1/charges", b"amount=1"), fingerprint(b"x")
+    assert [store.loop_hit(fp, None, 3, 60) for _ in range(4)] == [False, False, False, True]
+    assert [store.loop_hit(other, "idem-1", 2, 60) for _ in range(5)] == [False] * 5
+    assert [store.loop_hit(other, None, 2, 60) for _ in range(2)] == [False, True]
+    short = fingerprint(b"short")
+    assert [store.loop_hit(short, None, 2, 0.2) for _ in range(3)] == [False, False, True]
+    time.sleep(0.3)
+    assert store.loop_hit(short, None, 2, 0.2) is False  # the window passed
+
+
+# --------------------------------------------------------------------------- approvals
+
+
+def test_approvals_are_decided_once_from_anywhere(store: Store, reopen: Opener) -> None:
+    for i in (1, 2):
+        store.add_approval({"id": f"apr_{i}", "flow_id": "f", "key_id": "k", "policy": "p",
+                            "vendor": "stripe", "method": "POST", "path": "/v1/refunds",
+                            "rule": "POST /v1/refunds", "estimated_usd": "5",
+                            "expires_at": "2099-01-01T00:00:00.000+00:00"})
+    assert [a["id"] for a in store.list_approvals()] == ["apr_1", "apr_2"]
+    assert store.list_approvals()[0]["status"] == "pending"
+    cli = reopen(replica="cli")
+    assert cli.decide_approval("apr_1", "approved", "cli")
+    assert not store.decide_approval("apr_1", "denied", "api")  # decided already
+    assert store.approval_status("apr_1") == "approved" and store.approval_status("apr_x") is None
+    assert [a["id"] for a in store.list_approvals()] == ["apr_2"]
+    assert {a["id"]: a["decided_by"] for a in store.list_approvals(None)} == {"apr_1": "cli", "apr_2": None}
+
+
+# --------------------------------------------------------------------------- calls
+
+
+def row(i: int = 0, **kw: object) -> dict:
+    return {"ts": f"2026-11-23T00:00:{i % 60:02d}.000+00:00", "decision": "allow", "path": "/x", **kw}
+
+
+def test_calls_are_written_behind_and_flushed_on_close(store: Store, reopen: Opener) -> None:
+    writer = reopen(replica="w")
+    for i in range(500):
+        writer.record_call(row(i))
+    writer.close()
+    assert count(store, "SELECT count(*) FROM calls") == 500
+
+
+def test_on_commit_fires_once_the_row_is_readable_elsewhere(store: Store, reopen: Opener) -> None:
+    reader = reopen(replica="reader")
+    seen: list[int] = []
+    fired = threading.Event()
+
+    def on_commit() -> None:  # `spendgate report`, or a kill -9 survivor, sees it from here on
+        seen.append(count(reader, "SELECT count(*) FROM calls"))
+        fired.set()
+
+    store.record_call(row(), on_commit)
+    assert fired.wait(5) and seen == [1]
+    assert store.queue_depth == 0
+    # a row that can never be written is logged and dropped, and its answer is released all the same
+    fired.clear()
+    store.record_call(row(path=object()), on_commit)
+    assert fired.wait(5) and seen == [1, 1]
+
+
+def test_text_that_is_not_utf8_is_kept(store: Store) -> None:
+    store.record_call(row(path="/v1/\udcff"))
+    store.flush()
+    assert store.read("SELECT path FROM calls")[0][0] == "/v1/\\udcff"
+
+
+def test_reports_read_the_same_on_every_backend(store: Store) -> None:
+    store.record_call(row(1, key_id="k1", policy="p", vendor="stripe", labels='{"run": "1"}',
+                          cost_usd="1.50", cost_nanos=1_500_000_000, cost_status="parsed",
+                          estimated_nanos=2_000_000_000))
+    store.record_call(row(2, key_id="k1", policy="p", vendor="stripe", labels='{"run": "1"}',
+                          cost_status="unknown", estimated_nanos=2_000_000_000, flagged=1))
+    store.record_call(row(3, key_id="k2", policy="p", vendor="openai", labels="{}", decision="deny",
+                          reason="cap_exhausted", estimated_nanos=9_000_000_000, cost_status="zero"))
+    store.flush()
+    by_key = reports.spend(store, by="key")
+    assert by_key == [
+        {"key": "k1", "calls": 2, "allowed": 2, "refused": 0, "would_deny": 0, "spend_usd": "3.5",
+         "parsed_usd": "1.5", "estimated_usd": "2", "unknown": 1},
+        {"key": "k2", "calls": 1, "allowed": 0, "refused": 1, "would_deny": 0, "spend_usd": "0",
+         "parsed_usd": "0", "estimated_usd": "0", "unknown": 0},
+    ]
+    assert [(r["label:run"], r["spend_usd"]) for r in reports.spend(store, by="label:run")] == [("1", "3.5"),
+                                                                                         ("-", "0")]
+    assert [r["day"] for r in reports.spend(store, by="day", since="2026-11-23")] == ["2026-11-23"]
+    assert reports.spend(store, by="vendor", since="2026-11-24") == []
+
+
+# --------------------------------------------------------------------------- moving a single box into the fleet
+
+
+def test_migrate_sqlite_into_postgres_is_idempotent(tmp_path: Path, pg_url: str) -> None:
+    from spendgate.store.transfer import migrate
+
+    box = open_store(str(tmp_path / "box.db"), replica="box")
+    a, token_a = box.issue_key("p", None, labels={"run": "1"})
+    b, _ = box.issue_key("p", None)
+    box.revoke(b.id)
+    res = box.reserve(30, {f"key:{a.id}": 100})
+    box.settle(res, 20)
+    box.add_approval({"id": "apr_1", "key_id": a.id, "rule": "POST /v1/refunds", "status": "pending"})
+    for i in range(12):
+        box.record_call(row(i, key_id=a.id, cost_nanos=10, cost_status="parsed"))
+    box.close()
+    seen: list[tuple[int, int]] = []
+    assert migrate(str(tmp_path / "box.db"), pg_url, lambda done, total: seen.append((done, total))) == {
+        "keys": 2, "approvals": 1, "calls": 12, "counter_nanos_added": 20}
+    assert seen[0] == (0, 12) and seen[-1] == (12, 12)
+    fleet = open_store(pg_url, replica="fleet")
+    try:
+        assert fleet.key_by_token(token_a) == a and fleet.get_key(b.id).state() == "revoked"
+        assert fleet.used(f"key:{a.id}") == 20
+        assert [x["id"] for x in fleet.list_approvals()] == ["apr_1"]
+        assert count(fleet, "SELECT count(*) FROM calls") == 12
+        # the box ran a little longer: a second run moves only what is new
+        box = open_store(str(tmp_path / "box.db"), replica="box")
+        box.add_usage(5, [f"key:{a.id}"])
+        box.record_call(row(13, key_id=a.id))
+        box.close()
+        assert migrate(str(tmp_path / "box.db"), pg_url)["calls"] == 1
+        assert migrate(str(tmp_path / "box.db"), pg_url) == {"keys": 2, "approvals": 1, "calls": 0,
+                                                            "counter_nanos_added": 0}
+        assert fleet.used(f"key:{a.id}") == 25 and count(fleet, "SELECT count(*) FROM calls") == 13
+    finally:
+        fleet.close()
+    with pytest.raises(ValueError, match="postgresql://"):
+        migrate(str(tmp_path / "box.db"), str(tmp_path / "other.db"))
+
+
+def test_replicas_starting_together_migrate_once(pg_url: str) -> None:
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores.append(open_store(pg_url))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors and len(stores) == 3
+        assert stores[0].read("SELECT version, count(*) FROM schema_version GROUP BY version") == [(1, 1)]
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_newer_postgres_schema_is_refused(pg_url: str) -> None:
+    from spendgate.store import SchemaError
+
+    open_store(pg_url).close()
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_version (version) VALUES (99)")
+    with pytest.raises(SchemaError, match="version 99, newer than this spendgate knows"):
+        open_store(pg_url)
+
+
+def test_an_unreachable_database_is_store_unavailable_then_recovers(pg_url: str) -> None:
+    """The store answers StoreUnavailable while the database refuses connections (one log line),
+    and works again by itself once it is back."""
+    import psycopg
+
+    from spendgate.store import StoreUnavailable
+
+    store = open_store(pg_url, replica="r")
+    dbname = store.read("SELECT current_database()")[0][0]
+    admin_url = pg_url.split("?")[0]
+    rec, token = store.issue_key("p", None)
+    try:
+        with psycopg.connect(admin_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
+            for _ in range(3):  # twice more: a session still connecting when the door closed
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                              "AND pid <> pg_backend_pid()", (dbname,))
+                time.sleep(0.2)
+            try:
+                for _ in range(3):
+                    with pytest.raises(StoreUnavailable):
+                        store.reserve(1, {"s": 10})
+                with pytest.raises(StoreUnavailable):
+                    store.key_by_token(token)  # not from a cache it can no longer trust
+                assert not store.available and store.outages >= 1
+                store.record_call(row(1, key_id=rec.id))  # queued through the outage
+            finally:
+                admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                store.reserve(1, {"s": 10})
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store did not recover by itself"
+                time.sleep(0.1)
+        store.flush()
+        # one outage (a session that slipped in while the door was closing may split it in two;
+        # the log has one line per change of state either way)
+        assert store.available and 1 <= store.outages <= 2
+        assert count(store, "SELECT count(*) FROM calls") == 1
+        assert store.key_by_token(token) == rec
+    finally:
+        store.close()
