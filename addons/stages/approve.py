@@ -87,8 +87,11 @@ class Approve:
                     store.decide_approval(approval_id, "approved", "mitmweb")
                 elif status != "approved":
                     refuse(flow, "approval_denied", f"approval {approval_id} was {status}")
+                    return
+                self.check_key(flow, call)
                 return
             if status == "approved":
+                self.check_key(flow, call)
                 break
             if status == "denied":
                 refuse(flow, "approval_denied", f"approval {approval_id} was denied")
@@ -98,6 +101,17 @@ class Approve:
                 refuse(flow, "approval_timeout", f"nobody answered approval {approval_id} in {timeout:g}s")
                 break
         flow.resume()
+
+    def check_key(self, flow: http.HTTPFlow, call: Call) -> None:
+        """At release, the key must still be good: a revoke or an expiry while the request waited
+        for a human wins over the approval. (Its budget hold was taken before it was held.)"""
+        store = self.runtime.store
+        key = store.get_key(call.key.id) if store is not None and call.key is not None else None
+        state = key.state() if key is not None else "revoked"
+        if state != "active":
+            call.mode = "enforce"
+            refuse(flow, state, f"vault key {call.key_id} is {state}; approval {call.approval_id} "
+                   "was given while it was active")
 
     def done(self) -> None:
         for task in self.watchers:
