@@ -91,7 +91,7 @@ vendors:
   stripe: {{secret: env:STRIPE_SECRET_KEY, upstream: "{up}"}}
   resend: {{secret: env:RESEND_API_KEY, upstream: "{up}"}}
   openai: {{secret: env:OPENAI_API_KEY, upstream: "{bombs}"}}
-  shopify: {{secret: env:SHOPIFY_ACCESS_TOKEN, upstream: "{up}", hosts: [shop-1.myshopify.com]}}
+  shopify: {{secret: env:SHOPIFY_ACCESS_TOKEN, upstream: "{up}", credential_hosts: [shop-1.myshopify.com]}}
 policies:
   pay:
     vendors:
@@ -100,12 +100,16 @@ policies:
         approve: ["POST /v1/transfers"]
         max_request_usd: 100
       resend: {{allow: ["POST /emails", "POST /emails/batch"]}}
-      openai: {{allow: ["POST /v1/chat/completions", "GET /v1/realtime", "POST /v1/organization/**"],
+      openai: {{allow: ["POST /v1/chat/completions", "POST /v1/responses", "GET /v1/realtime",
+                       "POST /v1/organization/**"],
                default_estimate_usd: 1}}
       shopify: {{allow: ["GET /admin/api/**"]}}
     budget: {{key_usd: 50}}
     approval_timeout: 30s
     loop: {{repeats: 1000, window: 1s}}
+  nodefault:
+    vendors:
+      openai: {{allow: ["POST /v1/responses"]}}
 egress: {{default: allow}}
 """
 
@@ -127,10 +131,10 @@ def gw(tmp_path_factory: pytest.TempPathFactory, fakes: FakeVendors, certs: Path
 ISSUED: list[str] = []  # every vault key the attacks used: none may show in a flow file, log or ledger
 
 
-def issue(gw: Gateway, cap_usd: str | None = None) -> tuple[str, str]:
+def issue(gw: Gateway, cap_usd: str | None = None, policy: str = "pay") -> tuple[str, str]:
     store = SQLiteStore(gw.db)
     try:
-        rec, token = store.issue_key("pay", 3600, cap_usd=cap_usd) if cap_usd else store.issue_key("pay", 3600)
+        rec, token = store.issue_key(policy, 3600, cap_usd=cap_usd) if cap_usd else store.issue_key(policy, 3600)
     finally:
         store.close()
     ISSUED.append(token)
@@ -283,6 +287,28 @@ def test_upgrades_to_a_vendor_are_refused_unpriceable(gw: Gateway, upgrade: str)
     assert (row["reason"], row["vendor"]) == ("unpriceable", "openai")
 
 
+@pytest.mark.parametrize("context", [{"previous_response_id": "resp_1"}, {"conversation": "conv_1"},
+                                     {"prompt": {"id": "pmpt_1", "version": "2"}}])
+def test_context_the_estimate_cannot_see_is_held_at_the_policy_default(gw: Gateway, context: dict) -> None:
+    """A Responses call continuing a stored conversation (or a stored prompt) bills input the
+    request does not show: it holds at least default_estimate_usd, or is refused without one."""
+    key_id, token = issue(gw)
+    other_id, other = issue(gw, policy="nodefault")
+    body = {"model": "gpt-4o-mini", "input": "go on", "max_output_tokens": 10, **context}
+    before = len(SEEN_BY_BOMBS)
+    with gw.client() as c:
+        held = c.post(OPENAI + "/v1/responses", json=body,
+                      headers={"Authorization": f"Bearer {token}", "X-Answer": "body", "X-Body": "{}"})
+        refused = c.post(OPENAI + "/v1/responses", json=body,
+                         headers={"Authorization": f"Bearer {other}", "X-Answer": "body", "X-Body": "{}"})
+    assert held.status_code == 200
+    assert reason(refused) == (402, "unpriceable") and "default_estimate_usd" in refused.text
+    assert len(SEEN_BY_BOMBS) == before + 1
+    [row] = rows_of(gw, key_id, 1)
+    assert row["estimated_usd"] == "1" and row["cost_status"] in ("unknown", "estimated"), row
+    assert rows_of(gw, other_id, 1)[0]["reason"] == "unpriceable"
+
+
 # --------------------------------------------------------------------------- 3. responses scrubbed
 
 MINTED = "sk-proj-NEWLYmintedKEYabcdefghijklmnop0123456789"
@@ -389,8 +415,12 @@ def test_twenty_concurrent_bombs_stay_within_the_memory_bound_and_others_are_ser
 
     def response_bomb(i: int) -> int:
         with gw.client() as c:
-            return c.post(OPENAI + "/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
-                          json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}).status_code
+            r = c.post(OPENAI + "/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
+                       json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+            reasons.append(r.headers.get("x-spendgate-reason"))
+            return r.status_code
+
+    reasons: list[str | None] = []
 
     with ThreadPoolExecutor(21) as pool:
         futures = [pool.submit(request_bomb, i) for i in range(10)] + [pool.submit(response_bomb, i) for i in range(10)]
@@ -400,7 +430,7 @@ def test_twenty_concurrent_bombs_stay_within_the_memory_bound_and_others_are_ser
         statuses = sorted(f.result() for f in futures)
     assert other.status_code == 404 and "x-spendgate-reason" not in other.headers  # the vendor's answer
     assert statuses.count(401) == 5 and statuses.count(413) == 5, statuses
-    assert statuses.count(502) == 10, statuses  # a response that cannot be checked is withheld
+    assert statuses.count(502) == 10, (statuses, reasons)  # a response that cannot be checked is withheld
     grew_mib = (rss_kb(pid, "VmHWM") - base) / 1024
     print(f"20 concurrent bombs: peak RSS grew by {grew_mib:.0f} MiB")  # the README quotes it
     assert grew_mib < 2 * 32 + 20 * len(BOMB_RAW) / 2**20 + 16, f"peak RSS grew by {grew_mib:.0f} MiB"

@@ -256,15 +256,6 @@ class Identify:
         if sni and sni.lower() != host:
             refuse(flow, "host_mismatch", f"TLS SNI {sni!r} does not match the tunnel to {host}")
             return False
-        state = self.runtime.state
-        conf = state.config.vendors.get(vendor.name) if state is not None else None
-        # A vendor that is only "*.domain" (Shopify) has one tenant per host: its credential needs credential_hosts.
-        tenant_hosts = all(h.startswith("*.") for h in vendor.hosts)
-        if conf is not None and (conf.credential_hosts or tenant_hosts) and host.rstrip(".") not in conf.credential_hosts:
-            refuse(flow, "vendor_not_allowed",
-                   f"the {vendor.name} credential is for {', '.join(conf.credential_hosts) or 'no host yet'}, not {host} "
-                   f"(vendors.{vendor.name}.credential_hosts)")
-            return False
 
         for slot, value in slots:
             if not value.startswith(TOKEN_PREFIX) and (owner := looks_real(value)):
@@ -298,6 +289,15 @@ class Identify:
         state = key.state()
         if state != "active":
             refuse(flow, state, f"vault key {key.id} is {state}")
+            return False
+        loaded = self.runtime.state
+        conf = loaded.config.vendors.get(vendor.name) if loaded is not None else None
+        # A vendor that is only "*.domain" (Shopify) has one tenant per host: its credential needs credential_hosts.
+        tenant_hosts = all(h.startswith("*.") for h in vendor.hosts)
+        if conf is not None and (conf.credential_hosts or tenant_hosts) and host.rstrip(".") not in conf.credential_hosts:
+            refuse(flow, "vendor_not_allowed",
+                   f"the {vendor.name} credential is for {', '.join(conf.credential_hosts) or 'no host yet'}, not {host} "
+                   f"(vendors.{vendor.name}.credential_hosts)")
             return False
         # An upgrade (WebSocket, h2c, an HTTP/2 extended CONNECT) opens a session whose cost no
         # estimate sees and no response settles: refused until sessions are metered.
