@@ -110,7 +110,7 @@ policies:
   nodefault:
     vendors:
       openai: {{allow: ["POST /v1/responses"]}}
-egress: {{default: allow}}
+egress: {{default: allow, deny: ["blocked.example"]}}
 """
 
 
@@ -439,7 +439,7 @@ def test_twenty_concurrent_bombs_stay_within_the_memory_bound_and_others_are_ser
 # --------------------------------------------------------------------------- 5. egress
 
 @pytest.mark.parametrize("target", [
-    "[::7f00:1]:443", "[64:ff9b::a9fe:a9fe]:80", "[::ffff:127.0.0.1]:443", "[::ffff:0:7f00:1]:443",
+    "blocked.example:443", "127.0.0.1:8081", "[::7f00:1]:443", "[64:ff9b::a9fe:a9fe]:80", "[::ffff:127.0.0.1]:443", "[::ffff:0:7f00:1]:443",
     "[2002:7f00:1::]:443", "[::a9fe:a9fe]:80", "127.0.0.1:443", "169.254.169.254:80", "[::1]:443",
     "2130706433:443", "0x7f.1:443", "localhost:443",
 ])
@@ -448,10 +448,38 @@ def test_internal_addresses_in_any_spelling_are_refused_at_connect(gw: Gateway, 
     head = connect(gw, target)
     assert head.startswith(b"HTTP/1.1 403"), head[:200]
     assert b"egress_denied" in head
-    assert gw.calls(at_least=rows + 1)[-1]["reason"] == "egress_denied"
+    row = gw.calls(at_least=rows + 1)[-1]
+    assert (row["decision"], row["reason"], row["method"]) == ("deny", "egress_denied", "CONNECT")
+
+
+def test_plain_http_proxy_request_to_loopback_refused(gw: Gateway) -> None:
+    with httpx.Client(proxy=gw.proxy) as c:
+        r = c.get(f"http://127.0.0.1:{gw.fakes.url.rsplit(':', 1)[1]}/__requests")
+    assert reason(r) == (403, "egress_denied")
 
 
 # --------------------------------------------------------------------------- 6. vault keys never in clear
+
+def test_vault_key_in_the_body_is_refused_and_masked(gw: Gateway) -> None:
+    key_id, token = issue(gw)
+    n = len(gw.fakes.requests())
+    with gw.client() as c:
+        r = c.post(STRIPE + "/v1/payment_intents", headers={"X-Vault-Key": token},
+                   data={"amount": "100", "currency": "usd", "description": f"my key is {token}"})
+    assert reason(r) == (403, "vault_key_leak")
+    assert seen_since(gw, n) == []
+    assert rows_of(gw, key_id, 1)[0]["reason"] == "vault_key_leak"
+
+
+def test_two_different_vault_keys_are_ambiguous(gw: Gateway) -> None:
+    _, a = issue(gw)
+    _, b = issue(gw)
+    n = len(gw.fakes.requests())
+    with gw.client() as c:
+        r = c.get(STRIPE + "/v1/payment_intents/pi_1", headers={"X-Vault-Key": a, "Authorization": f"Bearer {b}"})
+    assert reason(r) == (401, "ambiguous_vault_key")
+    assert seen_since(gw, n) == []
+
 
 def test_percent_and_json_escaped_vault_keys_count_as_leaks(gw: Gateway) -> None:
     _, token = issue(gw)
@@ -515,6 +543,24 @@ def test_malformed_host_headers_are_refused(gw: Gateway, host: str) -> None:
     assert status in (400, 403), out[:300]
     if status == 403:
         assert b"host_mismatch" in out
+    assert seen_since(gw, n) == []
+
+
+def test_host_header_of_another_host_is_refused(gw: Gateway) -> None:
+    key_id, token = issue(gw)
+    n = len(gw.fakes.requests())
+    with gw.client() as c:
+        r = c.get(STRIPE + "/v1/payment_intents/pi_1", headers={"X-Vault-Key": token, "Host": "evil.example"})
+    assert reason(r) == (403, "host_mismatch")
+    assert seen_since(gw, n) == []
+
+
+def test_plain_http_to_a_vendor_is_refused(gw: Gateway) -> None:
+    _, token = issue(gw)
+    n = len(gw.fakes.requests())
+    with httpx.Client(proxy=gw.proxy) as c:
+        r = c.get("http://api.stripe.com/v1/payment_intents/pi_1", headers={"X-Vault-Key": token})
+    assert reason(r) == (403, "insecure_scheme")
     assert seen_since(gw, n) == []
 
 
