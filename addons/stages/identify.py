@@ -19,7 +19,7 @@ from ..call import Call, fail_closed, refuse
 from ..canonical import Ambiguous, canonical_target, escape, well_formed_host
 from ..runtime import Runtime
 from ..store import TOKEN_PREFIX
-from ..vendors import REGISTRY, vendor_for_host
+from ..vendors import BUILT_IN, REGISTRY, vendor_for_host
 from ..vendors.base import Vendor
 
 VAULT_HEADER = "x-vault-key"
@@ -292,8 +292,9 @@ class Identify:
             return False
         loaded = self.runtime.state
         conf = loaded.config.vendors.get(vendor.name) if loaded is not None else None
-        # A vendor that is only "*.domain" (Shopify) has one tenant per host: its credential needs credential_hosts.
-        tenant_hosts = all(h.startswith("*.") for h in vendor.hosts)
+        # A built-in vendor that is only "*.domain" (Shopify) has one tenant per host: its credential
+        # needs credential_hosts. (A declared vendor's hosts are the operator's own choice.)
+        tenant_hosts = vendor.name in BUILT_IN and all(h.startswith("*.") for h in vendor.hosts)
         if conf is not None and (conf.credential_hosts or tenant_hosts) and host.rstrip(".") not in conf.credential_hosts:
             refuse(flow, "vendor_not_allowed",
                    f"the {vendor.name} credential is for {', '.join(conf.credential_hosts) or 'no host yet'}, not {host} "
