@@ -28,6 +28,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -120,6 +121,7 @@ class Handler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")  # responses may carry a token
 
     def prepare(self) -> None:
+        self.admin.check_host(self.request.host)
         self.admin.authorize(self.request.headers.get("Authorization"))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -273,6 +275,8 @@ class MetricsHandler(Handler):
     def prepare(self) -> None:
         if not self.admin.metrics_open:
             super().prepare()
+        else:
+            self.admin.check_host(self.request.host)
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE)
@@ -359,6 +363,27 @@ class Admin:
     @property
     def metrics_open(self) -> bool:
         return self.listen is not None and is_loopback(self.listen[0])
+
+    def check_host(self, host_header: str | None) -> None:
+        """Answer only requests addressed to this listener (DNS rebinding: a web page whose name
+        now resolves to 127.0.0.1 sends its own name as Host). Accepted: the listen host, an IP
+        literal (it cannot be rebound), ``localhost`` and this machine's host name."""
+        host = (host_header or "").strip().lower()
+        if host.startswith("["):
+            host = host[1:host.find("]")] if "]" in host else host
+        elif host.count(":") == 1:
+            host = host.rsplit(":", 1)[0]
+        try:
+            ipaddress.ip_address(host)
+            return
+        except ValueError:
+            pass
+        allowed = {"localhost", socket.gethostname().lower()}
+        if self.listen is not None:
+            allowed.add(self.listen[0].lower())
+        if host not in allowed:
+            raise ApiError(421, "misdirected_request",
+                           f"this admin listener does not answer for Host {host_header!r}")
 
     def authorize(self, header: str | None) -> None:
         """Raise a 401 :class:`ApiError` unless ``header`` carries the admin token."""

@@ -57,6 +57,8 @@ STATUS: dict[str, int] = {
     "model_not_allowed": 403,  # stages/models.py
     "output_limit_exceeded": 403,
     "tool_not_allowed": 403,  # stages/tools.py (MCP: a JSON-RPC error with this in error.data.code)
+    "malformed_request": 400,  # a body in a Content-Encoding the gateway does not decode
+    "body_too_large": 413,  # a decoded request body over spendgate_inflate_limit
     "request_over_limit": 402,
     "cap_exhausted": 402,
     "unpriceable": 402,

@@ -3,7 +3,7 @@
     mitmdump -s addons/gateway.py --set spendgate_config=policies/example.yaml
 
 agent ─CONNECT─▶ egress ▶ identify ▶ authorize ▶ models ▶ tools ▶ budget ▶ approve ▶ circuit ▶ swap ▶ vendor
-vendor ─response─▶ meter (cost, settle) ▶ record (ledger, comment) ─▶ agent
+vendor ─response─▶ meter (cost, settle) ▶ scrub (secrets out) ▶ record (ledger, comment) ─▶ agent
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from spendgate.stages.meter import Meter  # noqa: E402
 from spendgate.stages.models import Models  # noqa: E402
 from spendgate.stages.querykey import QueryKeyIn, QueryKeyOut  # noqa: E402
 from spendgate.stages.record import Record  # noqa: E402
+from spendgate.stages.scrub import Scrub  # noqa: E402
 from spendgate.stages.swap import Swap  # noqa: E402
 from spendgate.stages.tools import Tools  # noqa: E402
 
@@ -63,6 +64,7 @@ def make_addons() -> list[object]:
         Swap(runtime),
         QueryKeyOut(),
         Meter(runtime),
+        Scrub(runtime),
         Record(runtime),
         Console(),  # shows the call under the vendor host the agent asked for
         Capture(runtime),  # last: saves the flow as the agent got it, with the decision and cost

@@ -83,9 +83,24 @@ def host_matches(host: str, patterns: Iterable[HostPattern]) -> bool:
     return any(p.matches(host, ip) for p in patterns)
 
 
+_EMBEDS_IPV4 = tuple(ipaddress.ip_network(n) for n in (
+    "::/96",             # IPv4-compatible ::a.b.c.d (deprecated, still routed by some stacks)
+    "::ffff:0:0/96",     # IPv4-mapped
+    "::ffff:0:0:0/96",   # IPv4-translated (RFC 2765)
+    "64:ff9b::/96",      # NAT64 well-known prefix (RFC 6052): a DNS64 gateway reaches the IPv4 address
+))
+
+
 def is_internal(ip: str) -> bool:
-    """Loopback, link-local (the cloud metadata service), private and other non-public ranges."""
+    """Loopback, link-local (the cloud metadata service), private and other non-public ranges,
+    also when an IPv6 address carries an internal IPv4 address (mapped, compatible, translated,
+    NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``): ``[::7f00:1]`` is 127.0.0.1."""
     addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if not addr.is_global:
+            return True
+        if addr.sixtofour is not None:
+            return not addr.sixtofour.is_global
+        if any(addr in net for net in _EMBEDS_IPV4):
+            return not ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF).is_global
     return not addr.is_global

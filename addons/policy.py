@@ -320,6 +320,18 @@ class VendorConfig(_Model):
     price: DeclaredPrice | None = None
     tools: dict[str, ToolPrice] | None = None  # kind mcp: per-tool prices (names or globs)
 
+    # The hosts this credential may be sent to. Required where a vendor is any subdomain (Shopify:
+    # one shop's token must not go to another *.myshopify.com); see stages/identify.py.
+    credential_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("credential_hosts")
+    @classmethod
+    def _credential_hosts(cls, v: list[str]) -> list[str]:
+        out = [h.strip().lower().rstrip(".") for h in v]
+        if bad := [h for h in out if not h or "*" in h or "/" in h or ":" in h]:
+            raise ValueError(f"credential_hosts are exact host names (no wildcard, scheme or port): {bad[0]!r}")
+        return out
+
     @model_validator(mode="after")
     def _declaration(self) -> VendorConfig:
         if self.compatible and self.kind == "mcp":
@@ -336,7 +348,8 @@ class VendorConfig(_Model):
 
     def spec(self) -> dict[str, Any]:
         """The declaration as the plain dict ``vendors/_declared.build`` reads."""
-        return self.model_dump(mode="json", exclude_none=True, exclude={"secret", "account_sid", "upstream"})
+        return self.model_dump(mode="json", exclude_none=True,
+                               exclude={"secret", "account_sid", "upstream", "credential_hosts"})
 
     @field_validator("upstream")
     @classmethod

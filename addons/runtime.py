@@ -21,6 +21,7 @@ from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.utils import human
 
 from . import wire
+from .bodies import DEFAULT_BODY_SIZE_LIMIT, DEFAULT_INFLATE_LIMIT
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, Policy, load_config, resolve_credentials
 from .store import (
@@ -84,6 +85,7 @@ class Runtime:
         self._db_pool: ThreadPoolExecutor | None = None
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
+        self.inflate_limit = DEFAULT_INFLATE_LIMIT  # spendgate_inflate_limit, parsed (bytes)
 
     def policy(self, name: str) -> Policy | None:
         """The named policy in the policy file now in force (None if it was removed)."""
@@ -110,6 +112,11 @@ class Runtime:
         loader.add_option(
             "spendgate_log_format", str, "text",
             "One log line per decision: 'text' or 'json' (no secrets, no bodies).",
+        )
+        loader.add_option(
+            "spendgate_inflate_limit", str, "32m",
+            "Largest decoded (inflated) request or response body the gateway reads; a request over it "
+            "is refused (413 body_too_large), a response over it is not priced (cost unknown).",
         )
         wire.install()
 
@@ -158,6 +165,10 @@ class Runtime:
         if getattr(ctx.options, "http3", False):
             ctx.options.http3 = False
             log.info("spendgate: HTTP/3 (QUIC) is off: the credential swap is proven for HTTP/1 and HTTP/2")
+        self.inflate_limit = human.parse_size(ctx.options.spendgate_inflate_limit) or DEFAULT_INFLATE_LIMIT
+        # A bound on raw bodies too: mitmproxy's default is none at all.
+        if getattr(ctx.options, "body_size_limit", "") is None:
+            ctx.options.body_size_limit = DEFAULT_BODY_SIZE_LIMIT
         # Lazy: with "eager", mitmproxy dials the vendor at CONNECT time, before any policy ran.
         if getattr(ctx.options, "connection_strategy", "lazy") != "lazy":
             ctx.options.connection_strategy = "lazy"

@@ -50,7 +50,7 @@ vendors:
   twilio:    {{account_sid: env:TWILIO_ACCOUNT_SID, secret: env:TWILIO_AUTH_TOKEN, upstream: "{up}"}}
   resend:    {{secret: env:RESEND_API_KEY, upstream: "{up}"}}
   postmark:  {{secret: env:POSTMARK_SERVER_TOKEN, upstream: "{up}"}}
-  shopify:   {{secret: env:SHOPIFY_ACCESS_TOKEN, upstream: "{up}"}}
+  shopify:   {{secret: env:SHOPIFY_ACCESS_TOKEN, upstream: "{up}", credential_hosts: [shop-1.myshopify.com]}}
 fx: {{EUR: 1.08, GBP: 1.27, JPY: 0.0067}}
 policies:
   billing:

@@ -29,7 +29,7 @@ vendors:
   twilio:    {account_sid: env:TWILIO_ACCOUNT_SID, secret: env:TWILIO_AUTH_TOKEN}
   resend:    {secret: env:RESEND_API_KEY}
   postmark:  {secret: env:POSTMARK_SERVER_TOKEN, upstream: "http://127.0.0.1:9"}
-  shopify:   {secret: env:SHOPIFY_ACCESS_TOKEN}
+  shopify:   {secret: env:SHOPIFY_ACCESS_TOKEN, credential_hosts: [shop-1.myshopify.com]}
 fx: {EUR: 1.08}
 policies:
   billing:

@@ -192,47 +192,6 @@ def test_revoke_by_label(gateway: Gateway) -> None:
     assert shown["state"] == "active" and "token_sha256" not in shown
 
 
-def test_host_header_mismatch_refused(gateway: Gateway) -> None:
-    _, token = gateway.issue("billing")
-    n, rows = len(gateway.fakes.requests()), len(gateway.calls())
-    with gateway.client() as c:
-        r = c.get(STRIPE + "/v1/payment_intents/pi_1", headers={"X-Vault-Key": token, "Host": "evil.example"})
-    assert_refused(gateway, r, 403, "host_mismatch", n, rows)
-
-
-def test_plain_http_to_vendor_refused(gateway: Gateway) -> None:
-    _, token = gateway.issue("billing")
-    n, rows = len(gateway.fakes.requests()), len(gateway.calls())
-    with httpx.Client(proxy=gateway.proxy) as c:
-        r = c.get("http://api.stripe.com/v1/payment_intents/pi_1", headers={"X-Vault-Key": token})
-    assert_refused(gateway, r, 403, "insecure_scheme", n, rows)
-
-
-@pytest.mark.parametrize("target", ["blocked.example:443", "127.0.0.1:8081", "169.254.169.254:80", "localhost:22"])
-def test_egress_denied_at_connect(gateway: Gateway, target: str) -> None:
-    rows = len(gateway.calls())
-    with socket_to(gateway) as s:
-        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        head = s.recv(4096).decode()
-    assert head.startswith("HTTP/1.1 403"), head
-    assert "egress_denied" in head
-    row = gateway.last_call(rows)
-    assert (row["decision"], row["reason"], row["method"]) == ("deny", "egress_denied", "CONNECT")
-
-
-def test_plain_http_proxy_request_to_loopback_refused(gateway: Gateway) -> None:
-    with httpx.Client(proxy=gateway.proxy) as c:
-        r = c.get(f"http://127.0.0.1:{gateway.fakes.url.rsplit(':', 1)[1]}/__requests")
-    assert r.status_code == 403 and r.headers["x-spendgate-reason"] == "egress_denied"
-
-
-def socket_to(gateway: Gateway):  # noqa: ANN201
-    import socket
-
-    s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
-    return s
-
-
 def test_rate_limited_with_retry_after(gateway: Gateway) -> None:
     _, token = gateway.issue("limited")
     with gateway.client() as c:
@@ -261,24 +220,6 @@ def test_bad_yaml_edit_keeps_old_policy_then_good_edit_applies(gateway: Gateway)
         assert r.status_code == 403 and r.headers["x-spendgate-reason"] == "endpoint_not_allowed"
     finally:
         gateway.write_policy(good)
-
-
-def test_vault_key_in_url_or_body_is_refused_and_redacted(gateway: Gateway) -> None:
-    _, token = gateway.issue("billing")
-    n, rows = len(gateway.fakes.requests()), len(gateway.calls())
-    with gateway.client() as c:
-        r = c.post(STRIPE + "/v1/payment_intents", headers={"X-Vault-Key": token},
-                   data={"amount": "100", "currency": "usd", "description": f"my key is {token}"})
-    assert_refused(gateway, r, 403, "vault_key_leak", n, rows)
-
-
-def test_two_different_vault_keys_are_ambiguous(gateway: Gateway) -> None:
-    _, a = gateway.issue("billing")
-    _, b = gateway.issue("billing")
-    n, rows = len(gateway.fakes.requests()), len(gateway.calls())
-    with gateway.client() as c:
-        r = c.get(STRIPE + "/v1/payment_intents/pi_1", headers={"X-Vault-Key": a, "Authorization": f"Bearer {b}"})
-    assert_refused(gateway, r, 401, "ambiguous_vault_key", n, rows)
 
 
 # --------------------------------------------------------------------------- secrets stay secret

@@ -41,7 +41,7 @@ def policy_yaml() -> str:
         "anthropic": {"secret": "env:SG_T_ANTHROPIC"},
         "twilio": {"account_sid": "env:SG_T_SID", "secret": "env:SG_T_TWILIO"},
         "resend": {"secret": "env:SG_T_RESEND"}, "postmark": {"secret": "env:SG_T_POSTMARK"},
-        "shopify": {"secret": "env:SG_T_SHOPIFY"},
+        "shopify": {"secret": "env:SG_T_SHOPIFY", "credential_hosts": ["shop.myshopify.com"]},
     }
     every = {"allow": ["* /**"]}
 

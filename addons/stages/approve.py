@@ -85,14 +85,13 @@ class Approve:
             if not flow.intercepted:  # resumed in mitmweb
                 if status == "pending":
                     store.decide_approval(approval_id, "approved", "mitmweb")
-                if status in ("pending", "approved") and call.reservation is not None:
-                    store.mark_forwarded(call.reservation)
                 elif status != "approved":
                     refuse(flow, "approval_denied", f"approval {approval_id} was {status}")
+                    return
+                self.release(flow, call)
                 return
             if status == "approved":
-                if call.reservation is not None:  # about to be sent: a crash now must count it
-                    store.mark_forwarded(call.reservation)
+                self.release(flow, call)
                 break
             if status == "denied":
                 refuse(flow, "approval_denied", f"approval {approval_id} was denied")
@@ -102,6 +101,25 @@ class Approve:
                 refuse(flow, "approval_timeout", f"nobody answered approval {approval_id} in {timeout:g}s")
                 break
         flow.resume()
+
+    def release(self, flow: http.HTTPFlow, call: Call) -> None:
+        """Approved: check the key once more, then mark the hold forwarded (a crash from here on
+        must count it)."""
+        self.check_key(flow, call)
+        store = self.runtime.store
+        if flow.response is None and call.reservation is not None and store is not None:
+            store.mark_forwarded(call.reservation)
+
+    def check_key(self, flow: http.HTTPFlow, call: Call) -> None:
+        """At release, the key must still be good: a revoke or an expiry while the request waited
+        for a human wins over the approval. (Its budget hold was taken before it was held.)"""
+        store = self.runtime.store
+        key = store.get_key(call.key.id) if store is not None and call.key is not None else None
+        state = key.state() if key is not None else "revoked"
+        if state != "active":
+            call.mode = "enforce"
+            refuse(flow, state, f"vault key {call.key_id} is {state}; approval {call.approval_id} "
+                   "was given while it was active")
 
     def done(self) -> None:
         for task in self.watchers:

@@ -198,6 +198,13 @@ class Budget:
                                "default_estimate_usd: not set")
                 held = Estimate(usd=Decimal(0), moves_money=True, basis=estimate.basis)  # report mode goes on
             estimate = held
+        elif estimate.open_context:  # context the estimate cannot see: the policy's default bounds it
+            floor = with_default(estimate, rules)
+            if floor is None:
+                yield Deny("unpriceable", unpriceable_message(vendor.name, call.key.policy, estimate),
+                           "default_estimate_usd: not set")
+            elif floor.usd is not None and floor.usd > estimate.usd:
+                estimate = floor
         call.estimate = estimate
         call.estimated_nanos = nanos = to_nanos(estimate.usd)
 

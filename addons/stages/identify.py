@@ -10,13 +10,16 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from urllib.parse import unquote_to_bytes
 
 from mitmproxy import http
 
+from ..bodies import TooLarge, Undecodable, decode_in_place
 from ..call import Call, fail_closed, refuse
+from ..canonical import Ambiguous, canonical_target, escape, well_formed_host
 from ..runtime import Runtime
 from ..store import TOKEN_PREFIX
-from ..vendors import REGISTRY, vendor_for_host
+from ..vendors import BUILT_IN, REGISTRY, vendor_for_host
 from ..vendors.base import Vendor
 
 VAULT_HEADER = "x-vault-key"
@@ -60,6 +63,8 @@ def credential_slots(headers: http.Headers, vendor: Vendor) -> list[tuple[str, s
 
 
 REDACTED = "spendgate:redacted"
+MASK = "vk_[redacted]"  # where a vault key was in a URL, a body or another header
+MASK_B = MASK.encode()
 _REDACTED_B = REDACTED.encode()
 _TOKEN_IN_HEADER_B = re.compile(_TOKEN_IN_HEADER.pattern.encode())
 
@@ -84,7 +89,10 @@ def redact(headers: http.Headers, vendor: Vendor) -> None:
                 out.append((name, _REDACTED_B))
         elif _TOKEN_IN_HEADER_B.search(value):
             changed = True
-            out.append((name, _TOKEN_IN_HEADER_B.sub(b"vk_[redacted]", value)))
+            out.append((name, _TOKEN_IN_HEADER_B.sub(MASK_B, value)))
+        elif b"%" in value and _leaks(value):  # percent-encoded (vk%5F…)
+            changed = True
+            out.append((name, _mask(value)))
         else:
             out.append((name, value))
     if changed:
@@ -102,6 +110,52 @@ def unfold(headers: http.Headers) -> None:
         headers.fields = tuple((name, _UNSAFE_IN_VALUE.sub(b" ", value)) for name, value in headers.fields)
 
 
+_JSON_ASCII_ESCAPE = re.compile(rb"\\u00([2-7][0-9a-fA-F])")
+
+
+def _unescaped(data: bytes) -> bytes:
+    """``data`` with percent-escapes (up to three layers) and JSON ``\\u00XX`` escapes of ASCII
+    decoded: where a vault key hides from a plain search (``vk%5F…``, ``vk\\u005f…``)."""
+    for _ in range(3):
+        if b"%" not in data:
+            break
+        data = unquote_to_bytes(data)
+    if b"\\u00" in data:
+        data = _JSON_ASCII_ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), data)
+    return data
+
+
+def _leaks(data: bytes) -> bool:
+    """Does ``data`` carry a vault key, plain or escaped?"""
+    if _TOKEN_ANYWHERE.search(data):
+        return True
+    return (b"%" in data or b"\\u00" in data) and bool(_TOKEN_ANYWHERE.search(_unescaped(data)))
+
+
+def _mask(data: bytes) -> bytes:
+    """``data`` with every vault key masked (escaped forms are unescaped first)."""
+    if not _TOKEN_ANYWHERE.search(data):
+        data = _unescaped(data)
+    return _TOKEN_ANYWHERE.sub(MASK_B, data)
+
+
+def _mask_target(target: str) -> str:
+    return _mask(target.encode(errors="surrogateescape")).decode(errors="surrogateescape")
+
+
+def _drop_unchecked_body(flow: http.HTTPFlow) -> None:
+    """A refused request's body is never decoded: an encoded one is dropped from the flow (it
+    could hide a vault key, and inflating it is work an unchecked agent must not get), a plain one
+    is kept with any vault key masked."""
+    req = flow.request
+    raw = req.raw_content or b""
+    if "content-encoding" in req.headers and raw:
+        req.raw_content = b""
+        req.headers["X-Spendgate-Body"] = f"dropped: {len(raw)} encoded bytes, not checked"
+    elif raw and _leaks(raw):
+        req.raw_content = _mask(raw)
+
+
 def looks_real(value: str) -> str | None:
     """The vendor whose real-key pattern ``value`` matches, if any."""
     return next((v.name for v in REGISTRY.values() if v.real_key.match(value)), None)
@@ -114,6 +168,22 @@ def _host_only(authority: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def scrub_vault_keys_in(headers: http.Headers) -> None:
+    masked = tuple((k, _mask(v) if _leaks(v) or _TOKEN_IN_HEADER_B.search(v) else v) for k, v in headers.fields)
+    if masked != headers.fields:
+        headers.fields = masked
+
+
+def scrub_vault_keys(request: http.Request) -> None:
+    """Mask every vault key (plain or escaped) in a request's headers, target and trailers: for
+    requests no stage will check (a non-vendor host, or one mitmproxy rejected)."""
+    for headers in (request.headers, request.trailers):
+        if headers is not None:
+            scrub_vault_keys_in(headers)
+    if _leaks(request.data.path):
+        request.data.path = _mask(request.data.path)
+
+
 class Identify:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -123,10 +193,15 @@ class Identify:
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Read the keys and take them out of the flow as soon as the headers are in: mitmweb
-        lists a flow at requestheaders (its body may still be uploading), and its HTTP API and
-        websocket would show the vault key (or a real key an agent sent) until the request hook."""
+        lists a flow at requestheaders (its body may still be uploading), and a request that never
+        reaches the ``request`` hook (mitmproxy rejected its body or framing, the agent went away)
+        is still saved and shown without them."""
+        if flow.response:
+            return
         vendor = vendor_for_host(flow.request.host)
-        if flow.response or vendor is None:
+        if vendor is None:
+            if flow.request.method != "CONNECT":
+                scrub_vault_keys(flow.request)  # a vault key goes to no other host either
             return
         unfold(flow.request.headers)  # read and forward the same headers
         self._slots[flow.id] = credential_slots(flow.request.headers, vendor)
@@ -134,6 +209,7 @@ class Identify:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._slots.pop(flow.id, None)  # e.g. the agent hung up while uploading
+        scrub_vault_keys(flow.request)
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -142,9 +218,16 @@ class Identify:
             return
         vendor = vendor_for_host(flow.request.host)
         if vendor is None:
+            scrub_vault_keys(flow.request)
             return  # egress allowed it; not ours to meter
         call = Call(vendor=vendor.name, host=flow.request.host)
         flow.metadata["spendgate"] = call
+        if not self.identify(flow, call, vendor, slots) and flow.response is not None:
+            _drop_unchecked_body(flow)
+
+    def identify(self, flow: http.HTTPFlow, call: Call, vendor: Vendor,
+                 slots: list[tuple[str, str]] | None = None) -> bool:
+        """Check the request; True once its body was decoded and checked."""
         host = flow.request.host.lower()
         unfold(flow.request.headers)  # read and forward the same headers (again: a hook may have added some)
         # Read the keys (unless requestheaders did), then take them out of the flow before any decision.
@@ -152,51 +235,102 @@ class Identify:
             slots = credential_slots(flow.request.headers, vendor)
         else:
             slots += [s for s in credential_slots(flow.request.headers, vendor) if s[1] != REDACTED]
+        # trailers (HTTP/2, chunked) are not read for keys: a key there is masked, never used
         redact(flow.request.headers, vendor)
+        if flow.request.trailers is not None:
+            scrub_vault_keys_in(flow.request.trailers)
 
         if flow.request.scheme != "https" or not flow.client_conn.tls_established:
             refuse(flow, "insecure_scheme",
                    f"{host} must be called over https (CONNECT through the proxy), not plain http")
-            return
+            return False
+        hosts = [v for k, v in flow.request.headers.fields if k.lower() == b"host"]
         header_host = flow.request.host_header
+        if len(hosts) > 1 or (header_host is not None and not well_formed_host(header_host)):
+            refuse(flow, "host_mismatch", f"malformed Host header {escape(header_host or '')!r}")
+            return False
         if header_host is not None and _host_only(header_host) != host:
             refuse(flow, "host_mismatch", f"Host header {header_host!r} does not match the tunnel to {host}")
-            return
+            return False
         sni = flow.client_conn.sni
         if sni and sni.lower() != host:
             refuse(flow, "host_mismatch", f"TLS SNI {sni!r} does not match the tunnel to {host}")
-            return
+            return False
 
         for slot, value in slots:
             if not value.startswith(TOKEN_PREFIX) and (owner := looks_real(value)):
                 refuse(flow, "raw_credential",
                        f"the request carries what looks like a real {owner} key in {slot}; "
                        "agents must use a spendgate vault key")
-                return
+                return False
         tokens = {v for _, v in slots if v.startswith(TOKEN_PREFIX)}
         if not tokens:
             refuse(flow, "missing_vault_key",
                    f"no vault key: send it in X-Vault-Key or where the {vendor.name} SDK puts its key")
-            return
+            return False
         if len(tokens) > 1:
             refuse(flow, "ambiguous_vault_key", "the request carries more than one vault key")
-            return
+            return False
         token = tokens.pop()
-        body = flow.request.get_content(strict=False) or b""
-        # (surrogateescape: a raw non-UTF-8 byte in the path is read back as that byte, not a crash)
-        if _TOKEN_ANYWHERE.search(flow.request.path.encode(errors="surrogateescape")) or \
-                _TOKEN_ANYWHERE.search(body):
-            flow.request.path = _TOKEN_IN_HEADER.sub("vk_[redacted]", flow.request.path)
-            flow.request.content = _TOKEN_ANYWHERE.sub(b"vk_[redacted]", body)
-            refuse(flow, "vault_key_leak", "a vault key appears in the URL or body; it would reach the vendor")
-            return
+        # A vault key in the request target, even percent-encoded (vk%5F…), would reach the vendor.
+        target = flow.request.path
+        if _leaks(target.encode(errors="surrogateescape")):
+            flow.request.path = _mask_target(target)
+            refuse(flow, "vault_key_leak", "a vault key appears in the URL; it would reach the vendor")
+            return False
+        # The key is looked up before any body is inflated: an unknown agent gets no decoding work.
         store = self.runtime.store
         assert store is not None
         key = store.key_by_token(token) if _TOKEN.match(token) else None
         if key is None:
             refuse(flow, "unknown_key", "this vault key is not known to the gateway")
-            return
+            return False
         call.key, call.policy = key, key.policy
         state = key.state()
         if state != "active":
             refuse(flow, state, f"vault key {key.id} is {state}")
+            return False
+        loaded = self.runtime.state
+        conf = loaded.config.vendors.get(vendor.name) if loaded is not None else None
+        # A built-in vendor that is only "*.domain" (Shopify) has one tenant per host: its credential
+        # needs credential_hosts. (A declared vendor's hosts are the operator's own choice.)
+        tenant_hosts = vendor.name in BUILT_IN and all(h.startswith("*.") for h in vendor.hosts)
+        if conf is not None and (conf.credential_hosts or tenant_hosts) and host.rstrip(".") not in conf.credential_hosts:
+            refuse(flow, "vendor_not_allowed",
+                   f"the {vendor.name} credential is for {', '.join(conf.credential_hosts) or 'no host yet'}, not {host} "
+                   f"(vendors.{vendor.name}.credential_hosts)")
+            return False
+        # An upgrade (WebSocket, h2c, an HTTP/2 extended CONNECT) opens a session whose cost no
+        # estimate sees and no response settles: refused until sessions are metered.
+        upgrade = flow.request.headers.get("upgrade") or (
+            "upgrade" in flow.request.headers.get("connection", "").lower() and "upgrade")
+        if upgrade or flow.request.method.upper() == "CONNECT":
+            refuse(flow, "unpriceable", f"a {escape(upgrade or 'CONNECT')} session to {vendor.name} cannot be "
+                   "priced before it runs (no hold would bound it); it is refused")
+            return False
+        # One canonical request for every check and for the vendor (see canonical.py).
+        try:
+            canonical = canonical_target(target)
+        except Ambiguous as e:
+            config = self.runtime.state.config if self.runtime.state else None
+            if config is not None and config.policy_mode(key.policy) == "report":
+                canonical = target  # report-only: authorize records would_deny; forwarded as sent
+            else:
+                refuse(flow, "endpoint_not_allowed",
+                       f"{flow.request.method} {escape(target.split('?', 1)[0])}: {e}")
+                return False
+        if canonical != target:
+            flow.request.path = canonical
+        try:
+            decode_in_place(flow.request, self.runtime.inflate_limit)
+        except TooLarge as e:
+            refuse(flow, "body_too_large", f"request body: {e}")
+            return False
+        except Undecodable as e:
+            refuse(flow, "malformed_request", f"request body: {e}")
+            return False
+        body = flow.request.raw_content or b""
+        if _leaks(body):
+            flow.request.content = _mask(body)
+            refuse(flow, "vault_key_leak", "a vault key appears in the body; it would reach the vendor")
+        return True

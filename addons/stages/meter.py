@@ -14,6 +14,7 @@ from decimal import Decimal
 
 from mitmproxy import http
 
+from .. import bodies
 from ..call import Call, get_call
 from ..money import fmt_usd, from_nanos, plain, to_nanos
 from ..runtime import Runtime
@@ -97,7 +98,10 @@ class Meter:
                 if call.meter_failed:
                     return Cost("unknown", None, note="stream meter failed")
                 return meter.finish()
-            body = flow.response.get_content(strict=False) or b""
+            try:  # bounded: a gzip bomb from upstream is not inflated past the limit
+                body = bodies.content(flow.response, self.runtime.inflate_limit)
+            except ValueError as e:
+                return Cost("unknown", None, note=f"response body not priced: {e}"[:300])
             resp = ResponseView(flow.response.status_code, headers, body)
             return vendor.cost(call.view or request_view(flow), resp, state.prices, call.estimate)
         except Exception as e:  # a vendor parser bug must not break the response

@@ -17,6 +17,7 @@ from mitmproxy import ctx, http
 
 from .. import clock, wire
 from ..call import STATUS, Call, get_call
+from ..canonical import escape
 from ..money import fmt_usd, from_nanos, plain, to_nanos
 from ..runtime import Runtime
 
@@ -222,4 +223,4 @@ def decision_line(row: dict, as_json: bool) -> str:
         return json.dumps({"event": "spendgate.decision", **{k: row.get(k) for k in LOG_FIELDS}})
     cost = f" cost={row['cost_usd']}({row['cost_status']})" if row.get("cost_usd") is not None else ""
     return (f"spendgate: {row['decision']} {row['reason'] or '-'} {row['vendor'] or row['host']} "
-            f"{row['method']} {row['path']} key={row['key_id'] or '-'} status={row['status']}{cost}")
+            f"{escape(row['method'])} {escape(row['path'])} key={row['key_id'] or '-'} status={row['status']}{cost}")

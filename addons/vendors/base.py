@@ -154,6 +154,9 @@ class Estimate:
     currency: str | None = None
     amount: Decimal | None = None  # in the vendor's units (e.g. 15.00 EUR, 1500 JPY)
     basis: str = ""  # a short human explanation, shown in flow comments
+    # The vendor adds input the request does not show (a stored conversation, a stored prompt):
+    # the budget holds at least the policy's default_estimate_usd (else max_request_usd).
+    open_context: bool = False
 
 
 NO_COST = Estimate(usd=Decimal(0))

@@ -115,6 +115,7 @@ def _rates(prices: Prices, model: object) -> _llm.Rates:
 class _Worst:
     usd: Decimal
     basis: str
+    open_context: bool = False
 
 
 def _worst(req: RequestView, prices: Prices, kind: str) -> _Worst:
@@ -130,9 +131,11 @@ def _worst(req: RequestView, prices: Prices, kind: str) -> _Worst:
     basis = f"{_llm.describe(rates, model)}: ~{in_tokens} input tokens (from body size)"
     if kind != "embeddings":
         basis += f" + {n}×{limit} output tokens ({limit_note})"
-    if body.get("previous_response_id") or body.get("conversation"):
+    open_context = bool(body.get("previous_response_id") or body.get("conversation")
+                        or isinstance(body.get("prompt"), Mapping))  # a stored prompt {"id": "pmpt_…"}
+    if open_context:
         basis += "; earlier conversation context not counted"
-    return _Worst(input_usd + output_usd, basis)
+    return _Worst(input_usd + output_usd, basis, open_context)
 
 
 def _output_budget(body: Mapping[str, Any], kind: str, rates: _llm.Rates,
@@ -166,7 +169,8 @@ def _estimate(req: RequestView, prices: Prices) -> Estimate:
         return Estimate(usd=None, moves_money=True,
                         basis="OpenAI endpoint billed per image/second/job/run: moves money, amount unknown")
     worst = _worst(req, prices, kind)
-    return Estimate(usd=worst.usd, moves_money=True, currency="USD", amount=worst.usd, basis=worst.basis)
+    return Estimate(usd=worst.usd, moves_money=True, currency="USD", amount=worst.usd, basis=worst.basis,
+                    open_context=worst.open_context)
 
 
 # --- usage → cost ---------------------------------------------------------------------------
