@@ -47,13 +47,18 @@ from mitmproxy import http
 from . import clock
 from .captures import Entry, Problem, Reader
 from .pipeline import Outcome, Pipeline
-from .policy import Config, load_config
+from .policy import Config
+from .policy import load_config as _load_config
 from .vendors import BUILT_IN, REGISTRY, vendor_for_host
 
 # Refusals that are not policy decisions: kept as captured, never replayed.
 IDENTITY = frozenset({"missing_vault_key", "unknown_key", "ambiguous_vault_key", "expired", "revoked",
                       "raw_credential", "host_mismatch", "insecure_scheme", "vault_key_leak", "egress_denied"})
-KEY_HEADERS = frozenset({"x-vault-key", "authorization"}).union(*(v.key_headers for v in REGISTRY.values()))
+
+
+def key_headers() -> frozenset[str]:
+    """Every header where an agent may put a key: the built-in vendors' and the declared ones'."""
+    return frozenset({"x-vault-key", "authorization"}).union(*(v.key_headers for v in REGISTRY.values()))
 NOT_FORWARDED = "not forwarded when captured"
 NO_RESPONSE = "no response was captured"
 BASELINE_POLICY = "captured"
@@ -165,12 +170,28 @@ class Summary:
 # --------------------------------------------------------------------------- policies
 
 
+_configs: dict[tuple[str, float], Config] = {}
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """The policy file, validated (file:line errors); parsed once per file version."""
+    try:
+        key = (str(Path(path).resolve()), Path(path).stat().st_mtime)
+    except OSError:
+        return _load_config(path)  # (its ConfigError names the file)
+    if key not in _configs:
+        if len(_configs) > 8:
+            _configs.clear()
+        _configs[key] = _load_config(path)
+    return _configs[key]
+
+
 def replay_config(source: str | os.PathLike[str], directory: Path, *, baseline: bool = False) -> Path:
     """A copy of the policy file for replay: credentials replaced by stand-ins (replay needs no real
     key and sends nothing), upstreams dropped. ``baseline``: one policy that allows everything,
     with no cap, rate or loop limit, in report mode (what a capture from elsewhere went through:
     nothing refused, every call priced)."""
-    config = load_config(source)  # the user's file, validated with its own file:line errors
+    config = load_config(source)  # the user's file, validated with its own file:line errors (cached)
     data = yaml.safe_load(Path(source).read_text()) or {}
     vendors = data.setdefault("vendors", {})
     if baseline:  # every vendor: traffic from elsewhere is priced whoever it went to
@@ -200,7 +221,7 @@ class Side:
 
     def __init__(self, policy_file: str | os.PathLike[str], directory: Path, *, default_policy: str | None,
                  baseline: bool = False) -> None:
-        self.config: Config = load_config(policy_file)
+        self.config: Config = load_config(policy_file)  # (cached: validated once per file)
         self.pipeline = Pipeline(replay_config(policy_file, directory, baseline=baseline), ":memory:",
                                  termlog_verbosity="error", store_streamed_bodies=True)
         store = self.pipeline.runtime.store
@@ -269,7 +290,7 @@ def who_of(flow: http.HTTPFlow, meta: dict[str, Any] | None) -> Who:
         return Who(meta["key_id"], meta.get("policy"), dict(meta.get("labels") or {}),
                    meta.get("host") or flow.request.host, meta["key_id"])
     host = (meta or {}).get("host") or flow.request.pretty_host
-    creds = sorted(v for k, v in flow.request.headers.items(multi=True) if k.lower() in KEY_HEADERS)
+    creds = sorted(v for k, v in flow.request.headers.items(multi=True) if k.lower() in key_headers())
     digest = hashlib.sha256("\n".join(creds).encode(errors="surrogateescape")).hexdigest()[:12]
     return Who(f"cred:{digest}", None, {"replayed_from": f"cred:{digest}"} if creds else {}, host,
                f"cred:{digest}" if creds else "(no key)")
@@ -305,9 +326,10 @@ def prepare(captured: http.HTTPFlow, host: str, token: str) -> http.HTTPFlow:
     """A live flow of the captured request inside a tunnel to ``host``, carrying ``token``."""
     req = copy.copy(captured.request)
     req.data = copy.copy(captured.request.data)
+    slots = key_headers()
     req.data.headers = http.Headers(tuple(
         (k, v) for k, v in captured.request.headers.fields
-        if k.decode("latin-1").lower() not in KEY_HEADERS and not v.startswith(b"spendgate:")))
+        if k.decode("latin-1").lower() not in slots and not v.startswith(b"spendgate:")))
     req.headers["X-Vault-Key"] = token
     req.scheme, req.port = "https", 443
     req.host = host  # (updates the Host header / :authority, as a request to the vendor has it)
