@@ -822,10 +822,10 @@ def part_ledger(tmp: Path, rows: int) -> dict[str, Any]:
             "amount": None, "request_id": f"req_{i}", "latency_ms": 1.5,
         })
         if len(chunk) == 10_000:
-            conn.executemany(sql, [tuple(r[k] for k in cols) for r in chunk])
+            conn.executemany(sql, [tuple(r.get(k) for k in cols) for r in chunk])  # absent column: NULL
             chunk = []
     if chunk:
-        conn.executemany(sql, [tuple(r[k] for k in cols) for r in chunk])
+        conn.executemany(sql, [tuple(r.get(k) for k in cols) for r in chunk])  # absent column: NULL
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
