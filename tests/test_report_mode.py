@@ -1,28 +1,23 @@
 """Report-only mode, in process: every policy check runs and every would-deny reason is recorded.
 
-Flows go through mitmproxy's real hook dispatch (``AddonManager.handle_lifecycle``, the order
-``scripts/bench`` uses) with every spendgate addon loaded; a forwarded request gets a canned
-vendor answer. Enforce mode is driven through the very same table, so each row says what the
-agent gets there and what the ledger says in report mode.
+Flows go through the gateway in process (``spendgate.pipeline``: the real addon list, mitmproxy's
+own hook dispatch); a forwarded request gets a vendor answer that moved the money asked for.
+Enforce mode is driven through the very same table, so each row says what the agent gets there
+and what the ledger says in report mode.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sqlite3
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from urllib.parse import parse_qsl
 
 import pytest
 from mitmproxy import http
-from mitmproxy.proxy.layers.http import _hooks as hooks
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 
-from spendgate.call import METADATA_KEY, Call, apply_verdicts, get_call
-from spendgate.gateway import make_addons
+from spendgate.call import METADATA_KEY, Call, apply_verdicts
+from spendgate.pipeline import Outcome, Pipeline, response, vendor_flow
 from spendgate.policy import Approve, Deny, Verdict
 
 HOST = "api.stripe.com"
@@ -45,69 +40,26 @@ RATED = "rate: 1/minute"
 BUDGETED = "{budget: {key_usd: 1}, loop: {repeats: 2, window: 10m}}"
 
 
-@dataclass
-class Sent:
-    call: Call
-    status: int  # what the agent got
-    reason: str | None  # X-Spendgate-Reason
-    forwarded: bool
-    row: dict  # the ledger row
-    call_comment: str  # the flow's comment (mitmweb)
+def vendor(request: http.Request) -> http.Response:
+    """Stripe, having moved the money asked for."""
+    form = dict(parse_qsl(request.get_text() or ""))
+    amount, currency = int(form.get("amount", 0)), form.get("currency", "usd")
+    return response(200, json.dumps({"object": "payment_intent", "status": "succeeded", "amount": amount,
+                                     "amount_received": amount, "currency": currency}))
 
 
-def send(tmp: Path, mode: str, extra: str, requests: list[tuple[str, str, bytes]],
-         monkeypatch: pytest.MonkeyPatch) -> list[Sent]:
+def send(pipeline: Callable[..., Pipeline], mode: str, extra: str,
+         requests: list[tuple[str, str, bytes]]) -> list[Outcome]:
     """Send ``requests`` (method, path, form body) with one fresh vault key, in order."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    config, db = tmp / "policy.yaml", tmp / "ledger.db"
     if extra.startswith("{"):  # a flow mapping: its fields go under the policy
         extra = "\n    ".join(f"{k}: {v}" for k, v in _flow_fields(extra))
-    config.write_text(POLICY.format(mode=mode, extra=extra))
-    monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_test_51REALstripeSECRETdoNotLeak0000")
-    monkeypatch.setenv("SPENDGATE_CONFIG", str(config))
-    monkeypatch.setenv("SPENDGATE_DB", str(db))
-    addons = make_addons()
-    runtime = addons[0]
-    out: list[Sent] = []
-
-    async def main() -> None:
-        with taddons.context(*addons) as tctx:
-            tctx.options.update(spendgate_admin_listen="")
-            _, token = runtime.store.issue_key("p", 3600)
-            am = tctx.master.addons
-            for method, path, body in requests:
-                f = tflow.tflow(req=http.Request.make(
-                    method, f"https://{HOST}{path}", body,
-                    {"Host": HOST, "X-Vault-Key": token,
-                     **({"Content-Type": "application/x-www-form-urlencoded"} if body else {})}))
-                f.client_conn.sni = HOST
-                await am.handle_lifecycle(hooks.HttpRequestHeadersHook(f))
-                await am.handle_lifecycle(hooks.HttpRequestHook(f))
-                forwarded = f.response is None
-                if forwarded:  # the vendor moved the money asked for
-                    form = dict(parse_qsl(body.decode()))
-                    amount, currency = int(form.get("amount", 0)), form.get("currency", "usd")
-                    f.response = http.Response.make(200, json.dumps({
-                        "object": "payment_intent", "status": "succeeded", "amount": amount,
-                        "amount_received": amount, "currency": currency}).encode(),
-                        {"Content-Type": "application/json"})
-                await am.handle_lifecycle(hooks.HttpResponseHeadersHook(f))
-                await am.handle_lifecycle(hooks.HttpResponseHook(f))
-                call = get_call(f)
-                assert call is not None
-                out.append(Sent(call, f.response.status_code, f.response.headers.get("X-Spendgate-Reason"),
-                                forwarded, {}, f.comment))
-            runtime.store.flush()
-            await tctx.master.done()  # every addon's done, and mitmproxy's log handler removed
-
-    asyncio.run(main())
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    rows = [dict(r) for r in conn.execute("SELECT * FROM calls ORDER BY id")]
-    conn.close()
-    assert len(rows) == len(out)
-    for sent, row in zip(out, rows, strict=True):
-        sent.row = row
+    p = pipeline(POLICY.format(mode=mode, extra=extra))
+    token = p.issue_key("p")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    out = [p.run(vendor_flow(method, f"https://{HOST}{path}", {"X-Vault-Key": token, **(form if body else {})},
+                             body), vendor)
+           for method, path, body in requests]
+    assert all(o.row is not None and o.call is not None for o in out)
     return out
 
 
@@ -117,24 +69,27 @@ def _flow_fields(text: str) -> list[tuple[str, str]]:
     return [(k, yaml.safe_dump(v, default_flow_style=True).strip()) for k, v in yaml.safe_load(text).items()]
 
 
-def codes(call: Call) -> list[str]:
+def codes(call: Call | None) -> list[str]:
+    assert call is not None
     return [d.code for d in call.would_deny]
 
 
 @pytest.mark.parametrize("path", ["/v1/charges", "/v1/%2e%2e/charges"])
 def test_report_mode_runs_the_rate_limiter_after_an_endpoint_would_deny(
-        path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        path: str, pipeline: Callable[..., Pipeline]) -> None:
     """The measured bug: an unsafe path (``%2e%2e``) returned early and skipped the rate limiter."""
-    first, second = send(tmp_path, "report", RATED, [("GET", path, b""), ("GET", path, b"")], monkeypatch)
+    first, second = send(pipeline, "report", RATED, [("GET", path, b""), ("GET", path, b"")])
     assert first.forwarded and second.forwarded
-    assert first.status == second.status == 200 and second.reason is None
+    assert first.status == second.status == 200
+    assert "X-Spendgate-Reason" not in second.flow.response.headers
     assert codes(first.call) == ["endpoint_not_allowed"]
     assert codes(second.call) == ["endpoint_not_allowed", "rate_limited"]
     row = second.row
+    assert row is not None
     assert (row["decision"], row["reason"], row["status"]) == ("would_deny", "endpoint_not_allowed", 200)
     assert row["note"].startswith("would deny: endpoint_not_allowed (GET ")
     assert "; rate_limited (key " in row["note"] and "over its rate of 1/minute" in row["note"]
-    assert "WOULD_DENY · endpoint_not_allowed+rate_limited · stripe" in second.call_comment
+    assert "WOULD_DENY · endpoint_not_allowed+rate_limited · stripe" in second.flow.comment
 
 
 PI = "/v1/payment_intents"
@@ -177,25 +132,26 @@ CASES = [
 @pytest.mark.parametrize(("extra", "requests", "enforced", "reported"), CASES)
 def test_enforce_refuses_at_the_first_deny_and_report_records_every_one(
         extra: str, requests: list[tuple[str, str, bytes]], enforced: list[tuple[int, str | None]],
-        reported: list[list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    enforce = send(tmp_path / "enforce", "enforce", extra, requests, monkeypatch)
+        reported: list[list[str]], pipeline: Callable[..., Pipeline]) -> None:
+    enforce = send(pipeline, "enforce", extra, requests)
     assert [(s.status, s.reason) for s in enforce] == enforced
     for s, (_, reason) in zip(enforce, enforced, strict=True):
-        assert s.forwarded is (reason is None)
-        assert (s.row["decision"], s.row["reason"]) == ("allow" if reason is None else "deny", reason)
-        assert s.call.would_deny == []
-    report = send(tmp_path / "report", "report", extra, requests, monkeypatch)
+        assert s.refused is (reason is not None)
+        assert s.row is not None and (s.row["decision"], s.row["reason"]) == ("allow" if reason is None else "deny", reason)
+        assert codes(s.call) == []
+    report = send(pipeline, "report", extra, requests)
     assert [codes(s.call) for s in report] == reported
     for s, want in zip(report, reported, strict=True):
-        assert s.forwarded and s.status == 200 and s.reason is None
+        assert s.forwarded and s.status == 200 and "X-Spendgate-Reason" not in s.flow.response.headers
+        assert s.row is not None
         assert (s.row["decision"], s.row["reason"]) == (("would_deny", want[0]) if want else ("allow", None))
         assert all(f"{c} (" in s.row["note"] for c in want)
 
 
-def test_report_mode_notes_an_approval_instead_of_holding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (sent,) = send(tmp_path, "report", BUDGETED, [("POST", "/v1/transfers", b"amount=10&currency=usd")],
-                   monkeypatch)
-    assert sent.forwarded and not sent.call.approval_id
+def test_report_mode_notes_an_approval_instead_of_holding(pipeline: Callable[..., Pipeline]) -> None:
+    (sent,) = send(pipeline, "report", BUDGETED, [("POST", "/v1/transfers", b"amount=10&currency=usd")])
+    assert sent.forwarded and sent.call is not None and not sent.call.approval_id
+    assert sent.row is not None
     assert (sent.row["decision"], sent.row["reason"]) == ("allow", None)
     assert sent.row["note"].startswith("would deny: approval_required ('POST /v1/transfers' would hold it")
 
