@@ -587,3 +587,9 @@ if __name__ == "__main__":
 from .replay_cli import replay as _replay  # noqa: E402
 
 main.add_command(_replay)
+
+# --------------------------------------------------------------------------- prices / reconcile (own module)
+
+from .pricing_cli import prices as _prices  # noqa: E402
+
+main.add_command(_prices)

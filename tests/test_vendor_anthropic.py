@@ -129,11 +129,13 @@ def test_errors_are_zero(name: str, http: int) -> None:
     assert (cost.status, cost.usd) == ("zero", 0)
 
 
-def test_unknown_model_uses_fallback_rates() -> None:
+def test_unknown_model_is_priced_at_the_highest_listed_rates() -> None:
     cost = cost_of(VENDOR, MESSAGES, message("claude-ultra-9", {"input_tokens": 10, "output_tokens": 10}))
     assert cost.status == "estimated" and "unknown model" in cost.note
-    assert cost.usd == per_million(10, VENDOR.prices["fallback"]["input"]) + per_million(
-        10, VENDOR.prices["fallback"]["output"])
+    models = VENDOR.prices["models"].values()
+    top_in = max(Decimal(str(m["input"])) for m in models)
+    top_out = max(Decimal(str(m["output"])) for m in models)
+    assert cost.usd == per_million(10, top_in) + per_million(10, top_out)
 
 
 def test_count_tokens_and_reads_are_free() -> None:

@@ -133,13 +133,19 @@ def test_missing_usage_falls_back_to_the_estimate(name: str) -> None:
     assert "usage missing" in cost.note
 
 
-def test_unknown_model_uses_fallback_rates_and_says_so() -> None:
+def test_unknown_model_is_priced_at_the_highest_listed_rates_and_says_so() -> None:
     body = synthetic_chat("gpt-99-turbo", {"prompt_tokens": 1000, "completion_tokens": 100})
     cost = cost_of(VENDOR, CHAT, body)
-    fallback = VENDOR.prices["fallback"]
+    top_in = max(rate(m, "input") for m in MODELS.values())
+    top_out = max(rate(m, "output") for m in MODELS.values())
+    assert (top_in, top_out) == (Decimal(150), Decimal(600))  # o1-pro: never cheaper than the dearest
     assert cost.status == "estimated"
-    assert cost.usd == per_million(1000, fallback["input"]) + per_million(100, fallback["output"])
-    assert "unknown model 'gpt-99-turbo'" in cost.note
+    assert cost.usd == 1000 * top_in / 10**6 + 100 * top_out / 10**6
+    assert "unknown model 'gpt-99-turbo'" in cost.note and "highest" in cost.note
+    # every listed model costs no more than the unknown one
+    for name in MODELS:
+        known = cost_of(VENDOR, CHAT, synthetic_chat(name, {"prompt_tokens": 1000, "completion_tokens": 100}))
+        assert known.status == "parsed" and known.usd <= cost.usd, name
 
 
 def test_policy_override_changes_the_price() -> None:

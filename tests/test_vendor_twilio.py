@@ -279,3 +279,10 @@ def test_verify_services_and_deletes_are_free_other_posts_are_not() -> None:
     paid = RequestView("POST", f"{BASE}/IncomingPhoneNumbers.json", "", {}, b"PhoneNumber=%2B15005550006")
     est = VENDOR.estimate(paid, Prices())
     assert (est.usd, est.moves_money) == (None, True)
+
+
+@needs_fixtures
+def test_a_reported_price_wins_and_the_table_difference_is_noted() -> None:
+    cost = cost_of(VENDOR, FETCH, raw("twilio", "message_fetch_sent_priced_usd.json"))
+    assert cost.usd == Decimal("0.0075")  # Twilio's figure, not the table's 0.0083
+    assert "table $0.0083" in cost.note and "reported -$0.0008" in cost.note

@@ -184,8 +184,7 @@ def lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal,
     entry = models.get(key) if key else None
     known = isinstance(entry, Mapping)
     if not known:
-        fallback = table.get("fallback")
-        entry = fallback if isinstance(fallback, Mapping) else {}
+        entry = costliest(table)
         key = "fallback"
     assert isinstance(entry, Mapping)
     inp = dec(entry.get("input"), Decimal(0))
@@ -213,6 +212,48 @@ def _opt_rate(value: object) -> Decimal | None:
     return d if d is not None and d >= 0 else None
 
 
+_RATE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "audio_input",
+                "audio_output", "image_input", "max_output")
+
+
+def costliest(table: Mapping[str, Any]) -> dict[str, Any]:
+    """An unknown model's rates: for each rate, the highest of any listed model and of the
+    table's ``fallback`` row. A new model is never priced below the vendor's dearest."""
+    models = table.get("models")
+    rows = [r for r in (models.values() if isinstance(models, Mapping) else []) if isinstance(r, Mapping)]
+    fallback = table.get("fallback")
+    if isinstance(fallback, Mapping):
+        rows.append(fallback)
+    out: dict[str, Any] = {}
+    for name in _RATE_FIELDS:
+        values = [d for r in rows if (d := parse_decimal(r.get(name))) is not None and d >= 0]
+        if values:
+            out[name] = max(values)
+    lc = [r["long_context"] for r in rows if isinstance(r.get("long_context"), Mapping)]
+    if lc:  # the earliest surcharge threshold, the steepest multipliers
+        out["long_context"] = {
+            "above_input_tokens": min(opt_int(x.get("above_input_tokens")) or MAX_COUNT for x in lc),
+            "input_x": max(dec(x.get("input_x"), Decimal(1)) for x in lc),
+            "output_x": max(dec(x.get("output_x"), Decimal(1)) for x in lc),
+        }
+    return out
+
+
+def known_model(table: Mapping[str, Any], model: object) -> bool:
+    """Whether ``model`` has a row: in ``models`` (or an alias, or without its date), or in
+    any other per-model section of the table (OpenAI's ``audio``, ``speech``, ``images``)."""
+    if not isinstance(model, str) or not model:
+        return False
+    models = table.get("models")
+    aliases = table.get("aliases")
+    if _resolve(models if isinstance(models, Mapping) else {}, aliases if isinstance(aliases, Mapping) else {},
+                model.lower()):
+        return True
+    name = model.lower()
+    return any(isinstance(section, Mapping) and isinstance(section.get(name) or section.get(
+        _DATE_SUFFIX.sub("", name)), Mapping) for key, section in table.items() if key != "models")
+
+
 def _resolve(models: Mapping[str, Any], aliases: Mapping[str, Any], name: str) -> str | None:
     for candidate in (name, _DATE_SUFFIX.sub("", name)):
         if not candidate:
@@ -238,7 +279,7 @@ def describe(rates: Rates, asked: object) -> str:
     """How the model was priced, for notes and bases."""
     if rates.known:
         return rates.model
-    return f"unknown model {asked!r} priced at fallback rates"
+    return f"unknown model {asked!r} priced at the highest listed rates"
 
 
 def input_guess(body: bytes, image_tokens: int) -> int:

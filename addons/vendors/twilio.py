@@ -27,6 +27,8 @@ Cost (after), from the response:
   ``price_unit`` (USD if absent); the absolute value counts. It is a decimal
   amount, not minor units: ``"-0.100"`` JPY is a tenth of a yen. Other
   currencies go through the policy's ``fx`` (no rate → unknown).
+- A reported price is preferred to the rate table; the note records the table's figure
+  and the difference (``SM… 0.0075 USD (table $0.0083, reported -$0.0008)``).
 - ``price`` null (queued, accepted, scheduled, just sent): Twilio prices later;
   the rate table gives an "estimated" cost (segments/media from the response,
   a queued call at the request's TimeLimit, a finished one at its duration).
@@ -241,7 +243,12 @@ def _item(obj: Mapping[str, Any], req: RequestView, prices: Prices) -> _Item:
             usd = to_usd(amount, currency, prices.fx)
         except Unpriceable:
             return _Item(None, currency, amount, "parsed", f"{sid} {amount} {currency}: no fx rate")
-        return _Item(usd, currency, amount, "parsed" if amount else "zero", f"{sid} {amount} {currency}")
+        note = f"{sid} {amount} {currency}"
+        if amount:  # Twilio's own price wins; the table's figure is recorded beside it
+            is_call = sid.startswith("CA") or "duration" in obj or "answered_by" in obj
+            table, _ = _call_item(obj, req, _rates(prices)) if is_call else _message_item(obj, _rates(prices))
+            note += f" (table ${table}, reported {'+' if usd >= table else '-'}${abs(usd - table)})"
+        return _Item(usd, currency, amount, "parsed" if amount else "zero", note)
     is_call = sid.startswith("CA") or "duration" in obj or "answered_by" in obj
     free = _CALL_FREE if is_call else _MESSAGE_FREE
     if status in free:
