@@ -47,7 +47,8 @@ from mitmproxy import http
 from . import clock
 from .captures import Entry, Problem, Reader
 from .pipeline import Outcome, Pipeline
-from .policy import Config, load_config
+from .policy import Config
+from .policy import load_config as _load_config
 from .vendors import BUILT_IN, REGISTRY, vendor_for_host
 
 # Refusals that are not policy decisions: kept as captured, never replayed.
@@ -165,12 +166,28 @@ class Summary:
 # --------------------------------------------------------------------------- policies
 
 
+_configs: dict[tuple[str, float], Config] = {}
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """The policy file, validated (file:line errors); parsed once per file version."""
+    try:
+        key = (str(Path(path).resolve()), Path(path).stat().st_mtime)
+    except OSError:
+        return _load_config(path)  # (its ConfigError names the file)
+    if key not in _configs:
+        if len(_configs) > 8:
+            _configs.clear()
+        _configs[key] = _load_config(path)
+    return _configs[key]
+
+
 def replay_config(source: str | os.PathLike[str], directory: Path, *, baseline: bool = False) -> Path:
     """A copy of the policy file for replay: credentials replaced by stand-ins (replay needs no real
     key and sends nothing), upstreams dropped. ``baseline``: one policy that allows everything,
     with no cap, rate or loop limit, in report mode (what a capture from elsewhere went through:
     nothing refused, every call priced)."""
-    config = load_config(source)  # the user's file, validated with its own file:line errors
+    config = load_config(source)  # the user's file, validated with its own file:line errors (cached)
     data = yaml.safe_load(Path(source).read_text()) or {}
     vendors = data.setdefault("vendors", {})
     if baseline:  # every vendor: traffic from elsewhere is priced whoever it went to
@@ -200,7 +217,7 @@ class Side:
 
     def __init__(self, policy_file: str | os.PathLike[str], directory: Path, *, default_policy: str | None,
                  baseline: bool = False) -> None:
-        self.config: Config = load_config(policy_file)
+        self.config: Config = load_config(policy_file)  # (cached: validated once per file)
         self.pipeline = Pipeline(replay_config(policy_file, directory, baseline=baseline), ":memory:",
                                  termlog_verbosity="error", store_streamed_bodies=True)
         store = self.pipeline.runtime.store
