@@ -54,7 +54,11 @@ from .vendors import BUILT_IN, REGISTRY, vendor_for_host
 # Refusals that are not policy decisions: kept as captured, never replayed.
 IDENTITY = frozenset({"missing_vault_key", "unknown_key", "ambiguous_vault_key", "expired", "revoked",
                       "raw_credential", "host_mismatch", "insecure_scheme", "vault_key_leak", "egress_denied"})
-KEY_HEADERS = frozenset({"x-vault-key", "authorization"}).union(*(v.key_headers for v in REGISTRY.values()))
+
+
+def key_headers() -> frozenset[str]:
+    """Every header where an agent may put a key: the built-in vendors' and the declared ones'."""
+    return frozenset({"x-vault-key", "authorization"}).union(*(v.key_headers for v in REGISTRY.values()))
 NOT_FORWARDED = "not forwarded when captured"
 NO_RESPONSE = "no response was captured"
 BASELINE_POLICY = "captured"
@@ -286,7 +290,7 @@ def who_of(flow: http.HTTPFlow, meta: dict[str, Any] | None) -> Who:
         return Who(meta["key_id"], meta.get("policy"), dict(meta.get("labels") or {}),
                    meta.get("host") or flow.request.host, meta["key_id"])
     host = (meta or {}).get("host") or flow.request.pretty_host
-    creds = sorted(v for k, v in flow.request.headers.items(multi=True) if k.lower() in KEY_HEADERS)
+    creds = sorted(v for k, v in flow.request.headers.items(multi=True) if k.lower() in key_headers())
     digest = hashlib.sha256("\n".join(creds).encode(errors="surrogateescape")).hexdigest()[:12]
     return Who(f"cred:{digest}", None, {"replayed_from": f"cred:{digest}"} if creds else {}, host,
                f"cred:{digest}" if creds else "(no key)")
@@ -322,9 +326,10 @@ def prepare(captured: http.HTTPFlow, host: str, token: str) -> http.HTTPFlow:
     """A live flow of the captured request inside a tunnel to ``host``, carrying ``token``."""
     req = copy.copy(captured.request)
     req.data = copy.copy(captured.request.data)
+    slots = key_headers()
     req.data.headers = http.Headers(tuple(
         (k, v) for k, v in captured.request.headers.fields
-        if k.decode("latin-1").lower() not in KEY_HEADERS and not v.startswith(b"spendgate:")))
+        if k.decode("latin-1").lower() not in slots and not v.startswith(b"spendgate:")))
     req.headers["X-Vault-Key"] = token
     req.scheme, req.port = "https", 443
     req.host = host  # (updates the Host header / :authority, as a request to the vendor has it)
