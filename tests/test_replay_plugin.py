@@ -77,7 +77,7 @@ def test_the_fixture_and_its_assertions(pytester: pytest.Pytester) -> None:
         def test_fails_when_nothing_matches(spendgate_replay):
             spendgate_replay("policy.yaml", "captures").where(path="/nothing").assert_refused()
     """)
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, failed=3)
     result.stdout.fnmatch_lines([
         "*calls would be refused:*",
@@ -101,4 +101,4 @@ def test_relative_paths_resolve_from_the_rootdir(pytester: pytest.Pytester) -> N
         "def test_it(spendgate_replay):\n"
         "    os.chdir(os.path.dirname(__file__))\n"
         "    assert len(spendgate_replay('policy.yaml', 'demo.mitm')) == 16\n")
-    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
