@@ -100,6 +100,7 @@ class Call:
     tool: str | None = None  # the MCP tool(s) a tools/call names (comma-separated in a batch)
     notes: list[str] = field(default_factory=list)  # what a stage changed (a clamp, a filtered tool list)
     started: float = field(default_factory=time.perf_counter)
+    held_seconds: float = 0.0  # time held for a human's answer (approve:), not the gateway's latency
     recorded: bool = False
 
     @property

@@ -13,7 +13,10 @@ Plain Python, no prometheus_client: four families, text exposition format 0.0.4.
   moment the gateway holds the whole request (its ``request`` hook) to the moment it
   records the call. For a refused request that is all the gateway's own time; for a
   forwarded one it also contains the vendor's response time, so read
-  ``decision="deny"`` as the gateway's overhead and ``"allow"`` as an upper bound.
+  ``decision="deny"`` as the gateway's overhead and ``"allow"`` as an upper bound. Time a
+  request spent held for a human (an ``approve:`` rule) is not in it:
+- ``spendgate_approval_wait_seconds``: how long held requests waited for a human's answer
+  (approved, denied, killed in mitmweb or timed out).
 - ``spendgate_ledger_queue_depth``: ledger writes (rows and budget settlements)
   waiting for the writer thread; it should hover near zero.
 
@@ -78,6 +81,7 @@ class Metrics:
         self.requests: Counter[tuple[str, str, str]] = Counter()
         self.spend_nanos: Counter[tuple[str, str, str]] = Counter()
         self.latency: dict[str, Histogram] = {}
+        self.approval_wait = Histogram()
         runtime.on_record.append(self.observe)
 
     def observe(self, row: dict[str, Any], call: Any = None) -> None:
@@ -92,10 +96,13 @@ class Metrics:
             kind = "parsed" if row.get("cost_status") == "parsed" else "estimated"
             if nanos > 0:  # a Prometheus counter may never go down: a negative cost stays in the ledger only
                 self.spend_nanos[(vendor, row.get("policy") or "none", kind)] += nanos
+        held = getattr(call, "held_seconds", 0.0) or 0.0  # waiting for a human is not the gateway's latency
+        if held > 0:
+            self.approval_wait.observe(round(held * 1_000_000))
         latency_ms = row.get("latency_ms")
         if latency_ms is not None:
             hist = self.latency.setdefault(decision, Histogram())
-            hist.observe(max(0, round(latency_ms * 1000)))
+            hist.observe(max(0, round(latency_ms * 1000 - held * 1_000_000)))
 
     def render(self) -> str:
         out: list[str] = []
@@ -116,18 +123,26 @@ class Metrics:
         for key, nanos in sorted(self.spend_nanos.items()):
             out.append(f"spendgate_spend_usd_total{{{_labels(names, key)}}} {decimal_str(nanos, 9)}")
 
-        family("spendgate_added_latency_seconds", "histogram",
-               "Time from the gateway holding the whole request to recording the call "
-               "(includes the vendor's response time for forwarded requests).")
-        for decision, hist in sorted(self.latency.items()):
-            label = f'decision="{_escape(decision)}"'
+        def histogram(name: str, label: str, hist: Histogram) -> None:
+            sep = "," if label else ""
             cumulative = 0
             for (le, _), n in zip(LATENCY_BUCKETS, hist.buckets, strict=True):
                 cumulative += n
-                out.append(f'spendgate_added_latency_seconds_bucket{{{label},le="{le}"}} {cumulative}')
-            out.append(f'spendgate_added_latency_seconds_bucket{{{label},le="+Inf"}} {hist.count}')
-            out.append(f"spendgate_added_latency_seconds_sum{{{label}}} {decimal_str(hist.sum_us, 6)}")
-            out.append(f"spendgate_added_latency_seconds_count{{{label}}} {hist.count}")
+                out.append(f'{name}_bucket{{{label}{sep}le="{le}"}} {cumulative}')
+            out.append(f'{name}_bucket{{{label}{sep}le="+Inf"}} {hist.count}')
+            out.append(f"{name}_sum{{{label}}} {decimal_str(hist.sum_us, 6)}" if label else
+                       f"{name}_sum {decimal_str(hist.sum_us, 6)}")
+            out.append(f"{name}_count{{{label}}} {hist.count}" if label else f"{name}_count {hist.count}")
+
+        family("spendgate_added_latency_seconds", "histogram",
+               "Time from the gateway holding the whole request to recording the call "
+               "(includes the vendor's response time for forwarded requests; not the time held for a human).")
+        for decision, hist in sorted(self.latency.items()):
+            histogram("spendgate_added_latency_seconds", f'decision="{_escape(decision)}"', hist)
+
+        family("spendgate_approval_wait_seconds", "histogram",
+               "Time held requests waited for a human's answer (approved, denied, killed or timed out).")
+        histogram("spendgate_approval_wait_seconds", "", self.approval_wait)
 
         store = self.runtime.store
         if store is not None:  # (not yet open: nothing to report)

@@ -21,6 +21,7 @@ from harness import Gateway, free_port, start_gateway
 
 from fakes import FakeVendors
 from spendgate.admin import Admin
+from spendgate.call import Call
 from spendgate.metrics import CONTENT_TYPE, Metrics, decimal_str
 from spendgate.runtime import Runtime
 
@@ -159,6 +160,7 @@ def test_metrics_is_prometheus_text(env: Env) -> None:
         "spendgate_requests_total": "counter",
         "spendgate_spend_usd_total": "counter",
         "spendgate_added_latency_seconds": "histogram",
+        "spendgate_approval_wait_seconds": "histogram",
         "spendgate_ledger_queue_depth": "gauge",
         "spendgate_circuit_open": "gauge",
         "spendgate_store_up": "gauge",
@@ -327,3 +329,19 @@ def test_decimal_str() -> None:
     assert [decimal_str(n, 9) for n in (0, 1, 10**9, 1_500_000_000, -25, 285)] == [
         "0", "0.000000001", "1", "1.5", "-0.000000025", "0.000000285"]
     assert decimal_str(2_500_123, 6) == "2.500123"
+
+
+def test_time_held_for_a_human_is_reported_apart_from_the_latency() -> None:
+    m = Metrics(Runtime())
+    held = Call(vendor="stripe")
+    held.held_seconds = 4.9
+    m.observe(_row(latency_ms=5000.0), held)  # 4.9 s waiting for a human, 0.1 s the gateway's own
+    m.observe(_row(latency_ms=2.0), Call(vendor="stripe"))  # never held
+    fams = parse(m.render())
+    added = fams["spendgate_added_latency_seconds"]
+    assert values(added, "spendgate_added_latency_seconds_sum") == {(("decision", "allow"),): Decimal("0.102")}
+    wait = fams["spendgate_approval_wait_seconds"]
+    assert values(wait, "spendgate_approval_wait_seconds_count") == {(): 1}
+    assert values(wait, "spendgate_approval_wait_seconds_sum") == {(): Decimal("4.9")}
+    buckets = {dict(k)["le"]: v for k, v in values(wait, "spendgate_approval_wait_seconds_bucket").items()}
+    assert (buckets["2.5"], buckets["5"], buckets["+Inf"]) == (0, 1, 1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 
 from mitmproxy import http
@@ -68,6 +69,13 @@ class Approve:
         log.info("spendgate: held %s %s for approval %s", flow.request.method, flow.request.path, approval_id)
 
     async def watch(self, flow: http.HTTPFlow, call: Call, approval_id: str, timeout: float) -> None:
+        held_at = time.perf_counter()
+        try:
+            await self._watch(flow, call, approval_id, timeout)
+        finally:
+            call.held_seconds = time.perf_counter() - held_at  # /metrics keeps it out of the latency
+
+    async def _watch(self, flow: http.HTTPFlow, call: Call, approval_id: str, timeout: float) -> None:
         store = self.runtime.store
         assert store is not None
         deadline = asyncio.get_running_loop().time() + timeout
