@@ -89,6 +89,9 @@ def token_ref(value: str) -> str:
     return ref
 
 
+MIN_TOKEN_LENGTH = 32  # an admin token shorter than this is refused (the listener does not start)
+
+
 def resolve_token(ref: str, environ: Mapping[str, str] | None = None) -> str | None:
     """Read the token as vendor keys are read (``policy.read_secret``); None if unset/empty."""
     return read_secret(ref, environ)[0]
@@ -396,6 +399,8 @@ class Admin:
                 self._warned_token = True
             raise ApiError(401, "unauthorized", "the gateway has no admin token configured")
         self._warned_token = False
+        if len(token) < MIN_TOKEN_LENGTH:  # rotated to a guessable one after start-up
+            raise ApiError(401, "unauthorized", f"the gateway's admin token is shorter than {MIN_TOKEN_LENGTH} characters")
         scheme, _, given = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ApiError(401, "unauthorized", "send the admin token as Authorization: Bearer <token>")
@@ -425,6 +430,12 @@ class Admin:
                 "--set spendgate_admin_listen= turns the admin API off.",
                 host, port, self.token_ref, DEFAULT_TOKEN_ENV,
             )
+            return
+        if len(token := resolve_token(self.token_ref) or "") < MIN_TOKEN_LENGTH:
+            log.log(logging.ERROR if self.explicit else logging.WARNING,
+                    "spendgate: admin API NOT started on %s:%d: the admin token (%s) has %d characters; "
+                    "at least %d are required (e.g. openssl rand -hex 32)",
+                    host, port, self.token_ref, len(token), MIN_TOKEN_LENGTH)
             return
         try:
             self.server = self.app().listen(port, host, max_body_size=MAX_BODY)

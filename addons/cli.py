@@ -178,6 +178,9 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
     if web:
         args += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
                  "--set", "web_host=127.0.0.1"]
+    if log_format == "json":  # quiet until the addon switches the log to JSON lines (runtime.py)
+        args += ["--set", "termlog_verbosity=warn"]
+        os.environ["SPENDGATE_TERMLOG_VERBOSITY"] = "info"
     # Line-buffered output even into a file or a pipe (`spendgate run > gw.log`): each decision,
     # and mitmweb's login URL, is there as soon as it happens.
     os.environ["PYTHONUNBUFFERED"] = "1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.utils import human
 
-from . import wire
+from . import jsonlog, wire
 from .bodies import DEFAULT_BODY_SIZE_LIMIT, DEFAULT_INFLATE_LIMIT
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, Policy, load_config, resolve_credentials
@@ -123,6 +124,8 @@ class Runtime:
     def configure(self, updated: set[str]) -> None:
         if ctx.options.spendgate_log_format not in ("text", "json"):
             raise exceptions.OptionsError("spendgate_log_format must be 'text' or 'json'")
+        if "spendgate_log_format" in updated:
+            self._log_format(ctx.options.spendgate_log_format == "json")
         if "spendgate_config" in updated or self.state is None:
             path = config_path(ctx.options.spendgate_config)
             try:
@@ -185,6 +188,19 @@ class Runtime:
                     ctx.options.stream_large_bodies = None
                 finally:
                     self._taking_stream_option = False
+
+    def _log_format(self, as_json: bool) -> None:
+        """JSON mode: every printed line is JSON (jsonlog.py); mitmdump's per-flow lines are off.
+        ``spendgate run --log-format json`` starts mitmproxy quiet (so its first lines, printed
+        before this addon loads, are not plain text) and names the verbosity to restore here."""
+        jsonlog.use_json(as_json)
+        if not as_json:
+            return
+        if getattr(ctx.options, "flow_detail", 0):
+            ctx.options.flow_detail = 0
+        verbosity = os.environ.pop("SPENDGATE_TERMLOG_VERBOSITY", None)
+        if verbosity and hasattr(ctx.options, "termlog_verbosity"):
+            ctx.options.termlog_verbosity = verbosity
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Stream a response larger than stream_large_bodies to the agent (it is then not priced)."""

@@ -461,9 +461,9 @@ def test_no_token_no_listener(monkeypatch: pytest.MonkeyPatch, caplog: pytest.Lo
 
 
 def test_listener_starts_moves_and_stops_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPENDGATE_ADMIN_TOKEN", "tok-in-process")
+    monkeypatch.setenv("SPENDGATE_ADMIN_TOKEN", "tok-in-process-" + "0" * 24)
     first, second = free_port(), free_port()
-    auth = {"Authorization": "Bearer tok-in-process"}
+    auth = {"Authorization": "Bearer tok-in-process-" + "0" * 24}
 
     async def main() -> None:
         admin = _admin()  # its runtime has no policy or ledger yet

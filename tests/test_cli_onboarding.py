@@ -4,15 +4,19 @@ listens, and the CLI's messages when something is missing. Real subprocesses of 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
+import httpx
 import pytest
 import yaml
+from harness import free_port
 
 from spendgate.cli import main
 from spendgate.policy import load_config
@@ -205,3 +209,50 @@ def test_fakes_env_covers_the_demo_policy() -> None:
     assert "STRIPE_SECRET_KEY" in refs
     assert refs <= exported
     assert "FAKE" in out.stdout.splitlines()[0]
+
+
+def test_run_log_format_json_prints_only_json_lines_line_buffered(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("version: 1\nvendors:\n  stripe: {secret: env:SK}\npolicies:\n  a:\n"
+                                      "    vendors:\n      stripe: {allow: [\"GET /v1/x\"]}\negress: {default: deny}\n")
+    port = free_port()
+    log = tmp_path / "gw.log"
+    proc = subprocess.Popen([str(BIN / "spendgate"), "run", "--log-format", "json", "--config", "p.yaml",
+                             "--port", str(port)],
+                            cwd=tmp_path, env={**CLEAN_ENV, "SK": "x"}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while "proxy listening" not in log.read_text():  # in the file while the gateway runs
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        with httpx.Client(proxy=f"http://127.0.0.1:{port}") as c:
+            assert c.get("http://blocked.example/").status_code == 403
+        while "spendgate.decision" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]  # every line is JSON
+    decision = next(x for x in lines if x.get("event") == "spendgate.decision")
+    assert (decision["decision"], decision["reason"]) == ("deny", "egress_denied")
+    assert any("proxy listening" in x.get("message", "") for x in lines)
+
+
+@pytest.mark.parametrize("token, starts", [("a" * 31, False), ("a" * 32, True)])
+def test_an_admin_token_shorter_than_32_characters_is_refused(tmp_path: Path, token: str, starts: bool) -> None:
+    (tmp_path / "p.yaml").write_text("version: 1\n")
+    admin = free_port()
+    proc = subprocess.Popen([str(BIN / "spendgate"), "run", "--config", "p.yaml", "--port", str(free_port()),
+                             "--admin-port", str(admin)], cwd=tmp_path, env={**CLEAN_ENV, "SPENDGATE_ADMIN_TOKEN": token},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=15 if not starts else 8)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert token not in out
+    if starts:
+        assert "admin API listening" in out, out
+    else:
+        assert proc.returncode == 1 and "has 31 characters; at least 32 are required" in out, out

@@ -138,7 +138,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory, fakes: FakeVendors, certs: Path) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("metrics")
     token_file = tmp / "admin-token"
-    token_file.write_text("first-token\n")
+    token_file.write_text("first-token-000000000000000000000000\n")
     port = free_port()
     gw = start_gateway(tmp, fakes, certs, extra=(
         "--set", f"spendgate_admin_listen=127.0.0.1:{port}",
@@ -238,20 +238,21 @@ def test_admin_token_file_is_read_on_every_request(env: Env) -> None:
         return httpx.get(f"{env.admin}/v1/keys", headers={"Authorization": f"Bearer {token}"},
                          trust_env=False).status_code
 
-    assert status("first-token") == 200
-    env.token_file.write_text("second-token\n")  # rotated: no restart
+    assert status("first-token-000000000000000000000000") == 200
+    env.token_file.write_text("second-token-000000000000000000000000\n")  # rotated: no restart
     try:
-        assert (status("first-token"), status("second-token")) == (401, 200)
+        assert (status("first-token-000000000000000000000000"), status("second-token-000000000000000000000000")) == (401, 200)
     finally:
-        env.token_file.write_text("first-token\n")
-    assert "first-token" not in env.gw.log.read_text() and "second-token" not in env.gw.log.read_text()
+        env.token_file.write_text("first-token-000000000000000000000000\n")
+    log = env.gw.log.read_text()
+    assert "first-token-000000000000000000000000" not in log and "second-token-000000000000000000000000" not in log
 
 
 # --------------------------------------------------------------------------- /metrics off loopback
 
 
 def test_metrics_needs_the_token_when_not_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPENDGATE_ADMIN_TOKEN", "tok-metrics")
+    monkeypatch.setenv("SPENDGATE_ADMIN_TOKEN", "tok-metrics-000000000000000000000000")
     port = free_port()
 
     async def main() -> None:
@@ -264,7 +265,7 @@ def test_metrics_needs_the_token_when_not_on_loopback(monkeypatch: pytest.Monkey
             async with httpx.AsyncClient(trust_env=False) as c:
                 r = await c.get(f"http://127.0.0.1:{port}/metrics")
                 assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-                r = await c.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer tok-metrics"})
+                r = await c.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer tok-metrics-000000000000000000000000"})
                 assert r.status_code == 200 and r.headers["content-type"] == CONTENT_TYPE
                 parse(r.text)
         finally:
