@@ -50,6 +50,11 @@ def test_the_demo_policy_sends_everything_to_the_fakes_and_keeps_the_examples_po
     assert set(demo.vendors) == set(example.vendors)
     text = (ROOT / "policies" / "demo.yaml").read_text()
     assert text.startswith("# DEMO policy") and "OFFLINE FAKE" in text
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo_policy import render
+
+    assert text == render((ROOT / "policies" / "example.yaml").read_text()), \
+        "policies/demo.yaml is out of date: run python scripts/demo_policy.py"
 
 
 # --------------------------------------------------------------------------- init
