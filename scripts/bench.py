@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -68,7 +69,8 @@ from fakes import free_port  # noqa: E402
 
 TARGETS = {
     "throughput_ratio_min": 0.90,  # spendgate req/s ÷ bare mitmdump req/s
-    "p50_added_ms_max": 1.0,  # spendgate p50 − bare p50, at concurrency 1
+    "p50_added_ms_max": 0.5,  # spendgate p50 − bare p50, at concurrency 1
+    "cpu_added_us_max": 250.0,  # spendgate's CPU per request − bare mitmdump's (load runs and in-process)
     "lookup_ratio_max": 2.0,  # key lookup p50 with 100 000 keys ÷ with 10 keys ("flat")
     "revoke_ms_max": 100.0,  # revoke commit → first 401 revoked
     "pg_over_sqlite_min": 0.85,  # fleet mode req/s ÷ SQLite mode req/s (reads and money calls)
@@ -170,10 +172,43 @@ def _fake_response(status: int, obj: dict[str, Any]) -> bytes:
     ).encode() + body
 
 
+def _sse_events() -> list[bytes]:
+    """A chat completion streamed as OpenAI does it: a role delta, 16 content deltas, the finish,
+    the usage chunk (``stream_options.include_usage``), ``[DONE]``."""
+    head = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1767225600,
+            "model": "gpt-4o-mini-2024-07-18", "service_tier": "default", "system_fingerprint": "fp_bench"}
+
+    def chunk(choices: list[Any], **more: Any) -> bytes:
+        return b"data: " + json.dumps({**head, "choices": choices, "usage": None, **more}).encode() + b"\n\n"
+
+    events = [chunk([{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None},
+                      "logprobs": None, "finish_reason": None}])]
+    events += [chunk([{"index": 0, "delta": {"content": f" word{i}"}, "logprobs": None, "finish_reason": None}])
+               for i in range(16)]
+    events.append(chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
+    events.append(chunk([], usage={"prompt_tokens": 12, "completion_tokens": 16, "total_tokens": 28,
+                                   "prompt_tokens_details": {"cached_tokens": 0},
+                                   "completion_tokens_details": {"reasoning_tokens": 0}}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+SSE_EVENTS = _sse_events()
+
+
+def _sse_response() -> bytes:
+    """One HTTP chunk per SSE event (as a vendor flushes them), written at once."""
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+            b"Transfer-Encoding: chunked\r\nx-request-id: req_bench_sse\r\nConnection: keep-alive\r\n\r\n")
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in SSE_EVENTS) + b"0\r\n\r\n"
+
+
 class FakeVendor(asyncio.Protocol):
-    """A minimal HTTP/1.1 keep-alive server: GET …/payment_intents/… → a payment intent."""
+    """A minimal HTTP/1.1 keep-alive server: GET …/payment_intents/… and POST /v1/payment_intents →
+    a succeeded payment intent; POST /v1/chat/completions → a streamed (SSE) chat completion."""
 
     OK = _fake_response(200, PAYMENT_INTENT)
+    SSE = _sse_response()
     NOT_FOUND = _fake_response(404, {"error": {"type": "invalid_request_error", "message": "no such route"}})
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -192,8 +227,13 @@ class FakeVendor(asyncio.Protocol):
             if len(self.buf) < end + 4 + length:
                 return
             self.buf = self.buf[end + 4 + length:]
-            target = head.split(b" ", 2)[1]
-            self.transport.write(self.OK if b"/payment_intents/" in target else self.NOT_FOUND)
+            method, target = head.split(b" ", 2)[:2]
+            if target.endswith(b"/chat/completions"):
+                self.transport.write(self.SSE)
+            elif b"/payment_intents" in target:
+                self.transport.write(self.OK)
+            else:
+                self.transport.write(self.NOT_FOUND)
 
 
 def serve_fake(port_file: str, cert: str, key: str) -> None:
@@ -216,6 +256,36 @@ def serve_fake(port_file: str, cert: str, key: str) -> None:
 # --------------------------------------------------------------------------- the load client
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """One kind of call the benchmark sends: the same bytes to bare mitmdump and to spendgate."""
+
+    name: str
+    what: str  # for the table
+    method: str
+    vendor_host: str  # the host spendgate sees (the CONNECT target)
+    path: str
+    policy: str  # the policy of the vault key it uses
+    content_type: str | None = None
+    body_template: str = ""  # {i}: a per-request counter (distinct bodies: the loop breaker is not tripped)
+
+    def body(self, i: int) -> bytes:
+        return self.body_template.replace("{i}", str(i)).encode()
+
+
+REQUEST_COUNTER = itertools.count()  # one per bench process: no body is ever sent twice
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("read", f"GET {PATH} (a read: $0, not reserved)", "GET", VENDOR_HOST, PATH, "billing-agent"),
+    Scenario("pay", "POST /v1/payment_intents $20 (priced, reserved, settled)", "POST", VENDOR_HOST,
+             "/v1/payment_intents", "billing-agent", "application/x-www-form-urlencoded",
+             "amount=2000&currency=usd&confirm=true&payment_method=pm_card_visa&description=bench+{i}"),
+    Scenario("sse", "POST /v1/chat/completions, streamed (SSE, tokens priced)", "POST", "api.openai.com",
+             "/v1/chat/completions", "support-agent", "application/json",
+             '{"model":"gpt-4o-mini","max_tokens":64,"stream":true,"stream_options":{"include_usage":true},'
+             '"messages":[{"role":"user","content":"Say sixteen words, please ({i})."}]}'),
+)}
+
+
 @dataclass
 class Target:
     """Where the client connects and what it sends."""
@@ -228,16 +298,25 @@ class Target:
     method: str = "GET"
     path: str = PATH
     body: bytes = b""
+    scenario: Scenario | None = None  # the bench's calls; None: method, path and body above
 
-    def request(self) -> bytes:
+    def request(self, i: int = 0) -> bytes:
+        sc = self.scenario
         host = self.host if self.port == 443 else f"{self.host}:{self.port}"
-        headers = {**self.headers}
-        if self.body:
-            headers.update({"Content-Type": "application/x-www-form-urlencoded",
-                            "Content-Length": str(len(self.body))})
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        return (f"{self.method} {self.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: spendgate-bench\r\n"
-                f"Accept: application/json\r\n{extra}\r\n").encode() + self.body
+        if sc is None:
+            headers = {**self.headers}
+            if self.body:
+                headers.update({"Content-Type": "application/x-www-form-urlencoded",
+                                "Content-Length": str(len(self.body))})
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            return (f"{self.method} {self.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: spendgate-bench\r\n"
+                    f"Accept: application/json\r\n{extra}\r\n").encode() + self.body
+        extra = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+        body = sc.body(i)
+        if sc.method != "GET":
+            extra += f"Content-Type: {sc.content_type}\r\nContent-Length: {len(body)}\r\n"
+        return (f"{sc.method} {sc.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: spendgate-bench\r\n"
+                f"Accept: application/json\r\n{extra}\r\n").encode() + body
 
 
 @dataclass
@@ -344,13 +423,15 @@ async def run_load(target: Target, concurrency: int, *, seconds: float | None = 
     """``concurrency`` keep-alive connections, each sending the next request as soon as the
     last answer is read, for ``seconds`` or ``requests`` in all (after ``warmup`` each)."""
     ctx = client_context(target.ca)
-    request = target.request()
+    counter = REQUEST_COUNTER
+    fixed = target.request()
+    request = target.request if target.scenario and target.scenario.body_template else (lambda _i: fixed)
     conns = [Conn(target, ctx) for _ in range(concurrency)]
 
     async def warm(c: Conn) -> None:
         await c.open()
         for _ in range(max(1, warmup // concurrency)):
-            await c.call(request)
+            await c.call(request(next(counter)))
 
     await asyncio.gather(*(warm(c) for c in conns))
     result = LoadResult()
@@ -371,7 +452,7 @@ async def run_load(target: Target, concurrency: int, *, seconds: float | None = 
             if t0 >= end:
                 return
             try:
-                status, _, _ = await c.call(request)
+                status, _, _ = await c.call(request(next(counter)))
             except (OSError, asyncio.IncompleteReadError, ValueError, ConnectionError) as e:
                 result.errors[type(e).__name__] += 1
                 c.close()
@@ -411,7 +492,9 @@ policies:
         max_request_usd: 200
         default_estimate_usd: 50
       resend: {{allow: ["POST /emails"]}}
-    budget: {{key_usd: 500, key_daily_usd: 200, policy_daily_usd: 2000, policy_monthly_usd: 20000}}
+    # every cap checked and held on each money call, none ever reached by the benchmark
+    budget: {{key_usd: 1000000000, key_daily_usd: 1000000000, policy_daily_usd: 1000000000,
+              policy_monthly_usd: 1000000000}}
     rate: 100000000/hour      # per key; high enough never to refuse the benchmark (the limiter still runs)
     ttl: 1h
     approval_timeout: 5m
@@ -424,8 +507,8 @@ policies:
   support-agent:
     vendors:
       openai: {{allow: ["POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings"]}}
-    budget: {{key_usd: 20, key_daily_usd: 10}}
-    rate: 120/minute
+    budget: {{key_usd: 1000000000, key_daily_usd: 1000000000}}
+    rate: 100000000/hour
 egress: {{default: deny, allow: [], deny: []}}
 """
 
@@ -500,15 +583,17 @@ class Bench:
     def gateway_ca(self) -> str:
         return str(self.confdir / "mitmproxy-ca-cert.pem")
 
-    def target(self, mode: str, proxy: Proxy | None, token: str) -> Target:
+    def target(self, mode: str, proxy: Proxy | None, token: str, scenario: Scenario | None = None) -> Target:
         headers = {"X-Vault-Key": token}
         if mode == "direct":
-            return Target("127.0.0.1", self.fake_port, str(self.fake_ca), headers=headers)
+            return Target("127.0.0.1", self.fake_port, str(self.fake_ca), headers=headers, scenario=scenario)
         if mode == "bare":
             assert proxy is not None
-            return Target("127.0.0.1", self.fake_port, self.gateway_ca, proxy=proxy.port, headers=headers)
+            return Target("127.0.0.1", self.fake_port, self.gateway_ca, proxy=proxy.port, headers=headers,
+                          scenario=scenario)
         assert proxy is not None
-        return Target(VENDOR_HOST, 443, self.gateway_ca, proxy=proxy.port, headers=headers)
+        return Target(scenario.vendor_host if scenario else VENDOR_HOST, 443, self.gateway_ca, proxy=proxy.port,
+                      headers=headers, scenario=scenario)
 
     def bare(self) -> Proxy:
         p = start_mitmdump("bare", self.tmp, self.confdir, self.fake_ca, self.env, [])
@@ -585,34 +670,44 @@ def measured(proxy: Proxy | None, target: Target, concurrency: int, **kw: Any) -
     return res
 
 
-def part_throughput(b: Bench, concurrencies: list[int], seconds: float, rounds: int,
-                    warmup: int) -> dict[str, Any]:
-    """Three runs on the same load, interleaved ``rounds`` times so drift hits them alike."""
+def part_throughput(b: Bench, scenarios: list[Scenario], concurrencies: list[int], seconds: float,
+                    rounds: int, warmup: int) -> dict[str, Any]:
+    """Per scenario and concurrency: bare mitmdump and spendgate (and, for the read, direct) on
+    the same load, interleaved ``rounds`` times so drift and the other processes on the machine
+    hit them alike."""
     bare, gw = b.bare(), b.gateway()
-    _, token = b.issue()
     out: dict[str, Any] = {}
-    for c in concurrencies:
-        totals = {m: LoadResult() for m in ("direct", "bare", "spendgate")}
-        for r in range(rounds):
-            for mode, proxy in (("direct", None), ("bare", bare), ("spendgate", gw)):
-                res = measured(proxy, b.target(mode, proxy, token), c, seconds=seconds, warmup=warmup)
-                log(f"c={c} round {r + 1}/{rounds} {mode}: {res.requests / res.elapsed:.0f} req/s "
-                    f"statuses={dict(res.statuses)} errors={dict(res.errors)}")
-                totals[mode].merge(res)
-        row = {m: t.summary() for m, t in totals.items()}
-        d, br, sg = row["direct"], row["bare"], row["spendgate"]
-        row["ratios"] = {
-            "spendgate_rps_over_bare": round(sg["rps"] / br["rps"], 3) if br["rps"] else None,
-            "bare_rps_over_direct": round(br["rps"] / d["rps"], 3) if d["rps"] else None,
-            "spendgate_p50_over_bare": round(sg["p50_ms"] / br["p50_ms"], 3) if br["p50_ms"] else None,
-            "spendgate_p99_over_bare": round(sg["p99_ms"] / br["p99_ms"], 3) if br["p99_ms"] else None,
-            "bare_p50_added_ms": round(br["p50_ms"] - d["p50_ms"], 3),
-            "spendgate_p50_added_over_bare_ms": round(sg["p50_ms"] - br["p50_ms"], 3),
-        }
-        out[str(c)] = row
-    ok = all(row["spendgate"]["statuses"].keys() == {"200"} for row in out.values())
-    if not ok:
-        log(f"WARNING: the spendgate run had non-200 answers; see {gw.log}")
+    for sc in scenarios:
+        _, token = b.issue(sc.policy)
+        modes = (("direct", None), ("bare", bare), ("spendgate", gw)) if sc.name == "read" else \
+            (("bare", bare), ("spendgate", gw))
+        out[sc.name] = {}
+        for c in concurrencies:
+            totals = {m: LoadResult() for m, _ in modes}
+            for r in range(rounds):
+                for mode, proxy in (modes if r % 2 == 0 else modes[::-1]):
+                    res = measured(proxy, b.target(mode, proxy, token, sc), c, seconds=seconds, warmup=warmup)
+                    log(f"{sc.name} c={c} round {r + 1}/{rounds} {mode}: {res.requests / res.elapsed:.0f} req/s "
+                        f"statuses={dict(res.statuses)} errors={dict(res.errors)}")
+                    totals[mode].merge(res)
+            row = {m: t.summary() for m, t in totals.items()}
+            br, sg = row["bare"], row["spendgate"]
+            cpu_b, cpu_s = br["proxy_cpu_us_per_request"], sg["proxy_cpu_us_per_request"]
+            row["ratios"] = {
+                "spendgate_rps_over_bare": round(sg["rps"] / br["rps"], 3) if br["rps"] else None,
+                "spendgate_p50_over_bare": round(sg["p50_ms"] / br["p50_ms"], 3) if br["p50_ms"] else None,
+                "spendgate_p99_over_bare": round(sg["p99_ms"] / br["p99_ms"], 3) if br["p99_ms"] else None,
+                "spendgate_p50_added_over_bare_ms": round(sg["p50_ms"] - br["p50_ms"], 3),
+                "spendgate_cpu_added_us_per_request": (cpu_s - cpu_b) if cpu_s is not None and cpu_b is not None
+                else None,
+            }
+            if "direct" in row:
+                d = row["direct"]
+                row["ratios"]["bare_rps_over_direct"] = round(br["rps"] / d["rps"], 3) if d["rps"] else None
+                row["ratios"]["bare_p50_added_ms"] = round(br["p50_ms"] - d["p50_ms"], 3)
+            out[sc.name][str(c)] = row
+            if row["spendgate"]["statuses"].keys() != {"200"}:
+                log(f"WARNING: the spendgate run had non-200 answers; see {gw.log}")
     return out
 
 
@@ -797,21 +892,113 @@ def part_lookup(tmp: Path, key_counts: list[int], rule_counts: list[int], lookup
     return out
 
 
-def part_pipeline(tmp: Path, n: int) -> dict[str, Any]:
-    """spendgate's own hooks on one allowed request, in-process, through mitmproxy's real hook
-    dispatch (AddonManager.handle_lifecycle), with no network: what the gateway adds per
-    request, without the noise of sockets and other processes. Taken as the median of ``n``."""
-    return asyncio.run(_pipeline(tmp, n))
+def part_pipeline(tmp: Path, scenarios: list[Scenario], concurrencies: list[int], n: int,
+                  rounds: int) -> dict[str, Any]:
+    """spendgate's own hooks, in-process, through the hook dispatch of a real mitmdump master
+    (``DumpMaster``: mitmdump's ~40 default addons, the same options as the load runs), with no
+    sockets: the CPU time per request of the bare master's hooks and of the same master with
+    spendgate's addons, on the same flows, alternated ``rounds`` times. The difference is what
+    spendgate adds per request, the ledger writer thread's work included (process CPU time:
+    steady on a shared machine, unlike wall time). ``concurrency`` flows are in flight at once
+    (at 20 the ledger commits rows in groups, as under load)."""
+    return asyncio.run(_pipeline(tmp, scenarios, concurrencies, n, rounds))
 
 
-async def _pipeline(tmp: Path, n: int) -> dict[str, Any]:
-    import importlib
+class _InProcess:
+    """A DumpMaster, with or without spendgate's addons, driving flows through mitmproxy's hooks
+    in the order its HTTP layer emits them (a streamed response's body through its stream function)."""
 
+    def __init__(self, tmp: Path, with_spendgate: bool) -> None:
+        from mitmproxy import options
+        from mitmproxy.tools.dump import DumpMaster
+
+        from spendgate import gateway
+
+        self.master = DumpMaster(options.Options(), loop=asyncio.get_running_loop(), with_termlog=True,
+                                 with_dumper=True)
+        (tmp / "inprocess-confdir").mkdir(exist_ok=True)  # tlsconfig makes its CA there, as mitmdump does
+        self.master.options.update(confdir=str(tmp / "inprocess-confdir"), connection_strategy="lazy",
+                                   flow_detail=0, termlog_verbosity="warn")
+        self.addons: list[Any] = []
+        if with_spendgate:
+            self.master.options.update_defer(spendgate_admin_listen="")
+            self.addons = gateway.make_addons()
+            self.master.addons.add(*self.addons)
+        self.runtime = next((a for a in self.addons if hasattr(a, "store")), None)
+
+    def activate(self) -> None:
+        from mitmproxy import ctx
+
+        ctx.master, ctx.options = self.master, self.master.options  # one master at a time
+
+    async def run(self, flows: list[tuple[Any, Any, list[bytes] | None]], concurrency: int) -> Counter:
+        from mitmproxy.proxy.layers.http import _hooks as hooks
+
+        am = self.master.addons
+        statuses: Counter = Counter()
+        it = iter(flows)
+
+        async def worker() -> None:
+            for f, resp, chunks in it:
+                await am.handle_lifecycle(hooks.HttpRequestHeadersHook(f))
+                await am.handle_lifecycle(hooks.HttpRequestHook(f))
+                if f.response is None:
+                    from spendgate import wire
+
+                    if self.addons:
+                        wire.with_credentials(f.request)  # what assembling the upstream request adds
+                    f.response = resp
+                await am.handle_lifecycle(hooks.HttpResponseHeadersHook(f))
+                if chunks is not None and f.response is resp:
+                    if callable(resp.stream):
+                        for c in chunks:
+                            resp.stream(c)
+                        resp.data.content = b""
+                    else:
+                        resp.content = b"".join(chunks)
+                await am.handle_lifecycle(hooks.HttpResponseHook(f))
+                statuses[f.response.status_code] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if self.runtime is not None and self.runtime.store is not None:
+            self.runtime.store.flush()  # the writer thread's share of the work, inside the timing
+        return statuses
+
+    async def close(self) -> None:
+        self.activate()
+        for a in self.addons:
+            if hasattr(a, "done"):
+                res = a.done()
+                if asyncio.iscoroutine(res):
+                    await res
+
+
+def _inprocess_flows(sc: Scenario, token: str, n: int) -> list[tuple[Any, Any, list[bytes] | None]]:
     from mitmproxy import http
-    from mitmproxy.proxy.layers.http import _hooks as hooks
-    from mitmproxy.test import taddons, tflow
+    from mitmproxy.test import tflow
 
-    from spendgate import wire
+    out = []
+    for _ in range(n):
+        i = next(REQUEST_COUNTER)
+        headers = {"Host": sc.vendor_host, "User-Agent": "spendgate-bench", "Accept": "application/json",
+                   "X-Vault-Key": token}
+        if sc.content_type:
+            headers["Content-Type"] = sc.content_type
+        f = tflow.tflow(req=http.Request.make(sc.method, f"https://{sc.vendor_host}{sc.path}", sc.body(i), headers))
+        f.client_conn.sni = sc.vendor_host
+        if sc.name == "sse":
+            resp = http.Response.make(200, b"", {"Content-Type": "text/event-stream; charset=utf-8",
+                                                 "Transfer-Encoding": "chunked", "x-request-id": "req_sse"})
+            out.append((f, resp, list(SSE_EVENTS)))
+        else:
+            resp = http.Response.make(200, FakeVendor.OK.split(b"\r\n\r\n", 1)[1],
+                                      {"Content-Type": "application/json", "Request-Id": "req_bench"})
+            out.append((f, resp, None))
+    return out
+
+
+async def _pipeline(tmp: Path, scenarios: list[Scenario], concurrencies: list[int], n: int,
+                    rounds: int) -> dict[str, Any]:
     from spendgate.store.sqlite import SQLiteStore
 
     db = tmp / "pipeline.db"
@@ -821,76 +1008,40 @@ async def _pipeline(tmp: Path, n: int) -> dict[str, Any]:
                        "RESEND_API_KEY": "re_BENCHnotReal",  # the options default to these two:
                        "SPENDGATE_CONFIG": str(policy), "SPENDGATE_DB": str(db)})
     store = SQLiteStore(str(db))
-    _, token = store.issue_key("billing-agent", 3600, labels={"run": "bench"})
+    tokens = {p: store.issue_key(p, 3600, labels={"run": "bench"})[1] for p in {sc.policy for sc in scenarios}}
     store.close()
-    gateway = importlib.import_module("spendgate.gateway")
-    addons = gateway.make_addons()
-    body = FakeVendor.OK.split(b"\r\n\r\n", 1)[1]
-    with taddons.context(*addons) as tctx:
-        if "spendgate_admin_listen" in tctx.options:
-            tctx.options.update(spendgate_admin_listen="")
-        am = tctx.master.addons
-        req_us, resp_us, statuses = [], [], Counter()
-        perf = time.perf_counter_ns
-
-        def make_flow() -> http.HTTPFlow:
-            f = tflow.tflow(req=http.Request.make(
-                "GET", f"https://{VENDOR_HOST}{PATH}", b"",
-                {"Host": VENDOR_HOST, "User-Agent": "spendgate-bench", "Accept": "application/json",
-                 "X-Vault-Key": token}))
-            f.client_conn.sni = VENDOR_HOST
-            return f
-
-        # CPU time (all threads, the ledger writer's too) is steadier than wall time on a
-        # shared machine: the flows' own construction is measured apart and taken off.
-        c0 = time.process_time()
-        for _ in range(n):
-            make_flow()
-            http.Response.make(200, body, {"Content-Type": "application/json", "Request-Id": "req_bench"})
-        construct_cpu = time.process_time() - c0
-        c0 = 0.0
-        for i in range(n + 200):
-            if i == 200:
-                c0 = time.process_time()
-            f = make_flow()
-            t0 = perf()
-            await am.handle_lifecycle(hooks.HttpRequestHeadersHook(f))
-            await am.handle_lifecycle(hooks.HttpRequestHook(f))
-            if f.response is None:
-                wire.with_credentials(f.request)  # what assembling the upstream request head adds
-            t1 = perf()
-            if f.response is None:
-                f.response = http.Response.make(200, body, {
-                    "Content-Type": "application/json", "Request-Id": "req_bench"})
-            t2 = perf()
-            await am.handle_lifecycle(hooks.HttpResponseHeadersHook(f))
-            await am.handle_lifecycle(hooks.HttpResponseHook(f))
-            t3 = perf()
-            statuses[f.response.status_code] += 1
-            req_us.append((t1 - t0) / 1000)
-            resp_us.append((t3 - t2) / 1000)
-        store = addons[0].store
-        if store is not None:
-            store.flush()  # the writer thread's share of the work
-        cpu_us = (time.process_time() - c0 - construct_cpu) / n * 1e6
-        for a in addons:
-            if hasattr(a, "done"):
-                res = a.done()
-                if asyncio.iscoroutine(res):
-                    await res
-    req_us, resp_us = req_us[200:], resp_us[200:]  # the first ones warm caches up
-    total = sorted(a + b for a, b in zip(req_us, resp_us, strict=True))
-    out = {
-        "n": n,
-        "request_hooks_p50_us": round(statistics.median(req_us), 1),
-        "response_hooks_p50_us": round(statistics.median(resp_us), 1),
-        "total_p50_us": round(quantile(total, 0.5), 1),
-        "total_p99_us": round(quantile(total, 0.99), 1),
-        "cpu_us_per_request": round(cpu_us, 1),
-        "statuses": {str(k): v for k, v in statuses.items()},
-    }
-    log(f"pipeline in-process: {out['cpu_us_per_request']} µs CPU, {out['total_p50_us']} µs p50 per request "
-        f"(request {out['request_hooks_p50_us']}, response {out['response_hooks_p50_us']}) {dict(statuses)}")
+    bare, sg = _InProcess(tmp, False), _InProcess(tmp, True)
+    out: dict[str, Any] = {}
+    try:
+        for sc in scenarios:
+            out[sc.name] = {}
+            for c in concurrencies:
+                cpu = {"bare": 0.0, "spendgate": 0.0}
+                statuses: dict[str, Counter] = {"bare": Counter(), "spendgate": Counter()}
+                for m in (bare, sg):  # warm up: caches, statements, pools
+                    m.activate()
+                    await m.run(_inprocess_flows(sc, tokens[sc.policy], 100), c)
+                for r in range(rounds):
+                    for mode, m in ((("bare", bare), ("spendgate", sg)) if r % 2 == 0 else
+                                    (("spendgate", sg), ("bare", bare))):
+                        flows = _inprocess_flows(sc, tokens[sc.policy], n)
+                        m.activate()
+                        c0 = time.process_time()
+                        statuses[mode].update(await m.run(flows, c))
+                        cpu[mode] += time.process_time() - c0
+                per = {mode: round(cpu[mode] / (n * rounds) * 1e6, 1) for mode in cpu}
+                out[sc.name][str(c)] = {
+                    "n": n * rounds,
+                    "bare_cpu_us_per_request": per["bare"],
+                    "spendgate_cpu_us_per_request": per["spendgate"],
+                    "cpu_added_us_per_request": round(per["spendgate"] - per["bare"], 1),
+                    "statuses": {m: {str(k): v for k, v in st.items()} for m, st in statuses.items()},
+                }
+                log(f"in-process {sc.name} c={c}: bare hooks {per['bare']} µs, spendgate "
+                    f"{per['spendgate']} µs CPU per request: +{per['spendgate'] - per['bare']:.1f} µs "
+                    f"{dict(statuses['spendgate'])}")
+    finally:
+        await sg.close()
     return out
 
 
@@ -1164,13 +1315,23 @@ def tree() -> str:
 
 def check_targets(res: dict[str, Any]) -> dict[str, Any]:
     checks: dict[str, Any] = {}
-    tp = res.get("throughput", {})
-    for c, row in tp.items():
-        r = row["ratios"]["spendgate_rps_over_bare"]
-        checks[f"throughput c={c} ≥ {TARGETS['throughput_ratio_min']}× bare"] = (r, r is not None and r >= TARGETS["throughput_ratio_min"])
-    if "1" in tp:
-        added = tp["1"]["ratios"]["spendgate_p50_added_over_bare_ms"]
-        checks[f"p50 added c=1 ≤ {TARGETS['p50_added_ms_max']} ms"] = (added, added <= TARGETS["p50_added_ms_max"])
+    for name, rows in res.get("throughput", {}).items():
+        for c, row in rows.items():
+            r = row["ratios"]["spendgate_rps_over_bare"]
+            checks[f"{name} c={c}: throughput ≥ {TARGETS['throughput_ratio_min']}× bare"] = (
+                r, r is not None and r >= TARGETS["throughput_ratio_min"])
+            cpu = row["ratios"]["spendgate_cpu_added_us_per_request"]
+            checks[f"{name} c={c}: proxy CPU added ≤ {TARGETS['cpu_added_us_max']:.0f} µs/request"] = (
+                cpu, cpu is not None and cpu <= TARGETS["cpu_added_us_max"])
+        if "1" in rows:
+            added = rows["1"]["ratios"]["spendgate_p50_added_over_bare_ms"]
+            checks[f"{name} c=1: p50 added ≤ {TARGETS['p50_added_ms_max']} ms"] = (
+                added, added <= TARGETS["p50_added_ms_max"])
+    for name, rows in res.get("pipeline", {}).items():
+        for c, row in rows.items():
+            cpu = row["cpu_added_us_per_request"]
+            checks[f"{name} c={c}: in-process CPU added ≤ {TARGETS['cpu_added_us_max']:.0f} µs/request"] = (
+                cpu, cpu <= TARGETS["cpu_added_us_max"])
     keys = res.get("lookup", {}).get("keys", {})
     if len(keys) >= 2:
         lo, hi = keys[min(keys, key=int)]["hit"]["p50_us"], keys[max(keys, key=int)]["hit"]["p50_us"]
@@ -1197,34 +1358,39 @@ def render(res: dict[str, Any]) -> str:
            f"busy before start {m['background_busy_pct']}%, load average {m['loadavg_start']:.2f} → "
            f"{m.get('loadavg_end', 0):.2f}",
            f"spendgate: {res['params']['addons']} ({res['params']['tree']})",
-           f"load: GET {PATH}, keep-alive, {res['params']['seconds']} s × {res['params']['rounds']} round(s) per run",
+           "load: " + "; ".join(f"{k}: {v}" for k, v in res["params"]["scenarios"].items()),
+           f"keep-alive, {res['params']['seconds']} s × {res['params']['rounds']} interleaved round(s) per run",
            ""]
     pl = res.get("pipeline")
     if pl:
-        out += [f"spendgate hooks in-process (mitmproxy's dispatch, no sockets), per allowed request: "
-                f"{pl['cpu_us_per_request']} µs CPU; p50 {pl['total_p50_us']} µs (request hooks "
-                f"{pl['request_hooks_p50_us']}, response hooks {pl['response_hooks_p50_us']}), p99 {pl['total_p99_us']} µs",
-                ""]
+        out += ["in-process (a mitmdump master's hook dispatch, no sockets), CPU µs per request:",
+                "| scenario | conc. | bare master's hooks | with spendgate | added |",
+                "| --- | ---: | ---: | ---: | ---: |"]
+        for name, rows in pl.items():
+            for c, row in rows.items():
+                out.append(f"| {name} | {c} | {row['bare_cpu_us_per_request']} | "
+                           f"{row['spendgate_cpu_us_per_request']} | **{row['cpu_added_us_per_request']}** |")
+        out.append("")
     tp = res.get("throughput")
     if tp:
-        out += ["| conc. | run | req/s | p50 ms | p99 ms | proxy CPU µs/req | req/s ÷ bare | p50 ÷ bare "
-                "| p99 ÷ bare | CPU/req ÷ bare |",
-                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for c, row in tp.items():
-            br = row["bare"]
-            for mode in ("direct", "bare", "spendgate"):
-                s = row[mode]
-                cpu, bcpu = s["proxy_cpu_us_per_request"], br["proxy_cpu_us_per_request"]
-                out.append(f"| {c} | {mode} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-                           f"{cpu if cpu is not None else '–'} | "
-                           f"{s['rps'] / br['rps']:.2f} | {s['p50_ms'] / br['p50_ms']:.2f} | "
-                           f"{s['p99_ms'] / br['p99_ms']:.2f} | "
-                           f"{f'{cpu / bcpu:.2f}' if cpu and bcpu else '–'} |")
-        out.append("")
-        for c, row in tp.items():
-            r = row["ratios"]
-            out.append(f"c={c}: bare mitmdump adds {r['bare_p50_added_ms']:.2f} ms p50 over direct; "
-                       f"spendgate adds {r['spendgate_p50_added_over_bare_ms']:.2f} ms p50 over bare")
+        out += ["| scenario | conc. | run | req/s | p50 ms | p99 ms | proxy CPU µs/req | req/s ÷ bare "
+                "| p50 added ms | CPU added µs/req |",
+                "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, rows in tp.items():
+            for c, row in rows.items():
+                br = row["bare"]
+                for mode in ("direct", "bare", "spendgate"):
+                    if mode not in row:
+                        continue
+                    s = row[mode]
+                    cpu, bcpu = s["proxy_cpu_us_per_request"], br["proxy_cpu_us_per_request"]
+                    ratio = s["rps"] / br["rps"] if br["rps"] else float("nan")
+                    bold = "**" if mode == "spendgate" else ""
+                    out.append(
+                        f"| {name} | {c} | {mode} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+                        f"{cpu if cpu is not None else '–'} | {bold}{ratio:.2f}{bold} | "
+                        f"{s['p50_ms'] - br['p50_ms']:+.2f} | "
+                        f"{f'{cpu - bcpu:+d}' if cpu is not None and bcpu is not None else '–'} |")
         out.append("")
     lk = res.get("lookup")
     if lk:
@@ -1318,6 +1484,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="length of each throughput run (default 8, smoke 0.5)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds of direct/bare/spendgate (default 2, smoke 1)")
     ap.add_argument("--concurrency", default="1,20", help="comma-separated (default 1,20)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help=f"comma-separated, of {', '.join(SCENARIOS)} (default: all)")
+    ap.add_argument("--inprocess-requests", type=int,
+                    help="requests per in-process run (default 2000, smoke 100)")
     ap.add_argument("--requests", type=int, help="requests for the memory check (default 100000, smoke 300)")
     ap.add_argument("--memory-bare", action="store_true", help="also measure the bare mitmdump's memory")
     ap.add_argument("--ledger-rows", type=int, help="calls rows for the report timing (default 1000000, smoke 10000)")
@@ -1346,6 +1516,7 @@ def main(argv: list[str] | None = None) -> int:
         parts.add("fleet")
     elif "fleet" in parts:
         ap.error("--only fleet needs --pg URL")
+    scenarios = [SCENARIOS[name] for name in args.scenarios.split(",") if name]
     if args.profile:
         parts.add("profile")
 
@@ -1353,7 +1524,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "params": {"smoke": smoke, "seconds": seconds, "rounds": rounds, "concurrency": concurrencies,
                    "memory_requests": requests, "ledger_rows": ledger_rows, "keys": [10, big_keys],
-                   "rules": [10, 1000], "path": PATH,
+                   "rules": [10, 1000], "scenarios": {sc.name: sc.what for sc in scenarios},
                    "addons": str(ADDONS), "tree": tree() if ADDONS == ROOT / "addons" else "scratch copy"},
         "targets_spec": TARGETS,
     }
@@ -1361,7 +1532,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="spendgate-bench-") as tmpname:
         tmp = Path(tmpname)
         if "pipeline" in parts:
-            res["pipeline"] = part_pipeline(tmp, 300 if smoke else 5000)
+            res["pipeline"] = part_pipeline(tmp, scenarios, concurrencies,
+                                            args.inprocess_requests or (100 if smoke else 2000), rounds)
         if "lookup" in parts:
             res["lookup"] = part_lookup(tmp, [10, big_keys], [10, 1000], 500 if smoke else 20_000)
         if "ledger" in parts:
@@ -1373,7 +1545,7 @@ def main(argv: list[str] | None = None) -> int:
                         res["fleet"] = part_fleet(b, url, concurrencies, seconds, rounds,
                                                   warmup=20 if smoke else 200)
                 if "throughput" in parts:
-                    res["throughput"] = part_throughput(b, concurrencies, seconds, rounds,
+                    res["throughput"] = part_throughput(b, scenarios, concurrencies, seconds, rounds,
                                                         warmup=20 if smoke else 200)
                 if parts & {"revoke", "profile", "memory"}:
                     gw = next((p for p in b.procs if p.name == "spendgate"), None) or b.gateway()
@@ -1409,15 +1581,20 @@ def main(argv: list[str] | None = None) -> int:
 def broken(res: dict[str, Any]) -> list[str]:
     """What says the benchmark did not measure what it claims: no answers, refusals, errors."""
     problems = []
-    pl = res.get("pipeline")
-    if pl and set(pl["statuses"]) != {"200"}:
-        problems.append(f"in-process pipeline answered {pl['statuses']}, not only 200")
-    for c, row in res.get("throughput", {}).items():
-        for mode in ("direct", "bare", "spendgate"):
-            s = row[mode]
-            if not s["requests"] or set(s["statuses"]) != {"200"} or s["errors"]:
-                problems.append(f"c={c} {mode}: {s['requests']} requests, statuses {s['statuses']}, "
-                                f"errors {s['errors']}")
+    for name, rows in res.get("pipeline", {}).items():
+        for c, row in rows.items():
+            for mode, st in row["statuses"].items():
+                if set(st) != {"200"}:
+                    problems.append(f"in-process {name} c={c} {mode} answered {st}, not only 200")
+    for name, rows in res.get("throughput", {}).items():
+        for c, row in rows.items():
+            for mode in ("direct", "bare", "spendgate"):
+                if mode not in row:
+                    continue
+                s = row[mode]
+                if not s["requests"] or set(s["statuses"]) != {"200"} or s["errors"]:
+                    problems.append(f"{name} c={c} {mode}: {s['requests']} requests, statuses {s['statuses']}, "
+                                    f"errors {s['errors']}")
     mem = res.get("memory", {})
     for mode in ("spendgate", "bare"):
         if mode in mem and mem[mode]["samples"][-1]["after"] < mem["requests"]:

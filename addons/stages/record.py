@@ -122,6 +122,7 @@ class Record:
         self.runtime = runtime
         self.log_decisions = True
         self.json_logs = False
+        self.comments = True
 
     def configure(self, updated: set[str]) -> None:
         # mitmproxy turns every log record into an event for every addon (and a self-pipe write),
@@ -130,6 +131,7 @@ class Record:
         shown = logging.getLevelName(verbosity.upper())
         self.log_decisions = not isinstance(shown, int) or shown <= logging.INFO or _has_event_log()
         self.json_logs = getattr(ctx.options, "spendgate_log_format", "text") == "json"
+        self.comments = _comments_shown()
 
     # Each hook returns what ``record`` returns: mitmproxy awaits it before the answer goes out.
     def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -168,7 +170,8 @@ class Record:
                 listener(row, call)
             except Exception:
                 log.exception("spendgate: record listener failed")
-        flow.comment = comment(call, flow)
+        if self.comments:
+            flow.comment = comment(call, flow)
         if call.decision != "allow":
             flow.marked = REFUSED_MARK
         if self.log_decisions:
@@ -182,6 +185,22 @@ def _has_event_log() -> bool:
         return ctx.master.addons.get("eventstore") is not None
     except AttributeError:  # no master (unit tests)
         return False
+
+
+def _comments_shown() -> bool:
+    """Can anyone see a flow comment? mitmweb and the console show them, saved flows (``-w``,
+    ``spendgate_capture``) keep them, and so does any master that is not a plain mitmdump (tests,
+    ``spendgate replay``). A mitmdump that saves nothing shows them nowhere, and building one
+    costs ~20 µs per request."""
+    try:
+        master = ctx.master
+    except AttributeError:  # no master (unit tests)
+        return True
+    from mitmproxy.tools.dump import DumpMaster
+
+    if not isinstance(master, DumpMaster) or _has_event_log() or master.addons.get("view") is not None:
+        return True
+    return bool(getattr(ctx.options, "save_stream_file", None) or getattr(ctx.options, "spendgate_capture", None))
 
 
 def commit_waiter(timeout: float = COMMIT_WAIT) -> tuple[Callable[[], None] | None, Awaitable[None] | None]:
