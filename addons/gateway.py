@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,12 @@ def _failed(fn: Callable[..., Any]) -> None:
     owner = getattr(fn, "__self__", None)
     log.exception("spendgate: %s.%s failed", type(owner).__name__ if owner else "?",
                   getattr(fn, "__name__", "hook"))
+
+
+def members(addons: Iterable[object]) -> list[object]:
+    """Every addon of a list like :func:`make_addons`' one, each chain's members in its place: to
+    find one by type (``next(a for a in members(addons) if isinstance(a, Metrics))``)."""
+    return [m for a in addons for m in (a.members if isinstance(a, Chain) else (a,))]
 
 
 def make_addons() -> list[object]:

@@ -90,9 +90,10 @@ def test_opens_after_consecutive_failures_then_probes_and_closes(pipe: Pipeline)
 
 
 def metrics(p: Pipeline) -> str:
+    from spendgate.gateway import members
     from spendgate.metrics import Metrics
 
-    m = next(a for a in p.addons if isinstance(a, Metrics))
+    m = next(a for a in members(p.addons) if isinstance(a, Metrics))
     return m.render()
 
 

@@ -12,7 +12,7 @@ from mitmproxy import exceptions, hooks
 from mitmproxy.proxy.layers.http import _hooks as http_hooks
 from mitmproxy.test import taddons, tflow
 
-from spendgate.gateway import Chain, make_addons
+from spendgate.gateway import Chain, make_addons, members
 from spendgate.runtime import Runtime
 
 
@@ -111,6 +111,7 @@ def test_a_lifecycle_error_propagates() -> None:
 def test_make_addons_is_the_runtime_then_one_chain_of_every_stage() -> None:
     addons = make_addons()
     assert isinstance(addons[0], Runtime) and len(addons) == 2
+    assert members(addons) == [addons[0], *addons[1]]
     names = [type(m).__name__ for m in addons[1]]
     assert names == ["Metrics", "Admin", "Egress", "ReplayGuard", "QueryKeyIn", "Identify", "Authorize", "Models",
                      "Tools", "Budget", "Approve", "Circuit", "Swap", "QueryKeyOut", "Meter", "Record", "Console",
