@@ -1045,6 +1045,72 @@ async def _pipeline(tmp: Path, scenarios: list[Scenario], concurrencies: list[in
     return out
 
 
+def part_instructions(tmp: Path, scenarios: list[Scenario], n: int) -> dict[str, Any]:
+    """Instructions per request of the in-process hooks (as ``pipeline``, concurrency 1), counted by
+    valgrind's callgrind: the one figure other processes on the machine cannot disturb. Each
+    (scenario, bare/spendgate) runs in its own process under valgrind with instrumentation off,
+    switched on (``callgrind_control -i on``) around the measured requests only."""
+    valgrind = shutil.which("valgrind")
+    if not valgrind or not shutil.which("callgrind_control"):
+        log("valgrind not found: no instruction counts (apt-get install valgrind)")
+        return {"error": "valgrind not installed"}
+    out: dict[str, Any] = {}
+    for sc in scenarios:
+        row: dict[str, Any] = {"n": n}
+        for mode in ("bare", "spendgate"):
+            work = tmp / f"ir-{sc.name}-{mode}"
+            work.mkdir()
+            proc = subprocess.run(
+                [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={work}/callgrind.out",
+                 sys.executable, __file__, "_ir", mode, sc.name, str(n), str(work)],
+                capture_output=True, text=True, cwd=ROOT, timeout=3600)
+            counted = [int(line.rsplit(":", 1)[1]) for line in proc.stderr.splitlines() if "Collected :" in line]
+            if proc.returncode != 0 or not counted or "ok" not in proc.stdout:
+                raise RuntimeError(f"instructions {sc.name} {mode}: valgrind exited {proc.returncode}\n"
+                                   f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            row[f"{mode}_per_request"] = counted[-1] // n
+        row["added_per_request"] = row["spendgate_per_request"] - row["bare_per_request"]
+        row["spendgate_over_bare"] = round(row["spendgate_per_request"] / row["bare_per_request"], 3)
+        out[sc.name] = row
+        log(f"instructions {sc.name}: bare master's hooks {row['bare_per_request']:,}, with spendgate "
+            f"{row['spendgate_per_request']:,} per request: +{row['added_per_request']:,}")
+    return out
+
+
+def _ir_child(mode: str, scenario: str, n: int, work: Path) -> None:
+    """Under valgrind: ``n`` requests through the in-process master, counted only while they run."""
+    from spendgate.store.sqlite import SQLiteStore
+
+    sc = SCENARIOS[scenario]
+    policy = work / "policy.yaml"
+    policy.write_text(POLICY.format(port=9))
+    os.environ.update({"STRIPE_SECRET_KEY": REAL_STRIPE_KEY, "OPENAI_API_KEY": "sk-proj-BENCHnotReal",
+                       "RESEND_API_KEY": "re_BENCHnotReal", "SPENDGATE_CONFIG": str(policy),
+                       "SPENDGATE_DB": str(work / "ledger.db")})
+    store = SQLiteStore(str(work / "ledger.db"))
+    token = store.issue_key(sc.policy, 3600, labels={"run": "bench"})[1]
+    store.close()
+
+    def instrument(on: bool) -> None:
+        subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())], check=True,
+                       capture_output=True, timeout=300)
+
+    async def main() -> None:
+        m = _InProcess(work, mode == "spendgate")
+        m.activate()
+        await m.run(_inprocess_flows(sc, token, 50), 1)
+        flows = _inprocess_flows(sc, token, n)
+        instrument(True)
+        statuses = await m.run(flows, 1)
+        instrument(False)
+        await m.close()
+        if set(statuses) != {200}:
+            raise SystemExit(f"answered {dict(statuses)}")
+
+    asyncio.run(main())
+    print("ok")
+
+
 def part_ledger(tmp: Path, rows: int) -> dict[str, Any]:
     from spendgate import reports
     from spendgate.store.sqlite import CALL_COLUMNS, ensure_schema
@@ -1371,6 +1437,14 @@ def render(res: dict[str, Any]) -> str:
                 out.append(f"| {name} | {c} | {row['bare_cpu_us_per_request']} | "
                            f"{row['spendgate_cpu_us_per_request']} | **{row['cpu_added_us_per_request']}** |")
         out.append("")
+    ir = res.get("instructions")
+    if ir and "error" not in ir:
+        out += ["instructions per request, in-process, concurrency 1 (valgrind --tool=callgrind):",
+                "| scenario | bare master's hooks | with spendgate | added | ÷ bare |",
+                "| --- | ---: | ---: | ---: | ---: |"]
+        out += [f"| {name} | {r['bare_per_request']:,} | {r['spendgate_per_request']:,} | "
+                f"**{r['added_per_request']:,}** | {r['spendgate_over_bare']} |" for name, r in ir.items()]
+        out.append("")
     tp = res.get("throughput")
     if tp:
         out += ["| scenario | conc. | run | req/s | p50 ms | p99 ms | proxy CPU µs/req | req/s ÷ bare "
@@ -1476,6 +1550,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_fake"]:
         serve_fake(*argv[1:4])
         return 0
+    if argv[:1] == ["_ir"]:
+        _ir_child(argv[1], argv[2], int(argv[3]), Path(argv[4]))
+        return 0
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
@@ -1493,7 +1570,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ledger-rows", type=int, help="calls rows for the report timing (default 1000000, smoke 10000)")
     ap.add_argument("--keys", type=int, help="the larger key count (default 100000, smoke 2000)")
     ap.add_argument("--only", default="pipeline,throughput,lookup,ledger,revoke,memory",
-                    help="comma-separated parts to run (pipeline,throughput,lookup,ledger,revoke,memory,profile)")
+                    help="comma-separated parts to run (pipeline,throughput,lookup,ledger,revoke,memory,profile,instructions)")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count instructions per request in-process under valgrind (slow: minutes a scenario)")
     ap.add_argument("--profile", metavar="DIR", help="also profile the gateway under load with py-spy into DIR")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed (not with --smoke)")
     ap.add_argument("--pg", metavar="URL",
@@ -1519,6 +1598,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [SCENARIOS[name] for name in args.scenarios.split(",") if name]
     if args.profile:
         parts.add("profile")
+    if args.instructions:
+        parts.add("instructions")
 
     res: dict[str, Any] = {
         "machine": machine(),
@@ -1534,6 +1615,8 @@ def main(argv: list[str] | None = None) -> int:
         if "pipeline" in parts:
             res["pipeline"] = part_pipeline(tmp, scenarios, concurrencies,
                                             args.inprocess_requests or (100 if smoke else 2000), rounds)
+        if "instructions" in parts:
+            res["instructions"] = part_instructions(tmp, scenarios, 30 if smoke else 300)
         if "lookup" in parts:
             res["lookup"] = part_lookup(tmp, [10, big_keys], [10, 1000], 500 if smoke else 20_000)
         if "ledger" in parts:
