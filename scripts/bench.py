@@ -74,6 +74,8 @@ TARGETS = {
     "lookup_ratio_max": 2.0,  # key lookup p50 with 100 000 keys ÷ with 10 keys ("flat")
     "revoke_ms_max": 100.0,  # revoke commit → first 401 revoked
     "pg_over_sqlite_min": 0.85,  # fleet mode req/s ÷ SQLite mode req/s (reads and money calls)
+    "replay_flows_per_s_min": 2000,  # spendgate replay, 100 000 flows (CPU time: the machine is shared)
+    "replay_rss_growth_mib_max": 30.0,  # RSS after 100 000 flows − after 10 000 ("memory flat")
 }
 
 
@@ -1111,6 +1113,77 @@ def _ir_child(mode: str, scenario: str, n: int, work: Path) -> None:
     print("ok")
 
 
+def part_replay(tmp: Path, n: int) -> dict[str, Any]:
+    """``spendgate replay`` over a capture of ``n`` flows (written here like ``--capture`` writes them:
+    Stripe payment intents, reads and refusals, OpenAI chats, from 200 keys over a day), through
+    the real pipeline in process. Flows/s by wall and by CPU time; RSS sampled every tenth."""
+    from mitmproxy import http
+    from mitmproxy.io import tnetstring
+    from mitmproxy.test import tflow
+
+    from spendgate.replay import Replay
+
+    policy = tmp / "replay-policy.yaml"
+    policy.write_text(POLICY.format(port=9).replace("max_request_usd: 200", "max_request_usd: 150"))
+    capture = tmp / "replay-capture.mitm"
+    pi = b'{"id": "pi_1", "object": "payment_intent", "amount": %d, "amount_received": %d, "currency": "usd", "status": "succeeded"}'
+    chat = (b'{"model": "gpt-4o-mini", "choices": [{"message": {"content": "ok"}}], '
+            b'"usage": {"prompt_tokens": 40, "completion_tokens": 12}}')
+    t0 = 1_764_547_200.0
+    written = time.perf_counter()
+    with capture.open("wb") as f:
+        templates = []
+        for method, url, body, resp, policy_name in [
+            ("POST", "https://api.stripe.com/v1/payment_intents", b"amount=%d&currency=usd", pi, "billing-agent"),
+            ("GET", "https://api.stripe.com/v1/payment_intents/pi_1", b"", pi, "billing-agent"),
+            ("POST", "https://api.openai.com/v1/chat/completions",
+             b'{"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi %d"}]}',
+             chat, "billing-agent"),
+        ]:
+            req = http.Request.make(method, url, b"", {"Authorization": "spendgate:key_x:0", "Content-Type":
+                                    "application/json" if b"{" in body else "application/x-www-form-urlencoded"})
+            fl = tflow.tflow(req=req, resp=http.Response.make(200, b"", {"Content-Type": "application/json"}))
+            templates.append((fl.get_state(), body, resp, policy_name))
+        for i in range(n):
+            state, body, resp, policy_name = templates[i % 3]
+            cents = 100 + (i * 7919) % 20_000
+            state["id"] = f"flow-{i}"
+            state["request"]["timestamp_start"] = t0 + i * 86_400 / n
+            state["request"]["content"] = body.replace(b"%d", str(cents).encode())
+            state["response"]["content"] = resp.replace(b"%d", str(cents).encode())
+            state["metadata"] = {"spendgate": {
+                "vendor": "stripe", "host": "api.openai.com" if i % 3 == 2 else "api.stripe.com",
+                "key_id": f"key_{i % 200}", "policy": policy_name, "labels": {"agent": str(i % 200)},
+                "decision": "allow", "reason": None, "estimated_usd": "0", "cost_usd": None, "cost_status": None}}
+            tnetstring.dump(state, f)
+    log(f"replay: wrote {n:,} flows ({capture.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - written:.1f} s")
+    samples: list[dict[str, Any]] = []
+    with Replay(policy) as r:
+        w0, c0 = time.perf_counter(), time.process_time()
+        count = 0
+        for row in r.run([capture]):
+            count += 1
+            if count % max(1, n // 10) == 0:
+                samples.append({"after": count, "rss_mib": round(_rss_kib() / 1024, 1)})
+            del row
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        summary = r.summary
+    out = {
+        "flows": n, "replayed": count, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+        "flows_per_s_wall": round(count / wall), "flows_per_s_cpu": round(count / cpu),
+        "rss": samples, "rss_growth_mib": round(samples[-1]["rss_mib"] - samples[0]["rss_mib"], 1) if samples else 0,
+        "changed": summary.changed, "summary": summary.line(), "problems": [str(p) for p in summary.problems],
+    }
+    log(f"replay: {count:,} flows in {wall:.1f} s wall ({out['flows_per_s_wall']:,}/s), {cpu:.1f} s CPU "
+        f"({out['flows_per_s_cpu']:,}/s); RSS {', '.join(str(x['rss_mib']) for x in samples)} MiB; {summary.line()}")
+    return out
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def part_ledger(tmp: Path, rows: int) -> dict[str, Any]:
     from spendgate import reports
     from spendgate.store.sqlite import CALL_COLUMNS, ensure_schema
@@ -1403,6 +1476,12 @@ def check_targets(res: dict[str, Any]) -> dict[str, Any]:
         lo, hi = keys[min(keys, key=int)]["hit"]["p50_us"], keys[max(keys, key=int)]["hit"]["p50_us"]
         r = round(hi / lo, 2)
         checks[f"key lookup flat ({max(keys, key=int)} vs {min(keys, key=int)} keys ≤ {TARGETS['lookup_ratio_max']}×)"] = (r, r <= TARGETS["lookup_ratio_max"])
+    if "replay" in res:
+        rp = res["replay"]
+        checks[f"replay ≥ {TARGETS['replay_flows_per_s_min']} flows/s (CPU)"] = (
+            rp["flows_per_s_cpu"], rp["flows_per_s_cpu"] >= TARGETS["replay_flows_per_s_min"])
+        checks[f"replay memory flat (RSS growth ≤ {TARGETS['replay_rss_growth_mib_max']} MiB)"] = (
+            rp["rss_growth_mib"], rp["rss_growth_mib"] <= TARGETS["replay_rss_growth_mib_max"])
     if "revoke" in res:
         m = res["revoke"]["max_ms"]
         checks[f"revoke effective < {TARGETS['revoke_ms_max']:.0f} ms (max)"] = (m, m < TARGETS["revoke_ms_max"])
@@ -1508,6 +1587,12 @@ def render(res: dict[str, Any]) -> str:
         for op in next(iter(rt.values())):
             out.append(f"| {op} | " + " | ".join(str(rt[b][op]) for b in rt) + " |")
         out.append("")
+    rp = res.get("replay")
+    if rp:
+        out += [f"replay: {rp['replayed']:,} flows in {rp['wall_s']} s wall ({rp['flows_per_s_wall']:,} flows/s), "
+                f"{rp['cpu_s']} s CPU ({rp['flows_per_s_cpu']:,} flows/s); RSS "
+                + ", ".join(f"{x['rss_mib']} MiB after {x['after']:,}" for x in rp["rss"])
+                + f" (growth {rp['rss_growth_mib']} MiB); {rp['summary']}", ""]
     rv = res.get("revoke")
     if rv:
         out += [f"revoke → first 401 revoked: p50 {rv['p50_ms']} ms, max {rv['max_ms']} ms ({rv['n']} revokes)", ""]
@@ -1569,10 +1654,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-bare", action="store_true", help="also measure the bare mitmdump's memory")
     ap.add_argument("--ledger-rows", type=int, help="calls rows for the report timing (default 1000000, smoke 10000)")
     ap.add_argument("--keys", type=int, help="the larger key count (default 100000, smoke 2000)")
-    ap.add_argument("--only", default="pipeline,throughput,lookup,ledger,revoke,memory",
-                    help="comma-separated parts to run (pipeline,throughput,lookup,ledger,revoke,memory,profile,instructions)")
+    ap.add_argument("--only", default="pipeline,replay,throughput,lookup,ledger,revoke,memory",
+                    help="comma-separated parts to run (pipeline,replay,throughput,lookup,ledger,revoke,memory,profile,instructions)")
     ap.add_argument("--instructions", action="store_true",
                     help="also count instructions per request in-process under valgrind (slow: minutes a scenario)")
+    ap.add_argument("--flows", type=int, help="flows for the replay part (default 100000, smoke 2000)")
     ap.add_argument("--profile", metavar="DIR", help="also profile the gateway under load with py-spy into DIR")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed (not with --smoke)")
     ap.add_argument("--pg", metavar="URL",
@@ -1617,6 +1703,8 @@ def main(argv: list[str] | None = None) -> int:
                                             args.inprocess_requests or (100 if smoke else 2000), rounds)
         if "instructions" in parts:
             res["instructions"] = part_instructions(tmp, scenarios, 30 if smoke else 300)
+        if "replay" in parts:
+            res["replay"] = part_replay(tmp, args.flows or (2000 if smoke else 100_000))
         if "lookup" in parts:
             res["lookup"] = part_lookup(tmp, [10, big_keys], [10, 1000], 500 if smoke else 20_000)
         if "ledger" in parts:

@@ -81,7 +81,7 @@ def main() -> None:
         gw_log = WORK / "gateway.log"
         procs.append(subprocess.Popen(
             [str(BIN / "spendgate"), "run", "--config", str(policy), "--db", str(WORK / "spendgate.db"),
-             "--port", str(proxy_port), "--host", "127.0.0.1", "--",
+             "--port", str(proxy_port), "--host", "127.0.0.1", "--capture", str(WORK / "capture"), "--",
              # the flow file doubles as the capture replayed in tests/test_replay_flows.py
              "-w", str(WORK / "flows.mitm"), "--set", "store_streamed_bodies=true"],
             stdout=gw_log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env=ENV))
@@ -129,6 +129,11 @@ def main() -> None:
         leaked = [name for name, value in CREDENTIALS.items() if name != "TWILIO_ACCOUNT_SID" and any(
             value.encode() in f.read_bytes() for f in (WORK / "spendgate.db", gw_log))]
         print("ledger and gateway log checked:", "LEAK " + ", ".join(leaked) if leaked else "clean")
+        banner("8. test a tighter policy on what was just captured (spendgate replay)")
+        tight = WORK / "tighter.yaml"
+        tight.write_text(policy.read_text().replace("max_request_usd: 200", "max_request_usd: 15", 1))
+        print("billing-agent: max_request_usd 200 → 15")
+        print(spendgate("replay", str(WORK / "capture"), "--config", str(tight), "--only-changed").rstrip())
         print(f"\nEverything is in {WORK.relative_to(ROOT)}/ (ledger, gateway log, flows). "
               f"Try: spendgate report --db {WORK.relative_to(ROOT)}/spendgate.db --by label:agent")
     finally:
