@@ -114,7 +114,8 @@ class Pipeline:
     """``with Pipeline(config, db) as p: out = p.run(vendor_flow(...), response(...))``"""
 
     def __init__(self, config: str | Path, db: str | Path, *, addons: list[Any] | None = None,
-                 **opts: Any) -> None:
+                 updates: bool = True, **opts: Any) -> None:
+        self.updates = updates  # False: no ``update`` event after each hook (nothing shows flows: replay)
         if addons is None:
             from .gateway import make_addons
 
@@ -179,15 +180,14 @@ class Pipeline:
         streamed response body to the stream function in pieces of this size (0: one piece).
         A forwarded request with neither ``respond`` nor ``error`` ends as an upstream error
         before anything was sent."""
-        am = self.manager
         if connect and flow.client_conn.tls_established:
             tunnel = connect_flow(flow)
-            await am.handle_lifecycle(http_hooks.HttpConnectHook(tunnel))
+            await self._hook(http_hooks.HttpConnectHook(tunnel))
             if tunnel.response is not None and tunnel.response.status_code != 200:
                 return self._outcome(flow, tunnel=tunnel, src=tunnel)
-        await am.handle_lifecycle(http_hooks.HttpRequestHeadersHook(flow))
+        await self._hook(http_hooks.HttpRequestHeadersHook(flow))
         flow.request.timestamp_end = flow.request.timestamp_end or time.time()
-        await am.handle_lifecycle(http_hooks.HttpRequestHook(flow))
+        await self._hook(http_hooks.HttpRequestHook(flow))
         if flow.intercepted:  # held (approve): wait as mitmproxy does, until resumed or killed
             call = get_call(flow)
             if self.on_hold is not None and call is not None and call.approval_id is not None:
@@ -198,12 +198,12 @@ class Pipeline:
                     self.runtime.store.decide_approval(call.approval_id, "denied", "pipeline")
             await flow.wait_for_resume()
         if flow.error is not None:  # killed while held
-            await am.handle_lifecycle(http_hooks.HttpErrorHook(flow))
+            await self._hook(http_hooks.HttpErrorHook(flow))
             return self._outcome(flow)
         if flow.response is not None:  # an addon answered: mitmproxy emulates responseheaders
             flow.response.timestamp_start = time.time()
-            await am.handle_lifecycle(http_hooks.HttpResponseHeadersHook(flow))
-            await am.handle_lifecycle(http_hooks.HttpResponseHook(flow))
+            await self._hook(http_hooks.HttpResponseHeadersHook(flow))
+            await self._hook(http_hooks.HttpResponseHook(flow))
             return self._outcome(flow)
         # a detached copy: later hooks (and wire.forget) must not change what we saw go out
         forwarded = _detached(wire.with_credentials(flow.request))
@@ -211,14 +211,14 @@ class Pipeline:
             if not sent or error is None:
                 flow.server_conn.timestamp_tcp_setup = None
             flow.error = Error(error or NO_RESPONSE)
-            await am.handle_lifecycle(http_hooks.HttpErrorHook(flow))
+            await self._hook(http_hooks.HttpErrorHook(flow))
             return self._outcome(flow, forwarded=forwarded)
         resp = respond(forwarded) if callable(respond) else _detached(respond)
         body = resp.raw_content or b""
         resp.data.content = None  # only the head has arrived at responseheaders
         resp.timestamp_start = time.time()
         flow.response = resp
-        await am.handle_lifecycle(http_hooks.HttpResponseHeadersHook(flow))
+        await self._hook(http_hooks.HttpResponseHeadersHook(flow))
         if flow.response.stream:
             out = bytearray()
             pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
@@ -233,8 +233,15 @@ class Pipeline:
         else:
             flow.response.data.content = body
         flow.response.timestamp_end = time.time()
-        await am.handle_lifecycle(http_hooks.HttpResponseHook(flow))
+        await self._hook(http_hooks.HttpResponseHook(flow))
         return self._outcome(flow, forwarded=forwarded)
+
+    async def _hook(self, event: hooks.Hook) -> None:
+        """As mitmproxy's proxy server does: the hook, then ``update`` (for UIs) unless turned off."""
+        if self.updates:
+            await self.manager.handle_lifecycle(event)
+        else:
+            await self.manager.trigger_event(event)
 
     def _outcome(self, flow: http.HTTPFlow, *, forwarded: http.Request | None = None,
                  tunnel: http.HTTPFlow | None = None, src: http.HTTPFlow | None = None) -> Outcome:

@@ -223,7 +223,7 @@ class Side:
                  baseline: bool = False) -> None:
         self.config: Config = load_config(policy_file)  # (cached: validated once per file)
         self.pipeline = Pipeline(replay_config(policy_file, directory, baseline=baseline), ":memory:",
-                                 termlog_verbosity="error", store_streamed_bodies=True)
+                                 termlog_verbosity="error", store_streamed_bodies=True, updates=False)
         store = self.pipeline.runtime.store
         store.keep_calls = False  # type: ignore[union-attr]  (rows are read from the outcome)
         self.baseline = baseline
@@ -409,6 +409,7 @@ class Replay:
         self._baseline: Side | None = None
         self.summary = Summary()
         self.reader: Reader | None = None
+        self._vendor_hosts: dict[str, bool] = {}
 
     def baseline(self) -> Side:
         if self._baseline is None:
@@ -437,7 +438,9 @@ class Replay:
         flow = entry.flow
         meta = captured_meta(flow)
         who = who_of(flow, meta)
-        if vendor_for_host(who.host) is None:
+        if who.host not in self._vendor_hosts:
+            self._vendor_hosts[who.host] = vendor_for_host(who.host) is not None
+        if not self._vendor_hosts[who.host]:
             self.summary.skipped["not a vendor host"] += 1
             return None
         clock.set_time(entry.time)
