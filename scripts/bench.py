@@ -1124,7 +1124,11 @@ def part_replay(tmp: Path, n: int) -> dict[str, Any]:
     from spendgate.replay import Replay
 
     policy = tmp / "replay-policy.yaml"
-    policy.write_text(POLICY.format(port=9).replace("max_request_usd: 200", "max_request_usd: 150"))
+    # the candidate: a tighter per-request limit ($150 instead of $200) over the bench policy, caps
+    # raised so the budget path runs (holds, settles) without refusing most of a day's traffic
+    policy.write_text(POLICY.format(port=9).replace("max_request_usd: 200", "max_request_usd: 150").replace(
+        "budget: {key_usd: 500, key_daily_usd: 200, policy_daily_usd: 2000, policy_monthly_usd: 20000}",
+        "budget: {key_usd: 100000, key_daily_usd: 100000, policy_daily_usd: 10000000}"))
     capture = tmp / "replay-capture.mitm"
     pi = b'{"id": "pi_1", "object": "payment_intent", "amount": %d, "amount_received": %d, "currency": "usd", "status": "succeeded"}'
     chat = (b'{"model": "gpt-4o-mini", "choices": [{"message": {"content": "ok"}}], '
@@ -1138,7 +1142,7 @@ def part_replay(tmp: Path, n: int) -> dict[str, Any]:
             ("GET", "https://api.stripe.com/v1/payment_intents/pi_1", b"", pi, "billing-agent"),
             ("POST", "https://api.openai.com/v1/chat/completions",
              b'{"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": "hi %d"}]}',
-             chat, "billing-agent"),
+             chat, "support-agent"),
         ]:
             req = http.Request.make(method, url, b"", {"Authorization": "spendgate:key_x:0", "Content-Type":
                                     "application/json" if b"{" in body else "application/x-www-form-urlencoded"})
@@ -1153,8 +1157,9 @@ def part_replay(tmp: Path, n: int) -> dict[str, Any]:
             state["response"]["content"] = resp.replace(b"%d", str(cents).encode())
             state["metadata"] = {"spendgate": {
                 "vendor": "stripe", "host": "api.openai.com" if i % 3 == 2 else "api.stripe.com",
-                "key_id": f"key_{i % 200}", "policy": policy_name, "labels": {"agent": str(i % 200)},
-                "decision": "allow", "reason": None, "estimated_usd": "0", "cost_usd": None, "cost_status": None}}
+                "key_id": f"key_{policy_name}_{i % 200}", "policy": policy_name, "labels": {"agent": str(i % 200)},
+                "decision": "allow", "reason": None, "estimated_usd": "0",
+                "cost_usd": None if i % 3 else f"{cents / 100:.2f}", "cost_status": None if i % 3 else "parsed"}}
             tnetstring.dump(state, f)
     log(f"replay: wrote {n:,} flows ({capture.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - written:.1f} s")
     samples: list[dict[str, Any]] = []
