@@ -205,3 +205,18 @@ def test_builtin_cannot_be_redeclared_and_tools_need_an_mcp_vendor() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(bad_rate, "v.yaml")
     assert "v.yaml:8: policies.p.vendors.m.tools.rate.a: 'often' is not a rate" in str(e.value)
+
+
+def test_sse_tool_lists_are_filtered_keeping_event_ids() -> None:
+    from spendgate.policy import ToolRules
+    from spendgate.stages.tools import Tools
+
+    rules = ToolRules(allow=["a*"], deny=["ab"])
+    msg = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "a1"}, {"name": "ab"}, {"name": "z"}]}}
+    body = b"id: ev-7\r\nevent: message\r\ndata: " + json.dumps(msg).encode() + b"\r\n\r\n"
+    out, hidden = Tools._filter_sse(body, rules)
+    assert hidden == 2 and out.startswith(b"id: ev-7\r\nevent: message\r\ndata: ")
+    assert [t["name"] for t in json.loads(out.split(b"data: ")[1])["result"]["tools"]] == ["a1"]
+    split = b'data: {"jsonrpc": "2.0", "id": 1,\ndata: "result": {"tools": [{"name": "z"}, {"name": "a2"}]}}\n\n'
+    out, hidden = Tools._filter_sse(split, rules)  # JSON over two data lines: re-serialised whole
+    assert hidden == 1 and b'"a2"' in out and b'"z"' not in out

@@ -181,6 +181,29 @@ class Tools:
 
     @staticmethod
     def _filter_sse(body: bytes, rules: ToolRules) -> tuple[bytes, int]:
+        """Filter the tool lists in an SSE body. Each ``data:`` line holding a whole JSON message
+        (what MCP servers send) is rewritten in place, so ``id:``/``event:``/``retry:`` lines stay;
+        an event whose JSON spans several data lines makes the whole body be re-serialised."""
+        lines, hidden = body.splitlines(keepends=True), 0
+        for i, line in enumerate(lines):
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                if payload:
+                    return Tools._filter_sse_events(body, rules)
+                continue
+            obj, n = filter_tool_list(obj, rules)
+            if n:
+                hidden += n
+                end = line[len(line.rstrip(b"\r\n")):]
+                lines[i] = b"data: " + json.dumps(obj).encode() + end
+        return b"".join(lines), hidden
+
+    @staticmethod
+    def _filter_sse_events(body: bytes, rules: ToolRules) -> tuple[bytes, int]:
         parser = SSEParser()
         out, hidden = [], 0
         for event in [*parser.feed(body), *parser.close()]:
