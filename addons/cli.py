@@ -164,9 +164,10 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
     if capture:
         args += ["--set", f"spendgate_capture={capture}", "--set", f"spendgate_capture_max_size={capture_max_size}",
                  "--set", f"spendgate_capture_max_age={capture_max_age}",
-                 "--set", f"spendgate_capture_keep={capture_keep}",
-                 # streamed (SSE) bodies kept, so replay can re-meter them
-                 "--set", f"store_streamed_bodies={'false' if capture_no_bodies else 'true'}"]
+                 "--set", f"spendgate_capture_keep={capture_keep}"]
+        if not any("store_streamed_bodies" in a for a in mitmproxy_args):  # (mitmproxy: one value per --set)
+            # streamed (SSE) bodies kept, so replay can re-meter them
+            args += ["--set", f"store_streamed_bodies={'false' if capture_no_bodies else 'true'}"]
         if capture_no_bodies:
             args += ["--set", "spendgate_capture_bodies=false"]
         for name in capture_redact:
