@@ -8,6 +8,7 @@ The row holds no secrets and no bodies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -163,7 +164,8 @@ class Record:
         assert store is not None
         row = ledger_row(flow, call, status)
         wait = commit_wait(call, store.available)
-        on_commit, answer = commit_waiter(wait) if wait else (None, None)
+        give_up = None if wait == MONEY_COMMIT_WAIT else (lambda: not store.available)
+        on_commit, answer = commit_waiter(wait, give_up) if wait else (None, None)
         store.record_call(row, on_commit)
         for listener in self.runtime.on_record:
             try:
@@ -203,7 +205,8 @@ def _comments_shown() -> bool:
     return bool(getattr(ctx.options, "save_stream_file", None) or getattr(ctx.options, "spendgate_capture", None))
 
 
-def commit_waiter(timeout: float = COMMIT_WAIT) -> tuple[Callable[[], None] | None, Awaitable[None] | None]:
+def commit_waiter(timeout: float = COMMIT_WAIT, give_up: Callable[[], bool] | None = None,
+                  ) -> tuple[Callable[[], None] | None, Awaitable[None] | None]:
     """A callback for the ledger's writer thread, and an awaitable it resolves; (None, None)
     outside an event loop.
 
@@ -221,15 +224,23 @@ def commit_waiter(timeout: float = COMMIT_WAIT) -> tuple[Callable[[], None] | No
         if not done.done():
             done.set_result(None)
 
-    return (lambda: loop.call_soon_threadsafe(resolve)), _wait(done, timeout)
+    return (lambda: loop.call_soon_threadsafe(resolve)), _wait(done, timeout, give_up)
 
 
-async def _wait(done: asyncio.Future[None], timeout: float) -> None:
-    try:
-        await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        log.error("spendgate: the ledger did not commit within %ss; answering anyway (the row stays queued)",
-                  timeout)
+async def _wait(done: asyncio.Future[None], timeout: float, give_up: Callable[[], bool] | None) -> None:
+    """Until the row is committed, or ``timeout``; or, for an answer that moved no money, until the
+    ledger is known to be down (``give_up``): its row stays queued and is committed later."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not done.done():
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            log.error("spendgate: the ledger did not commit within %ss; answering anyway (the row stays queued)",
+                      timeout)
+            return
+        if give_up is not None and give_up():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), min(left, 0.05 if give_up else left))
 
 
 LOG_FIELDS = ("ts", "decision", "reason", "vendor", "method", "host", "path", "status", "key_id",
