@@ -152,7 +152,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Fle
     config.write_text(POLICY.format(up=fakes.url))
     (tmp / "certs").symlink_to(certs, target_is_directory=True)
     env = {**os.environ, **REAL_CREDENTIALS, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-           "SPENDGATE_ADMIN_TOKEN": "admin-secret-for-tests"}
+           "SPENDGATE_ADMIN_TOKEN": "admin-secret-for-the-fleet-tests-0123456789"}
     fleet = Fleet(with_database(server, name), name, [], fakes, str(certs / "mitmproxy-ca-cert.pem"),
                   config, env, tmp)
     try:
@@ -230,7 +230,7 @@ def test_a_revoke_through_one_replica_is_refused_by_the_others_on_the_next_reque
         with httpx.Client(timeout=10) as admin:
             t_admin = time.perf_counter()
             r = admin.delete(f"http://127.0.0.1:{a.admin}/v1/keys/{key_id}",
-                             headers={"Authorization": "Bearer admin-secret-for-tests"})
+                             headers={"Authorization": "Bearer admin-secret-for-the-fleet-tests-0123456789"})
             admin_ms = (time.perf_counter() - t_admin) * 1000
         assert r.status_code == 204, r.text
         # the very next request on B and on C
