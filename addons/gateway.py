@@ -90,13 +90,27 @@ class Chain:
 
 
 def _dispatcher(name: str, fns: Sequence[Callable[..., Any]]) -> Callable[..., Awaitable[None] | None]:
-    isolate = name not in LIFECYCLE
+    if name in LIFECYCLE:
+        def lifecycle(*args: Any) -> Awaitable[None] | None:
+            # Every member runs now, its awaitable (Admin's async done) awaited after: mitmproxy
+            # also calls these synchronously (removing a reloaded script calls done without
+            # awaiting), and a member must not miss its done because one before it was async.
+            pending = [res for fn in fns if (res := fn(*args)) is not None and inspect.isawaitable(res)]
+            return _await_all(pending) if pending else None
+
+        lifecycle.__name__ = name
+        return lifecycle
 
     def hook(*args: Any) -> Awaitable[None] | None:
-        return _run(fns, 0, args, isolate)
+        return _run(fns, 0, args, True)
 
     hook.__name__ = name
     return hook
+
+
+async def _await_all(pending: list[Awaitable[Any]]) -> None:
+    for res in pending:
+        await res
 
 
 def _run(fns: Sequence[Callable[..., Any]], start: int, args: tuple[Any, ...],

@@ -155,3 +155,23 @@ def test_flow_comments_are_built_only_where_someone_can_see_them(tmp_path: Any) 
         return seen
 
     assert asyncio.run(main()) == [True, False, True, False, True, False]
+
+
+def test_every_member_runs_its_done_even_when_mitmproxy_does_not_await_it() -> None:
+    """mitmproxy calls ``done`` synchronously when it removes a reloaded script: the members after
+    an async one still run (their sync part), and awaiting the result runs the async parts."""
+    journal: list[str] = []
+
+    class AsyncDone:
+        async def done(self) -> None:
+            journal.append("async done")
+
+    class SyncDone:
+        def done(self) -> None:
+            journal.append("sync done")
+
+    chain = Chain(AsyncDone(), SyncDone())
+    res = chain.done()  # type: ignore[attr-defined]
+    assert journal == ["sync done"] and res is not None
+    asyncio.run(res)
+    assert journal == ["sync done", "async done"]
