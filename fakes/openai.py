@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import math
 import struct
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Any
 
 from fakes.base import (
@@ -208,6 +210,78 @@ def openai_embeddings(req: Request) -> Response:
     })  # fmt: skip
 
 
+def _multipart(req: Request) -> dict[str, bytes]:
+    """Form fields of a multipart body (the last value of each), as the SDKs upload files."""
+    ctype = req.headers.get("content-type", "")
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + req.body)
+    out: dict[str, bytes] = {}
+    for part in msg.iter_parts() if msg.is_multipart() else []:
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str):
+            out[name] = payload if isinstance(payload, bytes) else b""
+    return out
+
+
+def _wav_seconds(data: bytes) -> int:
+    """Whole seconds (at least 1) of a PCM WAV upload; 1 for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE" and len(data) >= 44:
+        byte_rate = struct.unpack("<I", data[28:32])[0]
+        if byte_rate:
+            return max(1, math.ceil((len(data) - 44) / byte_rate))
+    return 1
+
+
+def openai_transcriptions(req: Request) -> Response:
+    form = _multipart(req)
+    if "file" not in form or "model" not in form:
+        raise BadRequest(400, "Missing required parameter: 'file' or 'model'.")
+    model = form["model"].decode()
+    seconds = _wav_seconds(form["file"])
+    text = "Hello from the fake transcription."
+    if model.startswith("gpt-4o"):
+        usage: JSON = {"type": "tokens", "input_tokens": 10 * seconds,
+                       "input_token_details": {"text_tokens": 0, "audio_tokens": 10 * seconds},
+                       "output_tokens": text_tokens(text), "total_tokens": 10 * seconds + text_tokens(text)}
+    else:
+        usage = {"type": "duration", "seconds": seconds}
+    return json_response({"text": text, "usage": usage})
+
+
+def openai_speech(req: Request) -> Response:
+    body = req.json()
+    if not isinstance(body, dict) or not body.get("input") or not body.get("model"):
+        raise BadRequest(400, "Missing required parameter: 'input' or 'model'.")
+    return Response(200, b"ID3\x04\x00fake-mp3" + bytes(64), content_type="audio/mpeg")
+
+
+def openai_images(req: Request) -> Response:
+    body = req.json()
+    if not isinstance(body, dict) or not body.get("prompt"):
+        raise BadRequest(400, "Missing required parameter: 'prompt'.")
+    model = str(body.get("model") or "dall-e-2")
+    n = int_param(body.get("n", 1), "n")
+    if model.startswith("gpt-image"):
+        out = {"low": 272, "medium": 1056}.get(str(body.get("quality")), 4160)
+        prompt = text_tokens(str(body["prompt"]))
+        return json_response({"created": now(), "data": [{"b64_json": "iVBORw0KGgo="}] * n, "usage": {
+            "input_tokens": prompt, "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0},
+            "output_tokens": out * n, "total_tokens": prompt + out * n}})
+    return json_response({"created": now(), "data": [{"url": f"https://fake.invalid/img-{rand(8)}.png"}] * n})
+
+
+def openai_batches(req: Request) -> Response:
+    body = req.json()
+    if not isinstance(body, dict) or not body.get("input_file_id"):
+        raise BadRequest(400, "Missing required parameter: 'input_file_id'.")
+    return json_response({
+        "id": f"batch_{rand(24)}", "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+        "input_file_id": body["input_file_id"], "completion_window": body.get("completion_window", "24h"),
+        "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now(),
+        "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
+    })
+
+
 VENDOR = "openai"
 ERROR = openai_error
 
@@ -220,4 +294,8 @@ ROUTES: list[Route] = [
     route("POST", r"/v1/chat/completions", VENDOR, openai_chat_completions),
     route("POST", r"/v1/responses", VENDOR, openai_responses),
     route("POST", r"/v1/embeddings", VENDOR, openai_embeddings),
+    route("POST", r"/v1/audio/(transcriptions|translations)", VENDOR, openai_transcriptions),
+    route("POST", r"/v1/audio/speech", VENDOR, openai_speech),
+    route("POST", r"/v1/images/generations", VENDOR, openai_images),
+    route("POST", r"/v1/batches", VENDOR, openai_batches),
 ]
