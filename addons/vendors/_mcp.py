@@ -29,7 +29,7 @@ from typing import Any
 
 from ..money import Unpriceable, parse_decimal, to_usd
 from ._sse import Event, EventMeter
-from .base import Cost, Estimate, Prices, RequestView, ResponseView, StreamMeter, Vendor, plausible
+from .base import Cost, Estimate, Prices, RequestView, ResponseView, StreamMeter, Vendor
 
 
 class NotJsonRpc(ValueError):
@@ -189,14 +189,8 @@ class _Meter(EventMeter):
             if isinstance(m, Mapping) and _id(m.get("id")) in self._wanted and ("result" in m or "error" in m):
                 self._answers[_id(m.get("id"))] = {k: m[k] for k in ("result", "error") if k in m}
 
-    def finish(self) -> Cost:
-        try:
-            if not self._broken:
-                for event in self._parser.close():
-                    self._on(event)
-            return plausible(_price_calls(self._calls, self._answers, self._table, self._prices, not self._broken))
-        except Exception as e:
-            return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
+    def _finish(self) -> Cost:
+        return _price_calls(self._calls, self._answers, self._table, self._prices, not self._broken)
 
 
 class _Free:

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .base import Cost, plausible
+
 MAX_LINE = 1 << 20  # 1 MiB: larger lines are cut to their tail
 TAIL = 64 << 10  # what is kept of an over-long line
 
@@ -184,4 +186,18 @@ class EventMeter:
             self._broken = type(e).__name__
 
     def _on(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> Cost:
+        """The stream's cost: the parser's last events, then ``_finish``. Never raises: a bug in a
+        meter is a cost of unknown, not a broken answer."""
+        try:
+            if not self._broken:
+                for event in self._parser.close():
+                    self._on(event)
+            return plausible(self._finish())
+        except Exception as e:
+            return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
+
+    def _finish(self) -> Cost:
         raise NotImplementedError

@@ -41,7 +41,6 @@ from .base import (
     StreamMeter,
     Vendor,
     load_prices,
-    plausible,
 )
 
 _CACHE_1H = re.compile(rb'"ttl"\s*:\s*"1h"')
@@ -218,16 +217,7 @@ class _Meter(EventMeter):
             err = obj.get("error")
             self._error = str(err.get("type") or "error")[:80] if isinstance(err, Mapping) else "error"
 
-    def finish(self) -> Cost:
-        try:
-            return plausible(self._finish())
-        except Exception as e:
-            return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
-
     def _finish(self) -> Cost:
-        if not self._broken:
-            for event in self._parser.close():
-                self._on(event)
         model = self._model or _body(self._req).get("model")
         if self._usage is None:
             if self._error:

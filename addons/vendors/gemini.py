@@ -41,7 +41,6 @@ from .base import (
     StreamMeter,
     Vendor,
     load_prices,
-    plausible,
 )
 
 _GENERATE = ("generateContent", "streamGenerateContent")
@@ -194,16 +193,7 @@ class _Meter(EventMeter):
         if isinstance(version := obj.get("modelVersion"), str) and version:
             self._model = version
 
-    def finish(self) -> Cost:
-        try:
-            return plausible(self._finish())
-        except Exception as e:
-            return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
-
     def _finish(self) -> Cost:
-        if not self._broken:
-            for event in self._parser.close():
-                self._on(event)
         model = self._model or _model(self._req)
         if self._usage is not None:
             extra = f"stream error after usage: {self._error}" if self._error else ""

@@ -45,7 +45,6 @@ from .base import (
     Vendor,
     bearer,
     load_prices,
-    plausible,
 )
 
 _TOKEN_KINDS = {
@@ -339,16 +338,7 @@ class _Meter(EventMeter):
         elif self._error is None:
             self._events += 1
 
-    def finish(self) -> Cost:
-        try:
-            return plausible(self._finish())
-        except Exception as e:
-            return Cost("unknown", None, note=f"stream meter error: {type(e).__name__}")
-
     def _finish(self) -> Cost:
-        if not self._broken:
-            for event in self._parser.close():
-                self._on(event)
         model = self._model or _body(self._req).get("model")
         if self._usage is not None:
             extra = ""
