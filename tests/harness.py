@@ -14,9 +14,11 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -194,3 +196,18 @@ def start_gateway(tmp: Path, fakes: FakeVendors, certs: Path, policy: str | None
         gw.stop()
         raise RuntimeError(f"gateway did not start:\n{gw.log.read_text()}")
     return gw
+
+
+def in_background(fn: Any, *args: Any) -> tuple[threading.Thread, dict]:
+    """Run ``fn(*args)`` in a daemon thread (a held request, say); ``out`` gets its result or error."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args)
+        except Exception as e:  # surfaced by the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import SECRET_VALUES, Gateway, free_port, start_gateway
+from harness import SECRET_VALUES, Gateway, free_port, in_background, start_gateway
 
 from fakes import FakeVendors
 
@@ -28,19 +28,6 @@ def web(tmp_path_factory: pytest.TempPathFactory, fakes: FakeVendors, certs: Pat
     yield gw
     gw.stop()
 
-
-def in_background(fn, *args) -> tuple[threading.Thread, dict]:  # noqa: ANN001
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn(*args)
-        except Exception as e:  # surfaced by the test
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 def test_mitmweb_api_never_shows_the_real_credential_even_in_flight(web: Gateway) -> None:

@@ -10,11 +10,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from harness import REAL_CREDENTIALS, SECRET_VALUES, Gateway, free_port, start_gateway
+from harness import REAL_CREDENTIALS, SECRET_VALUES, Gateway, free_port, in_background, start_gateway
 from tornado.websocket import websocket_connect
 
 from fakes import FakeVendors
@@ -68,19 +67,6 @@ class Updates:
         self.thread.join(5)
         return "\n".join(self.messages)
 
-
-def in_background(fn: Any, *args: Any) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn(*args)
-        except Exception as e:  # surfaced by the test
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 def slow_body(first: bytes, rest: bytes, pause: float) -> Iterator[bytes]:
