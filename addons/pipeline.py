@@ -15,6 +15,16 @@ The vendor is replaced by the response you give (an :class:`~mitmproxy.http.Resp
 function of the request as it would go on the wire, real credential included); nothing is sent.
 ``spendgate replay`` runs captured traffic through it, and the tests drive every stage with it.
 
+``fast=True`` (what ``spendgate replay`` uses) keeps every addon, stage and hook order and only
+changes how the hooks are called: once the addons are loaded and configured through the
+AddonManager, each hook is dispatched through a list of the addons' handlers in the order
+``AddonManager.trigger_event`` walks them (taken once from the manager: its addon chain, each
+addon's children), with the same isolation (an addon's exception is logged and the next addon
+runs; ``AddonHalt`` ends the event), no ``update`` event (nothing displays the flows), and the
+ledger work the stages would hand to a worker thread run in the hook (the in-memory ledger never
+blocks). ``tests/test_replay_fast.py`` replays the same captures both ways and compares every
+decision, reason and cost.
+
 What it does not do: open sockets, resolve DNS for vendor hosts (egress does resolve the
 non-vendor hosts it is asked about, as it does in production), or fire ``running`` (so no policy
 file watcher and no admin listener run). Hooks run on the pipeline's own event loop; one pipeline
@@ -25,14 +35,17 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
+import logging
 import time
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import addonmanager, hooks, http, log, master, options
+from mitmproxy import addonmanager, exceptions, hooks, http, log, master, options
 from mitmproxy.addons import core, proxyserver
 from mitmproxy.flow import Error
 from mitmproxy.proxy.layers.http import _hooks as http_hooks
@@ -114,8 +127,11 @@ class Pipeline:
     """``with Pipeline(config, db) as p: out = p.run(vendor_flow(...), response(...))``"""
 
     def __init__(self, config: str | Path, db: str | Path, *, addons: list[Any] | None = None,
-                 updates: bool = True, **opts: Any) -> None:
-        self.updates = updates  # False: no ``update`` event after each hook (nothing shows flows: replay)
+                 updates: bool = True, fast: bool = False, loop: asyncio.AbstractEventLoop | None = None,
+                 **opts: Any) -> None:
+        self.updates = updates and not fast  # False: no ``update`` event after each hook (nothing shows flows)
+        self.fast = fast  # hooks through this pipeline's own dispatch (see the module's docstring)
+        self._handlers: dict[str, tuple[tuple[Callable[..., Any], ...], ...] | None] = {}
         if addons is None:
             from .gateway import make_addons
 
@@ -127,7 +143,8 @@ class Pipeline:
         self.runtime: Runtime = runtime
         self.rows: dict[str, tuple[dict[str, Any], Call]] = {}  # flow id → (ledger row, call)
         self.runtime.on_record.append(self._recorded)
-        self.loop = asyncio.new_event_loop()
+        self._own_loop = loop is None
+        self.loop = asyncio.new_event_loop() if loop is None else loop  # (several pipelines may share one)
         self.master = master.Master(options.Options(), event_loop=self.loop)
         self.manager: addonmanager.AddonManager = self.master.addons
         self.manager.add(core.Core())
@@ -151,6 +168,8 @@ class Pipeline:
             self.manager.invoke_addon_sync(addon, hooks.ConfigureHook(every))
         if self.runtime.state is None or self.runtime.store is None:
             raise RuntimeError("the pipeline's Runtime did not load its policy")
+        if fast:
+            self.runtime.offload_inline = self.runtime.store.dialect == "memory"
         self._closed = False
         # Answers a held request at once (True: approve, False: deny); None: it waits for an answer
         # from the ledger (spendgate approve/deny, the store's decide_approval) or its timeout.
@@ -182,12 +201,12 @@ class Pipeline:
         before anything was sent."""
         if connect and flow.client_conn.tls_established:
             tunnel = connect_flow(flow)
-            await self._hook(http_hooks.HttpConnectHook(tunnel))
+            await self._hook(http_hooks.HttpConnectHook, tunnel)
             if tunnel.response is not None and tunnel.response.status_code != 200:
                 return self._outcome(flow, tunnel=tunnel, src=tunnel)
-        await self._hook(http_hooks.HttpRequestHeadersHook(flow))
+        await self._hook(http_hooks.HttpRequestHeadersHook, flow)
         flow.request.timestamp_end = flow.request.timestamp_end or time.time()
-        await self._hook(http_hooks.HttpRequestHook(flow))
+        await self._hook(http_hooks.HttpRequestHook, flow)
         if flow.intercepted:  # held (approve): wait as mitmproxy does, until resumed or killed
             call = get_call(flow)
             if self.on_hold is not None and call is not None and call.approval_id is not None:
@@ -198,12 +217,12 @@ class Pipeline:
                     self.runtime.store.decide_approval(call.approval_id, "denied", "pipeline")
             await flow.wait_for_resume()
         if flow.error is not None:  # killed while held
-            await self._hook(http_hooks.HttpErrorHook(flow))
+            await self._hook(http_hooks.HttpErrorHook, flow)
             return self._outcome(flow)
         if flow.response is not None:  # an addon answered: mitmproxy emulates responseheaders
             flow.response.timestamp_start = time.time()
-            await self._hook(http_hooks.HttpResponseHeadersHook(flow))
-            await self._hook(http_hooks.HttpResponseHook(flow))
+            await self._hook(http_hooks.HttpResponseHeadersHook, flow)
+            await self._hook(http_hooks.HttpResponseHook, flow)
             return self._outcome(flow)
         # a detached copy: later hooks (and wire.forget) must not change what we saw go out
         forwarded = _detached(wire.with_credentials(flow.request))
@@ -211,14 +230,14 @@ class Pipeline:
             if not sent or error is None:
                 flow.server_conn.timestamp_tcp_setup = None
             flow.error = Error(error or NO_RESPONSE)
-            await self._hook(http_hooks.HttpErrorHook(flow))
+            await self._hook(http_hooks.HttpErrorHook, flow)
             return self._outcome(flow, forwarded=forwarded)
         resp = respond(forwarded) if callable(respond) else _detached(respond)
         body = resp.raw_content or b""
         resp.data.content = None  # only the head has arrived at responseheaders
         resp.timestamp_start = time.time()
         flow.response = resp
-        await self._hook(http_hooks.HttpResponseHeadersHook(flow))
+        await self._hook(http_hooks.HttpResponseHeadersHook, flow)
         if flow.response.stream:
             out = bytearray()
             pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
@@ -233,15 +252,45 @@ class Pipeline:
         else:
             flow.response.data.content = body
         flow.response.timestamp_end = time.time()
-        await self._hook(http_hooks.HttpResponseHook(flow))
+        await self._hook(http_hooks.HttpResponseHook, flow)
         return self._outcome(flow, forwarded=forwarded)
 
-    async def _hook(self, event: hooks.Hook) -> None:
+    async def _hook(self, hook: type[hooks.Hook], flow: http.HTTPFlow) -> None:
         """As mitmproxy's proxy server does: the hook, then ``update`` (for UIs) unless turned off."""
+        if self.fast:
+            try:
+                handlers = self._handlers[hook.name]
+            except KeyError:
+                handlers = self._handlers[hook.name] = self._collect(hook.name)
+            if handlers is not None:
+                pending = _fire(handlers, (flow,), 0, 0)
+                if pending is not None:
+                    await pending
+                return
+        event = hook(flow)
         if self.updates:
             await self.manager.handle_lifecycle(event)
         else:
             await self.manager.trigger_event(event)
+
+    def _collect(self, name: str) -> tuple[tuple[Callable[..., Any], ...], ...] | None:
+        """Every handler of hook ``name``, grouped by top-level addon, in the order
+        ``AddonManager.trigger_event`` calls them (``invoke_addon``: the addon, then its children).
+        None (dispatch through the manager) if an addon has a non-callable attribute of that name
+        that mitmproxy would report as an error."""
+        groups = []
+        for top in self.manager.chain:
+            fns = []
+            for a in addonmanager.traverse([top]):
+                fn = getattr(a, name, None)
+                if not fn or isinstance(fn, types.ModuleType):
+                    continue
+                if not callable(fn):
+                    return None
+                fns.append(fn)
+            if fns:
+                groups.append(tuple(fns))
+        return tuple(groups)
 
     def _outcome(self, flow: http.HTTPFlow, *, forwarded: http.Request | None = None,
                  tunnel: http.HTTPFlow | None = None, src: http.HTTPFlow | None = None) -> Outcome:
@@ -261,13 +310,61 @@ class Pipeline:
             self.loop.run_until_complete(self.manager.trigger_event(hooks.DoneHook()))
         finally:
             self.master._legacy_log_events.uninstall()
-            self.loop.close()
+            if self._own_loop:
+                self.loop.close()
 
     def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_addon_log = logging.getLogger(addonmanager.__name__)
+
+
+def _fire(groups: tuple[tuple[Callable[..., Any], ...], ...], args: tuple[Any, ...], g0: int,
+          f0: int) -> Awaitable[None] | None:
+    """Call the handlers from ``groups[g0][f0]`` on, as ``AddonManager.trigger_event`` does (an
+    awaitable awaited before the next handler; an exception logged, and the rest of that addon
+    skipped; ``AddonHalt`` ends the event). Synchronously, until a handler returns an awaitable:
+    then a coroutine that awaits it and carries on."""
+    for g in range(g0, len(groups)):
+        fns = groups[g]
+        for f in range(f0 if g == g0 else 0, len(fns)):
+            try:
+                res = fns[f](*args)
+            except exceptions.AddonHalt:
+                return None
+            except exceptions.OptionsError:
+                raise
+            except Exception as e:
+                _addon_error(e)
+                break
+            if res is not None and inspect.isawaitable(res):
+                return _fire_rest(res, groups, args, g, f)
+    return None
+
+
+async def _fire_rest(res: Awaitable[Any], groups: tuple[tuple[Callable[..., Any], ...], ...],
+                     args: tuple[Any, ...], g: int, f: int) -> None:
+    try:
+        await res
+    except exceptions.AddonHalt:
+        return
+    except exceptions.OptionsError:
+        raise
+    except Exception as e:
+        _addon_error(e)
+        rest = _fire(groups, args, g + 1, 0)
+    else:
+        rest = _fire(groups, args, g, f + 1)
+    if rest is not None:
+        await rest
+
+
+def _addon_error(e: Exception) -> None:
+    _addon_log.error(f"Addon error: {e}", exc_info=e)  # as mitmproxy's safecall logs it
 
 
 def connect_flow(flow: http.HTTPFlow) -> http.HTTPFlow:

@@ -220,10 +220,10 @@ class Side:
     """One policy's pipeline, its synthetic keys, and how it decides a captured entry."""
 
     def __init__(self, policy_file: str | os.PathLike[str], directory: Path, *, default_policy: str | None,
-                 baseline: bool = False) -> None:
+                 baseline: bool = False, fast: bool = True) -> None:
         self.config: Config = load_config(policy_file)  # (cached: validated once per file)
         self.pipeline = Pipeline(replay_config(policy_file, directory, baseline=baseline), ":memory:",
-                                 termlog_verbosity="error", store_streamed_bodies=True, updates=False)
+                                 termlog_verbosity="error", store_streamed_bodies=True, fast=fast)
         store = self.pipeline.runtime.store
         store.keep_calls = False  # type: ignore[union-attr]  (rows are read from the outcome)
         self.baseline = baseline
@@ -394,7 +394,8 @@ class Replay:
     counts them (and what was skipped). ``old``: compare with that policy instead of the capture."""
 
     def __init__(self, candidate: str | os.PathLike[str], *, old: str | os.PathLike[str] | None = None,
-                 policy: str | None = None, workdir: str | os.PathLike[str] | None = None) -> None:
+                 policy: str | None = None, workdir: str | os.PathLike[str] | None = None,
+                 fast: bool = True) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="spendgate-replay-") if workdir is None else None
         self.dir = Path(workdir) if workdir is not None else Path(self._tmp.name)  # type: ignore[union-attr]
         cfg = load_config(candidate)
@@ -403,8 +404,9 @@ class Replay:
         self.default_policy = policy or (next(iter(cfg.policies)) if len(cfg.policies) == 1 else None)
         self.candidate = candidate
         self.old = old
-        self.now = Side(candidate, self.dir / "now", default_policy=self.default_policy)
-        self.then: Side | None = (Side(old, self.dir / "then", default_policy=self.default_policy)
+        self.fast = fast  # False: every hook through mitmproxy's AddonManager (the reference path)
+        self.now = Side(candidate, self.dir / "now", default_policy=self.default_policy, fast=fast)
+        self.then: Side | None = (Side(old, self.dir / "then", default_policy=self.default_policy, fast=fast)
                                   if old is not None else None)
         self._baseline: Side | None = None
         self.summary = Summary()
@@ -413,7 +415,8 @@ class Replay:
 
     def baseline(self) -> Side:
         if self._baseline is None:
-            self._baseline = Side(self.candidate, self.dir / "baseline", default_policy=None, baseline=True)
+            self._baseline = Side(self.candidate, self.dir / "baseline", default_policy=None, baseline=True,
+                                  fast=self.fast)
         return self._baseline
 
     def run(self, inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Row]:

@@ -84,6 +84,9 @@ class Runtime:
         # Database work a request waits for (budget holds, the loop breaker) runs here, never on
         # mitmproxy's event loop: a lock held elsewhere delays that call only.
         self._db_pool: ThreadPoolExecutor | None = None
+        # True: that work runs in the hook itself (the in-process pipeline of ``spendgate replay``
+        # on its in-memory ledger, which never blocks: a worker thread would only add hops).
+        self.offload_inline = False
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
         self.inflate_limit = DEFAULT_INFLATE_LIMIT  # spendgate_inflate_limit, parsed (bytes)
@@ -250,6 +253,8 @@ class Runtime:
         """Run ``fn(*args)`` on the database pool; after :data:`STORE_WAIT` seconds give up with
         :class:`StoreUnavailable` (the call fails closed, 503) and, once ``fn`` does finish,
         run ``late`` to undo what it did for a call already refused."""
+        if self.offload_inline:
+            return fn(*args)
         loop = asyncio.get_running_loop()
         if self._db_pool is None:
             self._db_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spendgate-db")

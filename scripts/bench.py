@@ -1113,15 +1113,12 @@ def _ir_child(mode: str, scenario: str, n: int, work: Path) -> None:
     print("ok")
 
 
-def part_replay(tmp: Path, n: int) -> dict[str, Any]:
-    """``spendgate replay`` over a capture of ``n`` flows (written here like ``--capture`` writes them:
-    Stripe payment intents, reads and refusals, OpenAI chats, from 200 keys over a day), through
-    the real pipeline in process. Flows/s by wall and by CPU time; RSS sampled every tenth."""
+def replay_capture(tmp: Path, n: int) -> tuple[Path, Path]:
+    """The candidate policy and a capture of ``n`` flows written like ``--capture`` writes them:
+    Stripe payment intents, reads and refusals, OpenAI chats, from 200 keys over a day."""
     from mitmproxy import http
     from mitmproxy.io import tnetstring
     from mitmproxy.test import tflow
-
-    from spendgate.replay import Replay
 
     policy = tmp / "replay-policy.yaml"
     # the candidate: a tighter per-request limit ($150 instead of $200) over the bench policy, caps
@@ -1162,6 +1159,15 @@ def part_replay(tmp: Path, n: int) -> dict[str, Any]:
                 "cost_usd": None if i % 3 else f"{cents / 100:.2f}", "cost_status": None if i % 3 else "parsed"}}
             tnetstring.dump(state, f)
     log(f"replay: wrote {n:,} flows ({capture.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - written:.1f} s")
+    return policy, capture
+
+
+def part_replay(tmp: Path, n: int) -> dict[str, Any]:
+    """``spendgate replay`` over a capture of ``n`` flows (:func:`replay_capture`), through the real
+    pipeline in process. Flows/s by wall and by CPU time; RSS sampled every tenth."""
+    from spendgate.replay import Replay
+
+    policy, capture = replay_capture(tmp, n)
     samples: list[dict[str, Any]] = []
     with Replay(policy) as r:
         w0, c0 = time.perf_counter(), time.process_time()

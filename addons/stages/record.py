@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -219,12 +220,21 @@ def commit_waiter(timeout: float = COMMIT_WAIT, give_up: Callable[[], bool] | No
     except RuntimeError:
         return None, None
     done: asyncio.Future[None] = loop.create_future()
+    loop_thread = threading.get_ident()
 
     def resolve() -> None:
         if not done.done():
             done.set_result(None)
 
-    return (lambda: loop.call_soon_threadsafe(resolve)), _wait(done, timeout, give_up)
+    def on_commit() -> None:
+        # On the loop's own thread (an in-memory ledger commits inside record_call): resolved
+        # now, so the hook's await returns without a trip through the loop.
+        if threading.get_ident() == loop_thread:
+            resolve()
+        else:
+            loop.call_soon_threadsafe(resolve)
+
+    return on_commit, _wait(done, timeout, give_up)
 
 
 async def _wait(done: asyncio.Future[None], timeout: float, give_up: Callable[[], bool] | None) -> None:

@@ -1,0 +1,138 @@
+"""Replay's fast path decides exactly as mitmproxy's own dispatch does.
+
+``spendgate replay`` (``Replay(fast=True)``, the default) calls the hooks through the pipeline's
+own dispatcher and runs the ledger work in the hook; ``Replay(fast=False)`` sends every hook
+through a real in-process mitmproxy ``Master`` (``AddonManager.trigger_event``, the ``update``
+event after each hook, the stages' worker threads). The same captures go through both, under
+policies that exercise every stateful part (per-request limits, caps, rate limits, the loop
+breaker, approvals, report mode, models), and every call's decision, reason, cost, cost status,
+status and note must be the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import exceptions, http, io
+
+from spendgate.gateway import make_addons
+from spendgate.pipeline import Pipeline, response, vendor_flow
+from spendgate.replay import Replay, replay_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "tests" / "flows" / "demo.mitm"
+EXAMPLE = (ROOT / "policies" / "example.yaml").read_text()
+
+
+def capture(path: Path, copies: int, *, strip: bool = False, gap: float = 7.0) -> Path:
+    """The demo capture (real SDK traffic through a real gateway) ``copies`` times, ``gap`` seconds
+    apart, each copy by its own keys (half of them the same key, so caps and rates bite).
+    ``strip``: as a plain ``mitmdump -w`` would have saved it (no spendgate metadata)."""
+    with DEMO.open("rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    with path.open("wb") as out:
+        w = io.FlowWriter(out)
+        for i in range(copies):
+            for fl in flows:
+                c = fl.copy()
+                c.request.timestamp_start += gap * i  # type: ignore[attr-defined]
+                meta = c.metadata.get("spendgate")
+                if strip:
+                    c.metadata.pop("spendgate", None)
+                elif meta and meta.get("key_id"):
+                    meta["key_id"] = f"{meta['key_id']}-{i % 3 if i % 2 else 0}"
+                w.add(c)
+    return path
+
+
+def rows(candidate: Path, inputs: list[Path], *, fast: bool, **kw: Any) -> list[tuple[Any, ...]]:
+    with Replay(candidate, fast=fast, **kw) as r:
+        out = [(row.n, row.key, row.method, row.host, row.path, row.then.public(), row.now.public())
+               for row in r.run(inputs)]
+        out.append(("summary", r.summary.public()))
+    return out
+
+
+POLICIES = {
+    "as captured": EXAMPLE,
+    "tighter": EXAMPLE.replace("max_request_usd: 200", "max_request_usd: 15"),
+    "caps, rate and loop": EXAMPLE.replace(
+        "budget: {key_usd: 500, key_daily_usd: 200, policy_daily_usd: 2000, policy_monthly_usd: 20000}",
+        "budget: {key_usd: 40, key_daily_usd: 30, policy_daily_usd: 60}").replace(
+        "rate: 60/minute", "rate: 3/minute").replace("loop: {repeats: 3, window: 10m}", "loop: {repeats: 2, window: 10m}"),
+    "approvals": EXAMPLE.replace('approve: ["POST /v1/refunds"]', 'approve: ["POST /v1/payment_intents"]'),
+    "report mode": EXAMPLE.replace("max_request_usd: 200", "max_request_usd: 15").replace(
+        "policies:\n", "mode: report\npolicies:\n", 1),
+    "models": EXAMPLE.replace('models: {allow: ["gpt-4o-mini*", "gpt-4.1-*", "text-embedding-3-*"], deny: ["*-pro*"]}',
+                              'models: {allow: ["gpt-3*"]}').replace("max_output_tokens: 1024", "max_output_tokens: 10"),
+}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_the_fast_path_decides_as_mitmproxy_dispatch_does(tmp_path: Path, name: str) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICIES[name])
+    inputs = [capture(tmp_path / "week.mitm", 12)]
+    fast, reference = rows(policy, inputs, fast=True), rows(policy, inputs, fast=False)
+    assert len(fast) == 12 * 16 + 1
+    assert fast == reference
+
+
+def test_the_fast_path_with_diff_and_traffic_from_elsewhere(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(EXAMPLE)
+    new.write_text(POLICIES["caps, rate and loop"])
+    inputs = [capture(tmp_path / "week.mitm", 6)]
+    assert rows(new, inputs, fast=True, old=old) == rows(new, inputs, fast=False, old=old)
+    # a plain mitmdump capture: "then" comes from the baseline pipeline, keys from the credentials
+    plain = [capture(tmp_path / "plain.mitm", 6, strip=True)]
+    fast = rows(new, plain, fast=True, policy="billing-agent")
+    assert fast == rows(new, plain, fast=False, policy="billing-agent")
+    assert {r[6]["decision"] for r in fast[:-1]} >= {"allow", "deny"}
+
+
+def test_the_fast_path_is_what_replay_uses() -> None:
+    assert Replay.__init__.__kwdefaults__["fast"] is True
+
+
+class Boom:
+    """An addon before the chain: its request handler raises (mitmproxy logs it and carries on),
+    its response handler halts the event (no later addon sees the response)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.seen.append("requestheaders")
+        raise ValueError("boom")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.seen.append("response")
+        if flow.request.path.endswith("halt"):
+            raise exceptions.AddonHalt()
+
+
+@pytest.mark.parametrize("path", ["/v1/payment_intents/pi_1", "/v1/payment_intents/halt"])
+def test_addon_errors_and_halts_as_in_mitmproxy(tmp_path: Path, path: str, caplog: pytest.LogCaptureFixture) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(EXAMPLE.replace('"GET /v1/payment_intents/*"', '"GET /v1/payment_intents/**"'))
+    policy = replay_config(policy, tmp_path / "run")  # stand-in credentials
+    seen = []
+    for fast in (True, False):
+        addons = make_addons()
+        boom = Boom()
+        addons.insert(1, boom)
+        with caplog.at_level(logging.ERROR), Pipeline(policy, ":memory:", addons=addons, fast=fast) as p:
+            token = p.issue_key("billing-agent")
+            out = p.run(vendor_flow("GET", f"https://api.stripe.com{path}", {"X-Vault-Key": token}),
+                        response(200, b'{"id": "pi_1", "object": "payment_intent", "amount": 100}'))
+            seen.append((boom.seen, out.status, out.decision, out.reason, out.refused,
+                         [r.getMessage() for r in caplog.records if "Addon error: boom" in r.getMessage()]))
+            caplog.clear()
+    assert seen[0] == seen[1]
+    assert seen[0][1] == 200 and not seen[0][4]
+    assert seen[0][2] == (None if path.endswith("halt") else "allow")  # halted: record never saw the response
+    assert seen[0][5] == ["Addon error: boom"]
