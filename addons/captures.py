@@ -1,6 +1,16 @@
 """Reading captured traffic: mitmproxy flow files (``spendgate run --capture``, ``mitmdump -w``,
 mitmweb's save, older mitmproxy versions through mitmproxy's own format migrations) and HAR files.
 
+Flow files are read as mitmproxy's ``FlowReader`` reads them (the same states, mitmproxy's
+``from_state`` for requests, responses and errors, mitmproxy's migrations for other format
+versions) with three savings, all measured on replay's benchmark: each flow is read with one
+``read`` and parsed by a tnetstring parser that walks offsets instead of copying what is left of
+the data at every element; a flow of the current format is not migrated (a no-op there); and its
+client and server connections, which replay never uses (each replayed request gets its own
+tunnel), are kept as bytes and parsed, by mitmproxy, only if something reads them
+(:class:`CapturedFlow`). Flows in any other format version go through mitmproxy's own
+``migrate_flow`` and ``Flow.from_state`` whole.
+
 Reading never raises on bad input. Each entry is an :class:`Entry`: a request to replay, or a
 reason it is skipped (a TCP/UDP/DNS flow, a websocket, a tunnel, a HAR entry that is not a
 request). A file that cannot be read further is a :class:`Problem` naming the file and the byte
@@ -20,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mitmproxy import connection, http, version
 from mitmproxy import flow as mflow
-from mitmproxy import http
-from mitmproxy.io import compat, tnetstring
+from mitmproxy.io import compat
 from mitmproxy.io.har import request_to_flow
 
 FLOW_SUFFIXES = (".mitm", ".flows", ".flow", ".dump")
@@ -93,23 +103,22 @@ class Reader:
             self.problems.append(Problem(str(path), f"cannot read: {e.strerror}"))
 
     def _flows(self, path: Path, f: Any) -> Iterator[Entry]:
+        offset = 0
         while True:
-            offset = f.tell()
             try:
-                data = tnetstring.load(f)
+                raw = read_tnetstring(f)
             except (ValueError, IndexError, TypeError) as e:
-                if str(e) == "not a tnetstring: empty file":
-                    self.bytes_read += f.tell() - offset
-                    return  # the end
                 self.problems.append(Problem(f"{path}@{offset}", "corrupt or truncated flow file at this byte "
                                              f"offset ({type(e).__name__}: {e}); the flows before it were read"))
                 return
-            self.bytes_read += f.tell() - offset
+            if raw is None:
+                return  # the end
             source = f"{path}@{offset}"
+            end = f.tell()
+            self.bytes_read += end - offset
+            offset = end
             try:
-                if not isinstance(data, dict):
-                    raise ValueError(f"not a flow: {type(data).__name__}")
-                flow = mflow.Flow.from_state(compat.migrate_flow(data))
+                flow = load_flow(raw)
             except Exception as e:  # (mitmproxy raises ValueError, KeyError, TypeError on odd states)
                 self.problems.append(Problem(source, f"unreadable flow ({type(e).__name__}: {e}); skipped"))
                 continue
@@ -161,3 +170,177 @@ def har_flow(item: dict[str, Any]) -> http.HTTPFlow:
     if not resp or not resp.get("status"):
         flow.response = None
     return flow
+
+
+# --------------------------------------------------------------------------- flow files
+
+
+def read_tnetstring(f: Any) -> bytes | None:
+    """The next tnetstring of a file (its payload and type tag), None at the end of the file;
+    ValueError if it is corrupt or cut short. (As ``tnetstring.load`` reads it, in one read.)"""
+    c = f.read(1)
+    if c == b"":
+        return None
+    prefix = b""
+    while c.isdigit():
+        prefix += c
+        if len(prefix) > 12:
+            raise ValueError("not a tnetstring: absurdly large length prefix")
+        c = f.read(1)
+    if c != b":" or not prefix:
+        raise ValueError("not a tnetstring: missing or invalid length prefix")
+    size = int(prefix) + 1
+    raw = f.read(size)
+    if len(raw) != size:
+        raise ValueError(f"not a tnetstring: {len(raw)} of {size} bytes (truncated)")
+    return raw
+
+
+def parse_tnetstring(data: bytes, i: int, limit: int) -> tuple[Any, int]:
+    """The value of the tnetstring at ``data[i:]`` (ending by ``limit``) and where it ends. The values
+    ``mitmproxy.io.tnetstring`` gives (bytes, str, int, float, bool, None, list, dict), found by
+    offsets into one buffer instead of a new view of the rest of the data at every element."""
+    colon = data.find(b":", i, min(i + 13, limit))
+    if colon <= i:
+        raise ValueError(f"not a tnetstring: missing or invalid length prefix at {i}")
+    start = colon + 1
+    end = start + int(data[i:colon])
+    if end < start or end >= limit:
+        raise ValueError(f"not a tnetstring: invalid length prefix at {i}")
+    tag = data[end]
+    if tag == 44:  # ,
+        return data[start:end], end + 1
+    if tag == 125:  # }
+        d = {}
+        j = start
+        while j < end:
+            key, j = parse_tnetstring(data, j, end)
+            if j >= end:
+                raise ValueError("not a tnetstring: a dict key without a value")
+            d[key], j = parse_tnetstring(data, j, end)
+        return d, end + 1
+    if tag == 59:  # ;
+        return data[start:end].decode("utf8"), end + 1
+    if tag == 93:  # ]
+        items = []
+        j = start
+        while j < end:
+            item, j = parse_tnetstring(data, j, end)
+            items.append(item)
+        return items, end + 1
+    if tag == 126:  # ~
+        if end != start:
+            raise ValueError("not a tnetstring: invalid null literal")
+        return None, end + 1
+    if tag == 35:  # #
+        return int(data[start:end]), end + 1
+    if tag == 94:  # ^
+        return float(data[start:end]), end + 1
+    if tag == 33:  # !
+        if data[start:end] not in (b"true", b"false"):
+            raise ValueError("not a tnetstring: invalid boolean literal")
+        return data[start:end] == b"true", end + 1
+    raise ValueError(f"unknown type tag: {tag}")
+
+
+LAZY = ("client_conn", "server_conn")  # kept as bytes until read (replay never reads them)
+
+
+def load_flow(raw: bytes) -> mflow.Flow:
+    """A flow from one flow file entry (:func:`read_tnetstring`), as ``FlowReader`` reads it."""
+    if raw[-1:] != b"}":
+        raise ValueError(f"not a flow: type tag {raw[-1:]!r}")
+    state: dict[Any, Any] = {}
+    lazy: dict[str, bytes] = {}
+    j, end = 0, len(raw) - 1
+    while j < end:
+        key, j = parse_tnetstring(raw, j, end)
+        if j >= end:
+            raise ValueError("not a tnetstring: a dict key without a value")
+        if key in LAZY:
+            at = j
+            _, j = _skip(raw, j, end)
+            lazy[key] = raw[at:j]
+        else:
+            state[key], j = parse_tnetstring(raw, j, end)
+    if (state.get("version") == CapturedFlow.FORMAT == version.FLOW_FORMAT_VERSION
+            and state.get("type") == "http" and len(lazy) == 2):
+        flow = CapturedFlow(lazy["client_conn"], lazy["server_conn"])
+        flow.set_state(state)
+        return flow
+    for key, value in lazy.items():  # another version or flow type: mitmproxy's reader, whole
+        state[key] = parse_tnetstring(value, 0, len(value))[0]
+    return mflow.Flow.from_state(compat.migrate_flow(state))
+
+
+def _skip(data: bytes, i: int, limit: int) -> tuple[None, int]:
+    colon = data.find(b":", i, min(i + 13, limit))
+    if colon <= i:
+        raise ValueError(f"not a tnetstring: missing or invalid length prefix at {i}")
+    end = colon + 1 + int(data[i:colon])
+    if end <= colon or end >= limit:
+        raise ValueError(f"not a tnetstring: invalid length prefix at {i}")
+    return None, end + 1
+
+
+class CapturedFlow(http.HTTPFlow):
+    """An HTTP flow read from a flow file of the current format: everything as mitmproxy's reader
+    sets it, except that the client and server connections are parsed (by mitmproxy's
+    ``from_state``) the first time they are read. ``type`` is ``http``; its state, copies and
+    saved form are an ``HTTPFlow``'s."""
+
+    FORMAT = 21  # the flow format version this reads without migrating (mitmproxy 12)
+
+    def __init__(self, client_conn: bytes, server_conn: bytes) -> None:
+        self._conn_states: dict[str, bytes] = {"client_conn": client_conn, "server_conn": server_conn}
+        super().__init__(_LAZY_CLIENT, _LAZY_SERVER)
+
+    def _conn(self, name: str) -> Any:
+        conn = self.__dict__.get(name)
+        if conn is _LAZY_CLIENT or conn is _LAZY_SERVER:
+            raw = self._conn_states.pop(name)
+            state = parse_tnetstring(raw, 0, len(raw))[0]
+            conn = (connection.Client if name == "client_conn" else connection.Server).from_state(state)
+            self.__dict__[name] = conn
+        return conn
+
+    @property  # type: ignore[override]
+    def client_conn(self) -> connection.Client:
+        return self._conn("client_conn")
+
+    @client_conn.setter
+    def client_conn(self, value: connection.Client) -> None:
+        self.__dict__["client_conn"] = value
+
+    @property  # type: ignore[override]
+    def server_conn(self) -> connection.Server:
+        return self._conn("server_conn")
+
+    @server_conn.setter
+    def server_conn(self, value: connection.Server) -> None:
+        self.__dict__["server_conn"] = value
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """``HTTPFlow.set_state`` and ``Flow.set_state`` for a state without its connections."""
+        self.request = http.Request.from_state(state.pop("request"))
+        self.response = http.Response.from_state(r) if (r := state.pop("response")) else None
+        self.websocket = http.WebSocketData.from_state(w) if (w := state.pop("websocket")) else None
+        if state.pop("version") != self.FORMAT or state.pop("type") != "http":
+            raise ValueError("not a current HTTP flow")
+        self.id = state.pop("id")
+        error = state.pop("error")
+        self.error = mflow.Error.from_state(error) if error else None
+        self.intercepted = state.pop("intercepted")
+        self.is_replay = state.pop("is_replay")
+        self.marked = state.pop("marked")
+        self.metadata = state.pop("metadata")
+        self.comment = state.pop("comment")
+        self.timestamp_created = state.pop("timestamp_created")
+        self._backup = state.pop("backup", None)
+        if state:
+            raise ValueError(f"unknown flow fields: {', '.join(map(str, state))}")
+
+
+CapturedFlow.type = "http"  # (Flow.__init_subclass__ named it after the class)
+_LAZY_CLIENT = connection.Client(peername=("", 0), sockname=("", 0))  # placeholders until parsed
+_LAZY_SERVER = connection.Server(address=None)

@@ -136,3 +136,87 @@ def test_addon_errors_and_halts_as_in_mitmproxy(tmp_path: Path, path: str, caplo
     assert seen[0][1] == 200 and not seen[0][4]
     assert seen[0][2] == (None if path.endswith("halt") else "allow")  # halted: record never saw the response
     assert seen[0][5] == ["Addon error: boom"]
+
+
+def odd_flows() -> list[Any]:
+    """Flows of every kind a capture may hold, in the current format."""
+    from mitmproxy.test import tflow
+
+    backed_up = tflow.tflow(resp=True)
+    backed_up.backup()
+    backed_up.request.path = "/changed"
+    errored = tflow.tflow(err=True)
+    errored.server_conn.certificate_list = tflow.tserver_conn().certificate_list
+    with DEMO.open("rb") as f:
+        demo = list(io.FlowReader(f).stream())
+    return [*demo, tflow.tflow(), tflow.tflow(resp=True), errored, backed_up, tflow.tflow(ws=True, resp=True),
+            tflow.ttcpflow(), tflow.tudpflow(), tflow.tdnsflow(resp=True)]
+
+
+def test_the_reader_reads_what_mitmproxy_reads(tmp_path: Path) -> None:
+    from mitmproxy.io import tnetstring
+
+    from spendgate.captures import CapturedFlow, load_flow, read_tnetstring
+
+    path = tmp_path / "all.mitm"
+    with path.open("wb") as f:
+        w = io.FlowWriter(f)
+        for fl in odd_flows():
+            w.add(fl)
+        old = odd_flows()[0].get_state()  # and one in mitmproxy 8's format, migrated by mitmproxy
+        old["version"] = 18
+        for conn in ("client_conn", "server_conn"):
+            c = old[conn]
+            c.pop("state", None)
+            c["tls_established"] = True
+            c["cipher_name"] = c.pop("cipher", None)
+        old["client_conn"]["address"] = old["client_conn"].pop("peername")
+        old["client_conn"]["tls_extensions"] = []
+        s = old["server_conn"]
+        s["ip_address"], s["source_address"], s["via2"] = s.pop("peername"), s.pop("sockname"), s.pop("via")
+        tnetstring.dump(old, f)
+    with path.open("rb") as f:
+        theirs = list(io.FlowReader(f).stream())
+    ours = []
+    with path.open("rb") as f:
+        while (raw := read_tnetstring(f)) is not None:
+            ours.append(load_flow(raw))
+    assert len(ours) == len(theirs) == len(odd_flows()) + 1
+    assert [type(fl).__mro__[1 if isinstance(fl, CapturedFlow) else 0] for fl in ours] == [type(fl) for fl in theirs]
+    current_http = [fl for fl in ours if isinstance(fl, CapturedFlow)]
+    assert len(current_http) == 16 + 5  # the old one was migrated by mitmproxy into a plain HTTPFlow
+    assert all(fl.type == "http" and "client_conn" in fl._conn_states for fl in current_http)  # not parsed yet
+    assert [fl.get_state() for fl in ours] == [fl.get_state() for fl in theirs]  # (parses them)
+    assert ours[0].client_conn is ours[0].client_conn and not ours[0]._conn_states
+    copies = [fl.copy() for fl in ours]  # (a copy has new ids: mitmproxy's Serializable.copy)
+    assert [type(c) for c in copies] == [type(fl) for fl in theirs]
+    assert [_no_ids(c.get_state()) for c in copies] == [_no_ids(fl.get_state()) for fl in theirs]
+
+
+def _no_ids(state: Any) -> Any:
+    if isinstance(state, dict):
+        return {k: _no_ids(v) for k, v in state.items() if k != "id"}
+    if isinstance(state, list | tuple):
+        return [_no_ids(v) for v in state]
+    return state
+
+
+def test_a_damaged_flow_file_is_a_problem_never_a_crash(tmp_path: Path) -> None:
+    from spendgate.captures import Reader
+
+    data = DEMO.read_bytes()
+    whole = list(Reader.of([DEMO]))
+    assert len(whole) == 16
+    for cut in range(1, len(data), 997):  # cut anywhere
+        path = tmp_path / "cut.mitm"
+        path.write_bytes(data[:cut])
+        reader = Reader.of([path])
+        entries = list(reader)
+        assert len(reader.problems) == 1 and len(entries) < 16
+        assert [e.flow.get_state() for e in entries if e.flow] == [e.flow.get_state() for e in whole[:len(entries)]]
+    for at in range(5, len(data), 1009):  # a byte changed anywhere: reported or read, never raised
+        path = tmp_path / "flip.mitm"
+        path.write_bytes(data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1:])
+        reader = Reader.of([path])
+        entries = list(reader)
+        assert reader.problems or len(entries) == 16
