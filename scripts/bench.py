@@ -1190,6 +1190,51 @@ def part_replay(tmp: Path, n: int) -> dict[str, Any]:
     return out
 
 
+def part_replay_instructions(tmp: Path, n: int) -> dict[str, Any]:
+    """Instructions per replayed flow (callgrind, counted only around the replay loop, in its own
+    process): reading the capture alone, and the whole replay. Load-independent, unlike CPU time."""
+    valgrind = shutil.which("valgrind")
+    if not valgrind or not shutil.which("callgrind_control"):
+        log("valgrind not found: no instruction counts (apt-get install valgrind)")
+        return {"error": "valgrind not installed"}
+    out: dict[str, Any] = {"flows": n}
+    for mode in ("read", "replay"):
+        work = tmp / f"ir-replay-{mode}"
+        work.mkdir()
+        proc = subprocess.run(
+            [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={work}/callgrind.out",
+             sys.executable, __file__, "_ir_replay", mode, str(n), str(work)],
+            capture_output=True, text=True, cwd=ROOT, timeout=3600)
+        counted = [int(line.rsplit(":", 1)[1]) for line in proc.stderr.splitlines() if "Collected :" in line]
+        if proc.returncode != 0 or not counted or "ok" not in proc.stdout:
+            raise RuntimeError(f"instructions replay {mode}: valgrind exited {proc.returncode}\n"
+                               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        out[f"{mode}_per_flow"] = counted[-1] // n
+    log(f"replay instructions per flow ({n:,} flows): reading {out['read_per_flow']:,}, "
+        f"whole replay {out['replay_per_flow']:,}")
+    return out
+
+
+def _ir_replay_child(mode: str, n: int, work: Path) -> None:
+    """Under valgrind: replay (or only read) ``n`` flows, counted only while they run."""
+    from spendgate.captures import Reader
+    from spendgate.replay import Replay
+
+    policy, capture = replay_capture(work, n)
+
+    def instrument(on: bool) -> None:
+        subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())], check=True,
+                       capture_output=True, timeout=300)
+
+    with Replay(policy) as r:
+        instrument(True)
+        count = sum(1 for _ in (Reader.of([capture]) if mode == "read" else r.run([capture])))
+        instrument(False)
+    if count != n:
+        raise SystemExit(f"{mode}: {count} of {n} flows")
+    print("ok")
+
+
 def _rss_kib() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -1604,6 +1649,10 @@ def render(res: dict[str, Any]) -> str:
                 f"{rp['cpu_s']} s CPU ({rp['flows_per_s_cpu']:,} flows/s); RSS "
                 + ", ".join(f"{x['rss_mib']} MiB after {x['after']:,}" for x in rp["rss"])
                 + f" (growth {rp['rss_growth_mib']} MiB); {rp['summary']}", ""]
+    ri = res.get("replay_instructions")
+    if ri and "error" not in ri:
+        out += [f"replay instructions per flow ({ri['flows']:,} flows, callgrind): reading the capture "
+                f"{ri['read_per_flow']:,}, the whole replay {ri['replay_per_flow']:,}", ""]
     rv = res.get("revoke")
     if rv:
         out += [f"revoke → first 401 revoked: p50 {rv['p50_ms']} ms, max {rv['max_ms']} ms ({rv['n']} revokes)", ""]
@@ -1646,6 +1695,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_fake"]:
         serve_fake(*argv[1:4])
         return 0
+    if argv[:1] == ["_ir_replay"]:
+        _ir_replay_child(argv[1], int(argv[2]), Path(argv[3]))
+        return 0
     if argv[:1] == ["_ir"]:
         _ir_child(argv[1], argv[2], int(argv[3]), Path(argv[4]))
         return 0
@@ -1666,7 +1718,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ledger-rows", type=int, help="calls rows for the report timing (default 1000000, smoke 10000)")
     ap.add_argument("--keys", type=int, help="the larger key count (default 100000, smoke 2000)")
     ap.add_argument("--only", default="pipeline,replay,throughput,lookup,ledger,revoke,memory",
-                    help="comma-separated parts to run (pipeline,replay,throughput,lookup,ledger,revoke,memory,profile,instructions)")
+                    help="comma-separated parts to run (pipeline,replay,throughput,lookup,ledger,revoke,memory,profile,instructions,"
+                         "replay_instructions)")
     ap.add_argument("--instructions", action="store_true",
                     help="also count instructions per request in-process under valgrind (slow: minutes a scenario)")
     ap.add_argument("--flows", type=int, help="flows for the replay part (default 100000, smoke 2000)")
@@ -1716,6 +1769,8 @@ def main(argv: list[str] | None = None) -> int:
             res["instructions"] = part_instructions(tmp, scenarios, 30 if smoke else 300)
         if "replay" in parts:
             res["replay"] = part_replay(tmp, args.flows or (2000 if smoke else 100_000))
+        if "replay_instructions" in parts or {"replay", "instructions"} <= parts:
+            res["replay_instructions"] = part_replay_instructions(tmp, 100 if smoke else 2000)
         if "lookup" in parts:
             res["lookup"] = part_lookup(tmp, [10, big_keys], [10, 1000], 500 if smoke else 20_000)
         if "ledger" in parts:
