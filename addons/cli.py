@@ -1,12 +1,13 @@
 """``spendgate``: run the gateway, check policies, manage keys and approvals, read spend.
 
-Every command that touches keys or the ledger resolves ``--config`` (else
-$SPENDGATE_CONFIG, else policies/spendgate.yaml) and ``--db`` (else $SPENDGATE_DB,
-else data/spendgate.db) the same way the gateway does.
+Every command resolves the policy file (``--config``), the ledger (``--db``) and the CA the
+same way the gateway does, from any working directory (paths.py: ``$SPENDGATE_HOME``, else the
+checkout, else ~/.spendgate).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import click
 
 from . import reports
 from .keys import IssueError, key_spec, parse_labels
-from .paths import config_path, db_path
+from .paths import CA_CERT, absolute, ca_dir, config_path, db_path, home, home_source, no_ledger, no_policy
 from .policy import Config, ConfigError, load_config, resolve_credentials
 from .store import (
     TOKEN_PREFIX,
@@ -35,11 +36,12 @@ from .store import (
 from .vendors import REGISTRY
 
 GATEWAY = Path(__file__).resolve().parent / "gateway.py"
-CERTS = "certs"
 
-config_opt = click.option("--config", "config", default=None, help="Policy file.")
+config_opt = click.option("--config", "config", default=None,
+                          help="Policy file [default: $SPENDGATE_CONFIG, else SPENDGATE_HOME/policies/spendgate.yaml].")
 db_opt = click.option("--db", "db", default=None,
-                      help="Ledger: a SQLite file, or postgresql://user@host:5432/db (fleet mode).")
+                      help="Ledger: a SQLite file, or postgresql://user@host:5432/db (fleet mode) "
+                           "[default: $SPENDGATE_DB, else SPENDGATE_HOME/data/spendgate.db].")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
@@ -48,10 +50,7 @@ def _store(db: str | None, create: bool = False) -> Store:
     SQLite file; readers say where they looked."""
     path = db_path(db)
     if not create and not is_postgres(path) and path != ":memory:" and not Path(path).exists():
-        raise click.ClickException(
-            f"no ledger at {Path(path).resolve()}: pass --db FILE or set SPENDGATE_DB "
-            "(the gateway and `spendgate keys issue` create it)"
-        )
+        raise click.ClickException(no_ledger(path, db))
     try:
         return open_store(path)
     except (SchemaError, StoreUnavailable) as e:
@@ -61,11 +60,8 @@ def _store(db: str | None, create: bool = False) -> Store:
 def _config(path: str | None, secrets: bool = False) -> tuple[Config, str]:
     """The policy file (and, with ``secrets``, proof that every credential resolves)."""
     where = config_path(path)
-    if not Path(where).exists():
-        raise click.ClickException(
-            f"no policy file at {Path(where).resolve()}: pass --config FILE or set SPENDGATE_CONFIG "
-            "(`spendgate init` writes a starter policy)"
-        )
+    if not Path(where).is_file():
+        raise click.ClickException(no_policy(where, path))
     try:
         cfg = load_config(where)
         if secrets:
@@ -75,13 +71,22 @@ def _config(path: str | None, secrets: bool = False) -> tuple[Config, str]:
     return cfg, where
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (None: it can)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"{host} is not an address of this machine ({e.strerror})"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as mitmproxy binds (TIME_WAIT is not busy)
         try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use (another gateway or proxy?)"
+            return f"cannot listen on {host}:{port} ({e.strerror})"
+    return None
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
@@ -141,21 +146,31 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
     Before anything listens, the policy is validated and every secret it references is
     read: any problem is reported (file:line each) and nothing starts."""
     _, cfg = _config(config, secrets=True)
-    busy = [(what, h, p) for what, h, p in (
-        ("the proxy (--port)", listen_host, port),
-        *((("mitmweb (--web-port)", "127.0.0.1", web_port),) if web else ()),
-        *((("the admin API (--admin-port)", "127.0.0.1", admin_port),) if admin_port else ()),
-    ) if not _port_free(h, p)]  # fmt: skip
-    if busy:
-        raise click.ClickException("; ".join(
-            f"port {p} on {h} is in use (another gateway or proxy?): {what} needs a free port"
-            for what, h, p in busy))  # fmt: skip
+    if admin_port is None and os.environ.get("SPENDGATE_ADMIN_TOKEN") and not any(
+            "spendgate_admin_listen" in a for a in mitmproxy_args):
+        admin_default = 8082  # the admin API listens there when a token is set (admin.py)
+    else:
+        admin_default = None
+    problems = [f"{why}: {what} cannot start (choose another with {opt})" for what, opt, h, p in (
+        ("the proxy", "--port", listen_host, port),
+        *((("mitmweb", "--web-port", "127.0.0.1", web_port),) if web else ()),
+        *((("the admin API", "--admin-port", "127.0.0.1", admin_port or admin_default),)
+          if admin_port or admin_default else ()),
+    ) if (why := _bind_problem(h, p))]  # fmt: skip
+    if problems:
+        raise click.ClickException("; ".join(problems))
     tool = "mitmweb" if web else "mitmdump"
     exe = Path(sys.executable).with_name(tool)
+    if log_format == "json":  # JSON lines from mitmproxy's very first line on (launch.py)
+        launcher = [sys.executable, "-m", "spendgate.launch", tool]
+    else:
+        launcher = [str(exe if exe.exists() else tool)]
+    # Absolute paths: the gateway, `spendgate keys`/`report` and a restart from another
+    # directory all mean the same files.
     args = [
-        str(exe if exe.exists() else tool), "-s", str(GATEWAY),
-        "--set", f"spendgate_config={cfg}", "--set", f"spendgate_db={db_path(db)}",
-        "--set", f"confdir={CERTS}", "--set", "connection_strategy=lazy",
+        *launcher, "-s", str(GATEWAY),
+        "--set", f"spendgate_config={absolute(cfg)}", "--set", f"spendgate_db={absolute(db_path(db))}",
+        "--set", f"confdir={ca_dir()}", "--set", "connection_strategy=lazy",
         "--listen-host", listen_host, "--listen-port", str(port),
         "--set", f"spendgate_log_format={log_format}",
     ]
@@ -179,9 +194,6 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
     if web:
         args += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
                  "--set", "web_host=127.0.0.1"]
-    if log_format == "json":  # quiet until the addon switches the log to JSON lines (runtime.py)
-        args += ["--set", "termlog_verbosity=warn"]
-        os.environ["SPENDGATE_TERMLOG_VERBOSITY"] = "info"
     # Line-buffered output even into a file or a pipe (`spendgate run > gw.log`): each decision,
     # and mitmweb's login URL, is there as soon as it happens.
     os.environ["PYTHONUNBUFFERED"] = "1"
@@ -198,7 +210,9 @@ def check(file: str | None, secrets: bool) -> None:
     Every problem is reported at once: fields, cross-references (a policy naming a vendor
     without credentials, an unknown vendor, a bad rule) and, unless --no-secrets, every
     env:/file: secret that does not resolve in this environment. FILE defaults to the
-    policy `run` would use ($SPENDGATE_CONFIG, else policies/spendgate.yaml)."""
+    policy `run` would use ($SPENDGATE_CONFIG, else SPENDGATE_HOME/policies/spendgate.yaml)."""
+    if not file and not Path(config_path(None)).is_file():
+        raise click.ClickException(no_policy(config_path(None), None))
     file = file or config_path(None)
     try:
         cfg = load_config(file)
@@ -287,11 +301,12 @@ def starter_policy(vendors: list[str], command: str) -> str:
 @click.option("--vendor", "vendors", multiple=True, required=True, type=click.Choice(sorted(REGISTRY)),
               help="A vendor the agents will call (repeatable).")
 @click.option("--output", "-o", default=None,
-              help="Where to write it [default: --config's default, $SPENDGATE_CONFIG or policies/spendgate.yaml].")
+              help="Where to write it [default: where `run` looks, $SPENDGATE_CONFIG, else "
+                   "SPENDGATE_HOME/policies/spendgate.yaml].")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def init(vendors: tuple[str, ...], output: str | None, force: bool) -> None:
     """Write a commented starter policy for the named vendors."""
-    path = Path(output or config_path(None))
+    path = Path(absolute(output or config_path(None)))
     if path.exists() and not force:
         raise click.ClickException(f"{path} exists: choose another --output, or --force to overwrite it")
     names = list(dict.fromkeys(vendors))
@@ -300,7 +315,10 @@ def init(vendors: tuple[str, ...], output: str | None, force: bool) -> None:
     env_names = [ref.split(":", 1)[1] for ref in _secret_refs(path) if ref.startswith("env:")]
     click.echo(f"wrote {path}")
     click.echo(f"next: export {', '.join(env_names)} (real keys, where the gateway runs),")
-    click.echo(f"      spendgate check {path} && spendgate run --config {path}")
+    if output is None and str(path) == absolute(config_path(None)):
+        click.echo("      spendgate check && spendgate run      (they find it there, from any directory)")
+    else:
+        click.echo(f"      spendgate check {path} && spendgate run --config {path}")
 
 
 def _secret_refs(path: Path) -> list[str]:
@@ -309,14 +327,16 @@ def _secret_refs(path: Path) -> list[str]:
 
 
 @main.command()
-@click.option("--dir", "directory", default=CERTS, show_default=True, help="mitmproxy's confdir.")
-def ca(directory: str) -> None:
-    """Create the gateway's CA in ./certs (if missing) and print the cert clients trust."""
+@click.option("--dir", "directory", default=None,
+              help="mitmproxy's confdir [default: SPENDGATE_HOME/certs, where `run` keeps it].")
+def ca(directory: str | None) -> None:
+    """Create the gateway's CA (if missing) and print the certificate clients trust."""
     from mitmproxy.certs import CertStore
 
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    CertStore.from_store(directory, "mitmproxy", 2048)
-    click.echo(str(Path(directory) / "mitmproxy-ca-cert.pem"))
+    where = Path(absolute(directory)) if directory else ca_dir()
+    where.mkdir(parents=True, exist_ok=True)
+    CertStore.from_store(str(where), "mitmproxy", 2048)
+    click.echo(str(where / CA_CERT))
 
 
 @main.command()
@@ -325,8 +345,20 @@ def ca(directory: str) -> None:
 @click.option("--ca", "ca_path", default=None,
               help="Where the agent sees the CA certificate [default: this gateway's, as an absolute path].")
 def env(proxy: str, ca_path: str | None) -> None:
-    """Print the environment variables an agent needs (shell syntax: eval "$(spendgate env)")."""
-    ca_path = ca_path or str((Path(CERTS) / "mitmproxy-ca-cert.pem").resolve())
+    """Print the environment variables an agent needs (shell syntax: eval "$(spendgate env)").
+
+    Comment lines say where this gateway's files are (absolute paths; eval skips them)."""
+    if not ca_path:
+        ca_path = str(ca_dir() / CA_CERT)
+        if not Path(ca_path).is_file():
+            click.echo(f"note: no CA at {ca_path} yet: `spendgate ca` creates it (so does `spendgate run`)",
+                       err=True)
+    else:
+        ca_path = ca_path if "://" in ca_path else str(Path(ca_path).expanduser().absolute())
+    click.echo(f"# spendgate home {home()} ({home_source()})")
+    click.echo(f"# policy {absolute(config_path(None))}")
+    click.echo(f"# ledger {redact_url(absolute(db_path(None)))}")
+    click.echo(f"# CA     {ca_dir()}")
     lines = {
         "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "", "SSL_CERT_FILE": ca_path,
         "REQUESTS_CA_BUNDLE": ca_path, "CURL_CA_BUNDLE": ca_path, "NODE_EXTRA_CA_CERTS": ca_path,
@@ -553,14 +585,21 @@ def report(by: str, since: str | None, db: str | None, fmt: str | None) -> None:
 
 
 @main.command()
-@click.option("--from", "src", required=True, help="The single-box ledger (a SQLite file).")
+@click.option("--from", "src", default=None,
+              help="The single-box ledger, a SQLite file [default: $SPENDGATE_DB if it is a file, else "
+                   "SPENDGATE_HOME/data/spendgate.db].")
 @click.option("--to", "dst", default=None,
               help="The fleet's ledger, postgresql://user@host:5432/db (default: $SPENDGATE_DB).")
-def migrate(src: str, dst: str | None) -> None:
+def migrate(src: str | None, dst: str | None) -> None:
     """Copy a SQLite ledger (keys, counters, approvals, calls) into PostgreSQL; idempotent."""
     from .store.transfer import migrate as copy_ledger
 
-    dst = dst or os.environ.get("SPENDGATE_DB") or ""
+    env_db = os.environ.get("SPENDGATE_DB") or ""
+    dst = dst or env_db
+    if src is None:
+        src = db_path(None) if env_db and not is_postgres(env_db) else str(home() / "data" / "spendgate.db")
+        if not Path(src).is_file():
+            raise click.ClickException(no_ledger(src, None).replace("pass --db FILE", "pass --from FILE"))
     bar: Any = None
 
     def progress(done: int, total: int) -> None:

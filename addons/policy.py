@@ -770,16 +770,21 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(text, str(path))
 
 
-def read_secret(ref: str, environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+def read_secret(ref: str, environ: Mapping[str, str] | None = None,
+                base: Path | None = None) -> tuple[str | None, str]:
     """Read an ``env:NAME`` or ``file:PATH`` reference: (the value, "") or (None, why not).
 
-    A file's text is stripped; an empty value counts as missing. One reader for the vendor
-    credentials and the admin token, so both mean the same thing by a reference.
+    A file's text is stripped; an empty value counts as missing. A relative PATH is relative to
+    ``base`` (the policy file's directory, so it means one file from any working directory).
+    One reader for the vendor credentials and the admin token, so both mean the same thing by
+    a reference.
     """
     kind, _, target = ref.partition(":")
     if kind == "env":
         value = (os.environ if environ is None else environ).get(target)
         return (value, "") if value else (None, f"environment variable {target} is not set")
+    if base is not None and not Path(target).is_absolute():
+        target = str(base / target)
     try:
         value = Path(target).read_text().strip()
     except OSError as e:
@@ -797,13 +802,14 @@ def resolve_credentials(
     The values are returned, never logged: callers keep them in memory only.
     """
     environ = os.environ if environ is None else environ
+    base = Path(filename).resolve().parent if not filename.startswith("<") else None
     out: dict[str, dict[str, str]] = {}
     problems: list[Problem] = []
     for name, vc in config.vendors.items():
         creds: dict[str, str] = {}
         vendor = config.vendor(name)
         for fld in vendor.credential_fields if vendor else ():
-            value, missing = read_secret(getattr(vc, fld), environ)
+            value, missing = read_secret(getattr(vc, fld), environ, base)
             if not value:
                 problems.append(Problem(filename, locate(filename, ("vendors", name, fld)),
                                         f"vendors.{name}.{fld}", missing))

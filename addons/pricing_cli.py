@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import pricing
-from .paths import config_path, db_path
+from .paths import config_path, db_path, no_ledger
 from .policy import ConfigError, load_config
 from .vendors.base import Prices
 
@@ -41,6 +41,8 @@ def check(config: str | None, db: str | None, max_age: int, as_json: bool) -> No
 
     Exits 1 when there is anything to fix."""
     path, table = db_path(db), _prices(config)
+    if "://" not in path and not Path(path).is_file():
+        raise click.ClickException(no_ledger(path, db))
     try:
         result = pricing.report(path, table, datetime.now(UTC).date(), max_age)
     except Exception as e:  # sqlite3.OperationalError: no ledger yet, not SQLite

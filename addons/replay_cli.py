@@ -9,6 +9,7 @@ import csv
 import json
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import click
@@ -98,7 +99,7 @@ def replay(inputs: tuple[str, ...], config: str | None, diff: tuple[str, str] | 
     Every request runs through the real pipeline in process, in captured order, against a
     throwaway ledger; nothing is sent. Prints each call then and now, and a summary.
     """
-    from .paths import config_path
+    from .paths import config_path, no_policy
     from .policy import ConfigError
     from .replay import Replay
 
@@ -107,6 +108,8 @@ def replay(inputs: tuple[str, ...], config: str | None, diff: tuple[str, str] | 
     if diff and config:
         raise click.UsageError("--diff OLD NEW replaces --config")
     old, new = diff if diff else (None, config_path(config))
+    if not diff and not Path(new).is_file():
+        raise click.ClickException(no_policy(new, config))
     try:
         session = Replay(new, old=old, policy=policy)
     except ConfigError as e:

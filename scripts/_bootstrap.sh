@@ -35,8 +35,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
 
-# The CA lives in ./certs (mitmproxy's confdir). mitmproxy creates it on first start;
-# create it now so clients can be pointed at it before the gateway ever ran.
-if [ ! -f certs/mitmproxy-ca-cert.pem ]; then
+# The CA lives in SPENDGATE_HOME/certs (mitmproxy's confdir; the home is this checkout unless
+# $SPENDGATE_HOME says otherwise). mitmproxy creates it on first start; create it now so clients
+# can be pointed at it before the gateway ever ran.
+if [ ! -f "${SPENDGATE_HOME:-$ROOT}/certs/mitmproxy-ca-cert.pem" ]; then
   spendgate ca >/dev/null
 fi

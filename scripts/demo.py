@@ -19,6 +19,9 @@ WORK = ROOT / "data" / "demo"
 
 sys.path.insert(0, str(ROOT))  # the test-side fakes package lives at the root
 from fakes import free_port  # noqa: E402
+from spendgate.paths import CA_CERT, ca_dir  # noqa: E402
+
+CA = str(ca_dir() / CA_CERT)  # where `spendgate run` keeps its CA (SPENDGATE_HOME/certs)
 
 # Obviously fake "real" credentials: the fake vendors accept anything, and the demo
 # shows they never leave the gateway.
@@ -99,8 +102,7 @@ def main() -> None:
         agent_env = {
             "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
             "HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}",
-            "SSL_CERT_FILE": str(ROOT / "certs" / "mitmproxy-ca-cert.pem"),
-            "REQUESTS_CA_BUNDLE": str(ROOT / "certs" / "mitmproxy-ca-cert.pem"),
+            "SSL_CERT_FILE": CA, "REQUESTS_CA_BUNDLE": CA,
             "BILLING_KEY": billing["token"], "SUPPORT_KEY": support["token"],
             "SPENDGATE_DB": str(WORK / "spendgate.db"), "BILLING_KEY_ID": billing["id"],
             "SPENDGATE": str(BIN / "spendgate"),

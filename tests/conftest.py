@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,21 @@ from pg import pg_database, pg_url  # noqa: F401  (fixtures: a throwaway Postgre
 
 from fakes import FakeVendors
 from spendgate.pipeline import Pipeline
+
+
+@pytest.fixture(scope="session", autouse=True)
+def spendgate_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """SPENDGATE_HOME for the whole run: no test reads or writes the checkout's (the default
+    home's) policy, ledger or CA by leaving a path out. Tests that build their own environment
+    set their own."""
+    home = tmp_path_factory.mktemp("spendgate-home")
+    saved = os.environ.get("SPENDGATE_HOME")
+    os.environ["SPENDGATE_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("SPENDGATE_HOME", None)
+    else:
+        os.environ["SPENDGATE_HOME"] = saved
 
 
 @pytest.fixture(scope="session")

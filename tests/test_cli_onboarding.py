@@ -30,7 +30,9 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_
 
 def sg(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
        ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "spendgate"), *args], cwd=cwd, env={**CLEAN_ENV, **(env or {})},
+    """``spendgate ARGS`` in ``cwd``, whose home is ``cwd`` unless ``env`` names another."""
+    return subprocess.run([str(BIN / "spendgate"), *args], cwd=cwd,
+                          env={**CLEAN_ENV, "SPENDGATE_HOME": str(cwd), **(env or {})},
                           capture_output=True, text=True, input=stdin, timeout=60)  # fmt: skip
 
 
@@ -74,7 +76,7 @@ def test_init_writes_a_commented_starter_policy_that_checks(tmp_path: Path) -> N
     lines = missing.stderr.strip().splitlines()
     assert [ln.split(": ")[1] for ln in lines] == [
         "vendors.stripe.secret", "vendors.twilio.account_sid", "vendors.twilio.secret", "vendors.openai.secret"]
-    assert all(ln.startswith("policies/spendgate.yaml:") and ln.split(":")[1].isdigit() for ln in lines)
+    assert all(ln.startswith(f"{path}:") and ln.split(":")[1].isdigit() for ln in lines)
     env = {"STRIPE_SECRET_KEY": "x", "TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "y", "OPENAI_API_KEY": "z"}
     ok = sg("check", cwd=tmp_path, env=env)
     assert ok.returncode == 0 and "every secret resolves" in ok.stdout, ok.stderr
@@ -139,13 +141,26 @@ def test_run_refuses_before_listening_with_one_clean_message(tmp_path: Path) -> 
 
 def test_run_names_a_busy_port(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("version: 1\n")
-    with socket.socket() as s:
+    with socket.socket() as s, socket.socket() as w:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         out = sg("run", "--config", "p.yaml", "--port", str(port), cwd=tmp_path)
-    assert out.returncode == 1
-    assert f"port {port} on 127.0.0.1 is in use" in out.stderr and "--port" in out.stderr
+        w.bind(("127.0.0.1", 0))
+        w.listen()
+        web = sg("run", "--config", "p.yaml", "--port", str(free_port()), "--web", "--web-port",
+                 str(w.getsockname()[1]), cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (f"Error: port {port} on 127.0.0.1 is in use (another gateway or proxy?): "
+                                  "the proxy cannot start (choose another with --port)")
+    assert web.returncode == 1 and "mitmweb cannot start (choose another with --web-port)" in web.stderr
+
+
+def test_run_names_an_address_it_cannot_listen_on(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("version: 1\n")
+    out = sg("run", "--config", "p.yaml", "--host", "192.0.2.1", "--port", str(free_port()), cwd=tmp_path)
+    assert out.returncode == 1 and "in use" not in out.stderr
+    assert "cannot listen on 192.0.2.1:" in out.stderr and "Cannot assign requested address" in out.stderr
 
 
 # --------------------------------------------------------------------------- what is missing, said plainly
@@ -181,10 +196,14 @@ def test_keys_hash_rejects_malformed_tokens(tmp_path: Path, token: str, ok: bool
 
 
 def test_env_prints_absolute_paths(tmp_path: Path) -> None:
-    out = sg("env", cwd=tmp_path)
-    lines = dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines())
-    assert lines["SSL_CERT_FILE"] == str(tmp_path / "certs" / "mitmproxy-ca-cert.pem")
+    out = sg("env", cwd=tmp_path, env={"SPENDGATE_HOME": "rel/home"})  # even from a relative home
+    lines = dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines()
+                 if line.startswith("export "))  # fmt: skip
+    assert lines["SSL_CERT_FILE"] == str(tmp_path / "rel" / "home" / "certs" / "mitmproxy-ca-cert.pem")
     assert lines["HTTPS_PROXY"] == "http://127.0.0.1:8080"
+    assert "no CA at" in out.stderr and "spendgate ca" in out.stderr  # not created yet: said, on stderr
+    comments = [ln for ln in out.stdout.splitlines() if ln.startswith("#")]
+    assert len(comments) == 4 and all(f" {tmp_path}/rel/home" in ln for ln in comments), comments
 
 
 def test_every_command_has_help() -> None:
@@ -242,6 +261,24 @@ def test_run_log_format_json_prints_only_json_lines_line_buffered(tmp_path: Path
     decision = next(x for x in lines if x.get("event") == "spendgate.decision")
     assert (decision["decision"], decision["reason"]) == ("deny", "egress_denied")
     assert any("proxy listening" in x.get("message", "") for x in lines)
+
+
+def test_run_log_format_json_keeps_mitmproxys_own_start_up_errors_json(tmp_path: Path) -> None:
+    """mitmproxy's lines printed before the spendgate addon loads (here: a second listener on a
+    busy port, which spendgate's own check does not cover) are JSON too; its exit notice goes to
+    stderr."""
+    (tmp_path / "p.yaml").write_text("version: 1\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        out = sg("run", "--log-format", "json", "--config", "p.yaml", "--port", str(free_port()),
+                 "--mode", f"regular@{busy}", cwd=tmp_path)
+    assert out.returncode == 1
+    lines = [json.loads(line) for line in out.stdout.splitlines()]  # every stdout line is JSON
+    assert any(f"failed to listen on 127.0.0.1:{busy}" in x["message"] and x["level"] == "error" for x in lines), \
+        out.stdout
+    assert "Error logged during startup" in out.stderr
 
 
 @pytest.mark.parametrize("token, starts", [("a" * 31, False), ("a" * 32, True)])

@@ -31,13 +31,14 @@ def captured(tmp_path_factory: pytest.TempPathFactory, fakes: FakeVendors, certs
     policy = tmp / "policy.yaml"
     policy.write_text(POLICY.format(up=fakes.url))
     port, db, cap = free_port(), tmp / "ledger.db", tmp / "capture"
-    env = {**os.environ, **REAL_CREDENTIALS, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **REAL_CREDENTIALS, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+           "SPENDGATE_HOME": str(tmp)}  # its certs/: the session's CA
     log = (tmp / "gateway.log").open("w")
     (tmp / "certs").symlink_to(certs)
     proc = subprocess.Popen(
         [str(BIN / "spendgate"), "run", "--config", str(policy), "--db", str(db), "--port", str(port),
          "--host", "127.0.0.1", "--capture", str(cap)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)  # (run uses ./certs: the session's CA)
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)  # (run uses SPENDGATE_HOME/certs)
     try:
         deadline = time.monotonic() + 20
         while "proxy listening" not in (tmp / "gateway.log").read_text():

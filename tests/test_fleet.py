@@ -110,7 +110,7 @@ class Fleet:
         cmd = [str(BIN / "spendgate"), "run", "--config", str(self.config), "--db", self.url,
                "--port", str(port), "--host", "127.0.0.1", "--replica", name, "--lease", str(LEASE),
                "--set", f"spendgate_admin_listen=127.0.0.1:{admin}"]
-        # `spendgate run` uses ./certs as mitmproxy's confdir: one shared CA for every replica
+        # `spendgate run` uses SPENDGATE_HOME/certs as mitmproxy's confdir: one shared CA for every replica
         proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=self.tmp, env=self.env)
         deadline = time.monotonic() + 30
         while "proxy listening" not in log.read_text():
@@ -152,7 +152,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Fle
     config.write_text(POLICY.format(up=fakes.url))
     (tmp / "certs").symlink_to(certs, target_is_directory=True)
     env = {**os.environ, **REAL_CREDENTIALS, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-           "SPENDGATE_ADMIN_TOKEN": "admin-secret-for-the-fleet-tests-0123456789"}
+           "SPENDGATE_ADMIN_TOKEN": "admin-secret-for-the-fleet-tests-0123456789",
+           "SPENDGATE_HOME": str(tmp)}  # its certs/: the session's CA
     fleet = Fleet(with_database(server, name), name, [], fakes, str(certs / "mitmproxy-ca-cert.pem"),
                   config, env, tmp)
     try:

@@ -70,8 +70,14 @@ def make_venv(repo: Path) -> None:
         script.write_text(f"#!{py}\nimport sys\nfrom mitmproxy.tools.main import {tool}\nsys.exit({tool}())\n")
         script.chmod(0o755)
     (repo / ".venv" / ".spendgate-installed-demo").touch()  # what _bootstrap.sh checks
-    subprocess.run(["bash", "-c", "source scripts/_bootstrap.sh demo"], cwd=repo, check=True, capture_output=True)
+    subprocess.run(["bash", "-c", "source scripts/_bootstrap.sh demo"], cwd=repo, check=True, capture_output=True,
+                   env=user_env())  # fmt: skip
     assert (repo / "certs" / "mitmproxy-ca-cert.pem").exists()
+
+
+def user_env() -> dict[str, str]:
+    """A new user's shell: no spendgate or proxy variables (the home is the clone)."""
+    return {k: v for k, v in os.environ.items() if k not in SHELL_ENV_DROP and not k.startswith("SPENDGATE_")}
 
 
 def _has_setuptools(py: Path) -> bool:
@@ -117,8 +123,7 @@ def test_run_it_from_a_fresh_copy(tmp_path: Path) -> None:
         term2 = term2.replace("spendgate run --config policies/demo.yaml ",
                               f"spendgate run --port {proxy} --config policies/demo.yaml ")
         term3 = term3.replace('"$(spendgate env)"', f'"$(spendgate env --proxy http://127.0.0.1:{proxy})"')
-    env = {k: v for k, v in os.environ.items() if k not in SHELL_ENV_DROP and not k.startswith("SPENDGATE_")}
-    env |= {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = user_env() | {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
     procs: list[subprocess.Popen] = []
     timings: dict[str, float] = {"fresh copy + .venv + CA": setup}
     try:
