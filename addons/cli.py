@@ -596,10 +596,11 @@ def migrate(src: str | None, dst: str | None) -> None:
 
     env_db = os.environ.get("SPENDGATE_DB") or ""
     dst = dst or env_db
+    given = src
     if src is None:
         src = db_path(None) if env_db and not is_postgres(env_db) else str(home() / "data" / "spendgate.db")
-        if not Path(src).is_file():
-            raise click.ClickException(no_ledger(src, None).replace("pass --db FILE", "pass --from FILE"))
+    if not is_postgres(src) and not Path(src).is_file():
+        raise click.ClickException(no_ledger(src, given).replace("pass --db FILE", "pass --from FILE"))
     bar: Any = None
 
     def progress(done: int, total: int) -> None:

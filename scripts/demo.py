@@ -1,6 +1,7 @@
 """Run the spendgate story offline: fake vendors, the gateway, an agent with the real SDKs.
 
-Started by ./scripts/demo. Everything lives in data/demo/ and is recreated each run.
+Started by ./scripts/demo. Everything lives in data/demo/ (or $SPENDGATE_DEMO_DIR) and is
+recreated each run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-WORK = ROOT / "data" / "demo"
+WORK = Path(os.environ.get("SPENDGATE_DEMO_DIR") or ROOT / "data" / "demo").resolve()
 
 sys.path.insert(0, str(ROOT))  # the test-side fakes package lives at the root
 from fakes import free_port  # noqa: E402
@@ -136,8 +137,11 @@ def main() -> None:
         tight.write_text(policy.read_text().replace("max_request_usd: 200", "max_request_usd: 15", 1))
         print("billing-agent: max_request_usd 200 → 15")
         print(spendgate("replay", str(WORK / "capture"), "--config", str(tight), "--only-changed").rstrip())
-        print(f"\nEverything is in {WORK.relative_to(ROOT)}/ (ledger, gateway log, flows). "
-              f"Try: spendgate report --db {WORK.relative_to(ROOT)}/spendgate.db --by label:agent")
+        work = WORK.relative_to(ROOT) if WORK.is_relative_to(ROOT) else WORK
+        print(f"\nEverything is in {work}/ (policy, ledger, gateway log, flows, capture). Try it yourself:")
+        print("    source .venv/bin/activate")
+        print(f"    spendgate report --db {work}/spendgate.db --by label:agent")
+        print('and README "Run it" for a gateway and an agent of your own, in three terminals.')
     finally:
         for p in reversed(procs):
             p.terminate()

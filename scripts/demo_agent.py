@@ -10,6 +10,7 @@ import os
 import subprocess
 import warnings
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -23,23 +24,44 @@ BILLING, SUPPORT = os.environ["BILLING_KEY"], os.environ["SUPPORT_KEY"]
 stripe.ca_bundle_path = os.environ["SSL_CERT_FILE"]  # stripe-python pins its own CA bundle
 
 
+def refusal(e: Exception) -> tuple[str, str]:
+    """The gateway's refusal code and message, as each SDK surfaces them (without the SDK's own
+    "Error code: 403 - {...}" wrapping)."""
+    headers = getattr(e, "headers", None) or getattr(getattr(e, "response", None), "headers", None) or {}
+    body = getattr(e, "body", None)
+    if isinstance(e, httpx.HTTPStatusError):
+        body = e.response.json()
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    code = headers.get("x-spendgate-reason") or getattr(getattr(e, "error", None), "code", None) or ""
+    msg = getattr(e, "user_message", None) or (body.get("message") if isinstance(body, dict) else None) or str(e)
+    return code or (body.get("code", "") if isinstance(body, dict) else ""), str(msg)
+
+
 def step(what: str, call: Callable[[], Any]) -> None:
     try:
         result = call()
         print(f"  ✔ {what}: {result}")
     except Exception as e:  # the SDKs surface the gateway's message
-        code = getattr(getattr(e, "error", None), "code", None) or getattr(e, "code", None) or ""
-        msg = getattr(e, "user_message", None) or getattr(e, "message", None) or str(e)
-        print(f"  ✘ {what}: refused [{code}] {str(msg)[:110]}")
+        code, msg = refusal(e)
+        print(f"  ✘ {what}: refused [{code}] {msg}")
 
 
 stripe_client = stripe.StripeClient(BILLING, max_network_retries=0)
 pi = stripe_client.v1.payment_intents
+def usd(value: str | None) -> str:
+    """A header's USD amount as money: cents from a cent up, the significant digits below."""
+    if value is None:
+        return "?"
+    amount = Decimal(value)
+    return f"${amount:.2f}" if amount >= Decimal("0.01") or amount == 0 else f"${amount.normalize():f}"
+
+
 def spent(obj: Any) -> str:
     """What the gateway told the agent: cost of this call and budget left."""
     h = obj.last_response.headers
-    return (f"{obj.status}, cost ${h.get('x-spendgate-cost-usd')}, "
-            f"budget left ${h.get('x-spendgate-budget-remaining-usd')}")
+    return (f"{obj.status}, cost {usd(h.get('x-spendgate-cost-usd'))}, "
+            f"budget left {usd(h.get('x-spendgate-budget-remaining-usd'))}")
 
 
 step("Stripe: charge $20.00", lambda: spent(pi.create(params={
@@ -60,18 +82,25 @@ llm = OpenAI(api_key=SUPPORT, max_retries=0)
 def llm_cost(raw: Any) -> str:
     usage = raw.parse().usage
     return (f"{usage.prompt_tokens} in / {usage.completion_tokens} out tokens, "
-            f"cost ${raw.headers.get('x-spendgate-cost-usd')}")
+            f"cost {usd(raw.headers.get('x-spendgate-cost-usd'))}")
 
 
 step("OpenAI: chat completion", lambda: llm_cost(llm.chat.completions.with_raw_response.create(
     model="gpt-4o-mini", max_tokens=20, messages=[{"role": "user", "content": "Say hi"}])))
-step("OpenAI: the same, streamed", lambda: sum(1 for _ in llm.chat.completions.create(
-    model="gpt-4o-mini", max_tokens=20, stream=True, stream_options={"include_usage": True},
-    messages=[{"role": "user", "content": "Say hi"}])) and "streamed")
+def streamed() -> str:
+    chunks = list(llm.chat.completions.create(
+        model="gpt-4o-mini", max_tokens=20, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Say hi"}]))
+    usage = chunks[-1].usage
+    return (f"{len(chunks)} chunks, {usage.prompt_tokens} in / {usage.completion_tokens} out tokens "
+            "(priced when the stream ends: see the ledger below)")
+
+
+step("OpenAI: the same, streamed", streamed)
 step("OpenAI: a model the policy does not allow", lambda: llm.chat.completions.create(
     model="o1-pro", max_tokens=20, messages=[{"role": "user", "content": "Say hi"}]))
 step("Anthropic: message", lambda: (lambda raw: f"{raw.parse().usage.output_tokens} out tokens, cost "
-                                    f"${raw.headers.get('x-spendgate-cost-usd')}")(
+                                    f"{usd(raw.headers.get('x-spendgate-cost-usd'))}")(
     Anthropic(api_key=SUPPORT, max_retries=0).messages.with_raw_response.create(
         model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}])))
 def mcp_tools() -> str:
@@ -106,7 +135,7 @@ step("OpenAI with the billing key (vendor not in its policy)", lambda: OpenAI(ap
 step("OpenAI with a real key instead of a vault key", lambda: OpenAI(api_key="sk-proj-" + "a" * 40, max_retries=0)
      .chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]))
 step("Stripe with no key at all", lambda: httpx.get("https://api.stripe.com/v1/payment_intents/pi_1",
-                                                   proxy=os.environ["HTTPS_PROXY"]).json()["error"]["code"])
+                                                   proxy=os.environ["HTTPS_PROXY"]).raise_for_status())
 
 print("  … an operator revokes the billing key:")
 out = subprocess.run([os.environ["SPENDGATE"], "keys", "revoke", os.environ["BILLING_KEY_ID"],

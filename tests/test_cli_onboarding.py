@@ -166,20 +166,29 @@ def test_run_names_an_address_it_cannot_listen_on(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- what is missing, said plainly
 
 
-def test_commands_needing_a_policy_say_how_to_point_at_one(tmp_path: Path) -> None:
-    out = sg("keys", "issue", "--policy", "x", cwd=tmp_path)
-    assert out.returncode == 1
-    assert f"no policy file at {tmp_path}/policies/spendgate.yaml" in out.stderr
-    assert "--config" in out.stderr and "SPENDGATE_CONFIG" in out.stderr and "spendgate init" in out.stderr
+@pytest.mark.parametrize("args", [("keys", "issue", "--policy", "x"), ("check",), ("run",), ("replay", "cap/")])
+def test_commands_needing_a_policy_say_how_to_point_at_one(tmp_path: Path, args: tuple[str, ...]) -> None:
+    out = sg(*args, cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"Error: no policy file at {tmp_path}/policies/spendgate.yaml (the default under "
+                                 f"$SPENDGATE_HOME, {tmp_path}): pass --config FILE")
+    assert "SPENDGATE_CONFIG" in out.stderr and "spendgate init" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing was created"
 
 
-@pytest.mark.parametrize("args", [("report",), ("keys", "list"), ("keys", "show", "key_x"),
-                                  ("approvals", "list"), ("keys", "revoke", "key_x")])  # fmt: skip
+@pytest.mark.parametrize("args", [("report",), ("keys", "list"), ("keys", "show", "key_x"), ("keys", "revoke", "key_x"),
+                                  ("approvals", "list"), ("approvals", "approve", "apr_x"), ("approvals", "deny", "apr_x"),
+                                  ("approve", "apr_x"), ("deny", "apr_x"), ("prices", "check"),
+                                  ("migrate", "--to", "postgresql://nobody@127.0.0.1:1/x")])  # fmt: skip
 def test_ledger_readers_never_create_an_empty_ledger(tmp_path: Path, args: tuple[str, ...]) -> None:
     out = sg(*args, cwd=tmp_path)
-    assert out.returncode == 1
-    assert f"no ledger at {tmp_path}/data/spendgate.db" in out.stderr and "--db" in out.stderr
-    assert not (tmp_path / "data").exists()
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"Error: no ledger at {tmp_path}/data/spendgate.db (the default under "
+                                 f"$SPENDGATE_HOME, {tmp_path}): pass --{'from' if args[0] == 'migrate' else 'db'} FILE")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing was created"
+    given = sg(*args, "--from" if args[0] == "migrate" else "--db", "elsewhere.db", cwd=tmp_path)
+    assert given.returncode == 1 and f"no ledger at {tmp_path}/elsewhere.db:" in given.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("token, ok", [

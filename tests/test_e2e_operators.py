@@ -144,24 +144,26 @@ def pending(gateway: Gateway, amount_usd: str) -> dict:
     raise AssertionError("no pending approval appeared")
 
 
-def test_approve_from_the_cli_forwards_once(gateway: Gateway) -> None:
+@pytest.mark.parametrize("command, usd", [(("approvals", "approve"), 11), (("approve",), 14)])  # and its alias
+def test_approve_from_the_cli_forwards_once(gateway: Gateway, command: tuple[str, ...], usd: int) -> None:
     _, token = gateway.issue("held")
     n = len(gateway.fakes.requests())
-    thread, out = start_transfer(gateway, token, "1100")
-    held = pending(gateway, "11")
+    thread, out = start_transfer(gateway, token, f"{usd}00")
+    held = pending(gateway, str(usd))
     assert len(gateway.fakes.requests()) == n, "nothing is sent while held"
-    assert gateway.cli("approve", held["id"]).stdout.strip() == f"{held['id']}: approved"
+    assert gateway.cli(*command, held["id"]).stdout.strip() == f"{held['id']}: approved"
     thread.join(10)
     assert out["result"].status_code == 200
     assert [r["path"] for r in gateway.fakes.requests()[n:]] == ["/v1/transfers"]
 
 
-def test_deny_from_the_cli(gateway: Gateway) -> None:
+@pytest.mark.parametrize("command, usd", [(("approvals", "deny"), 12), (("deny",), 15)])  # and its alias
+def test_deny_from_the_cli(gateway: Gateway, command: tuple[str, ...], usd: int) -> None:
     _, token = gateway.issue("held")
     n = len(gateway.fakes.requests())
-    thread, out = start_transfer(gateway, token, "1200")
-    held = pending(gateway, "12")
-    gateway.cli("deny", held["id"])
+    thread, out = start_transfer(gateway, token, f"{usd}00")
+    held = pending(gateway, str(usd))
+    gateway.cli(*command, held["id"])
     thread.join(10)
     r = out["result"]
     assert r.status_code == 403 and r.headers["x-spendgate-reason"] == "approval_denied"
