@@ -71,6 +71,15 @@ def _config(path: str | None, secrets: bool = False) -> tuple[Config, str]:
     return cfg, where
 
 
+def _open_egress(cfg: Config, where: str) -> str | None:
+    """A warning when the policy leaves ``egress:`` out (then non-vendor hosts are tunnelled)."""
+    if "egress" in cfg.model_fields_set:
+        return None
+    return (f"{where}: warning: no egress: section, so hosts that are not vendors are tunnelled untouched "
+            "(default: allow) and the gateway is an open forward proxy for them; add "
+            "`egress: {default: deny, allow: [...]}` to name what agents may reach")
+
+
 def _bind_problem(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be listened on (None: it can)."""
     try:
@@ -145,7 +154,9 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
 
     Before anything listens, the policy is validated and every secret it references is
     read: any problem is reported (file:line each) and nothing starts."""
-    _, cfg = _config(config, secrets=True)
+    policy, cfg = _config(config, secrets=True)
+    if warning := _open_egress(policy, cfg):
+        click.echo(warning, err=True)
     if admin_port is None and os.environ.get("SPENDGATE_ADMIN_TOKEN") and not any(
             "spendgate_admin_listen" in a for a in mitmproxy_args):
         admin_default = 8082  # the admin API listens there when a token is set (admin.py)
@@ -222,6 +233,8 @@ def check(file: str | None, secrets: bool) -> None:
         for p in e.problems:
             click.echo(str(p), err=True)
         raise SystemExit(1) from None
+    if warning := _open_egress(cfg, file):
+        click.echo(warning, err=True)
     click.echo(f"{file}: ok ({len(cfg.policies)} policies, {len(cfg.vendors)} vendors, "
                f"{len(cfg.keys)} static keys{', every secret resolves' if secrets else ', secrets not checked'})")
 

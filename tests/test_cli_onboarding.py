@@ -25,7 +25,8 @@ from spendgate.vendors import REGISTRY
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_") and not k.endswith(
-    ("_SECRET_KEY", "_API_KEY", "_AUTH_TOKEN", "_ACCOUNT_SID", "_SERVER_TOKEN", "_ACCESS_TOKEN"))}
+    ("_SECRET_KEY", "_API_KEY", "_AUTH_TOKEN", "_ACCOUNT_SID", "_SERVER_TOKEN", "_ACCESS_TOKEN"))
+    and k != "PYTHONUNBUFFERED"}  # (run must make its output line-buffered itself)
 
 
 def sg(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
@@ -140,7 +141,7 @@ def test_run_refuses_before_listening_with_one_clean_message(tmp_path: Path) -> 
 
 
 def test_run_names_a_busy_port(tmp_path: Path) -> None:
-    (tmp_path / "p.yaml").write_text("version: 1\n")
+    (tmp_path / "p.yaml").write_text("version: 1\negress: {default: deny}\n")
     with socket.socket() as s, socket.socket() as w:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -307,3 +308,38 @@ def test_an_admin_token_shorter_than_32_characters_is_refused(tmp_path: Path, to
         assert "admin API listening" in out, out
     else:
         assert proc.returncode == 1 and "has 31 characters; at least 32 are required" in out, out
+
+
+def test_check_and_run_warn_when_a_policy_leaves_egress_open(tmp_path: Path) -> None:
+    (tmp_path / "open.yaml").write_text("version: 1\n")
+    (tmp_path / "chosen.yaml").write_text("version: 1\negress: {default: allow}\n")
+    out = sg("check", "open.yaml", cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr.startswith("open.yaml: warning: no egress: section")
+    assert "open forward proxy" in out.stderr and "egress: {default: deny" in out.stderr
+    assert sg("check", "chosen.yaml", cwd=tmp_path).stderr == ""  # said explicitly: the user's choice
+    assert sg("check", "--no-secrets", str(ROOT / "policies" / "example.yaml"), cwd=tmp_path).stderr == ""
+    with socket.socket() as s:  # run says it too (here before refusing a busy port)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        run = sg("run", "--config", "open.yaml", "--port", str(s.getsockname()[1]), cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.startswith("open.yaml: warning: no egress: section")
+
+
+def test_run_web_into_a_file_shows_the_login_url_while_it_runs(tmp_path: Path) -> None:
+    """`spendgate run --web > gw.log`: mitmweb's login URL (with its token) is in the file at once,
+    not when the process exits (stdout is line-buffered when it is not a terminal)."""
+    (tmp_path / "p.yaml").write_text("version: 1\negress: {default: deny}\n")
+    web, log = free_port(), tmp_path / "gw.log"
+    proc = subprocess.Popen([str(BIN / "spendgate"), "run", "--config", "p.yaml", "--port", str(free_port()),
+                             "--web", "--web-port", str(web)], cwd=tmp_path, env={**CLEAN_ENV, "SPENDGATE_HOME": str(tmp_path)},
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while f"http://127.0.0.1:{web}/?token=" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        token = log.read_text().split(f"http://127.0.0.1:{web}/?token=", 1)[1].split()[0]
+        assert httpx.get(f"http://127.0.0.1:{web}/flows", params={"token": token}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)

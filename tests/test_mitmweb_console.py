@@ -178,14 +178,23 @@ def test_killing_a_held_approval_in_mitmweb_answers_approval_denied_at_once(web:
 
 
 def test_the_flow_list_shows_the_comment_column_and_the_vendor_host(web: Gateway) -> None:
-    _, token = web.issue("billing")
+    key_id, token = web.issue("billing")
     with web.client() as c:
         assert c.get(STRIPE + "/v1/payment_intents/pi_host", headers={"X-Vault-Key": token}).status_code in (200, 404)
+        assert c.post(STRIPE + "/v1/payment_intents", headers={"X-Vault-Key": token}, data={
+            "amount": "700", "currency": "usd", "confirm": "true", "payment_method": "pm_card_visa"}).status_code == 200
+        assert c.get(STRIPE + "/v1/customers", headers={"X-Vault-Key": token}).status_code == 403
     with ui(web) as c:
         options = c.get("/options").json()
         assert "comment" in options["web_columns"]["value"]
-        flow = next(f for f in c.get("/flows").json() if f["request"]["path"] == "/v1/payment_intents/pi_host")
-    assert flow["comment"].startswith(("allow", "ALLOW")), flow["comment"]
+        flows = [f for f in c.get("/flows").json() if key_id in f["comment"]]
+        flow = next(f for f in flows if f["request"]["path"] == "/v1/payment_intents/pi_host")
+    assert flow["comment"].startswith(f"allow · stripe · {key_id}"), flow["comment"]
+    # decision, reason, vendor, key, cost: what each row says in the comment column
+    charge = next(f for f in flows if f["request"]["path"] == "/v1/payment_intents")["comment"]
+    assert charge.startswith(f"allow · stripe · {key_id}") and "cost $7" in charge, charge
+    refused = next(f for f in flows if f["request"]["path"] == "/v1/customers")["comment"]
+    assert refused.startswith(f"DENY · endpoint_not_allowed · stripe · {key_id}"), refused
     assert (flow["request"]["host"], flow["request"]["pretty_host"], flow["request"]["port"]) == \
         ("api.stripe.com", "api.stripe.com", 443)  # not the upstream override the fakes listen on
     assert flow["server_conn"]["address"][1] == int(web.fakes.url.rsplit(":", 1)[1])  # where it really went
