@@ -18,8 +18,10 @@ Security:
 - ``/metrics`` needs no token only while the listener is bound to loopback (what a
   local Prometheus or sidecar scrapes); bound elsewhere it needs the token too.
 
-Store calls are quick synchronous SQLite statements; running them on the event loop
-is what the pipeline's own stages do too.
+Every store call runs on the runtime's side pool, never on the event loop (mitmproxy's, which
+serves the agents too): a ledger whose lock is held elsewhere answers the admin call 503
+``store_unavailable`` after ``STORE_WAIT`` (the spend report: ``REPORT_WAIT``) while agents
+keep being served.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -39,11 +41,11 @@ from mitmproxy.addonmanager import Loader
 from tornado.httpserver import HTTPServer
 
 from . import reports
-from .keys import IssueError, issue_key, parse_labels
+from .keys import IssueError, issue_key, key_spec, parse_labels
 from .metrics import CONTENT_TYPE, Metrics
 from .policy import read_secret
-from .runtime import Runtime
-from .store import KeyRecord
+from .runtime import STORE_WAIT, Runtime
+from .store import KeyRecord, StoreUnavailable
 
 log = logging.getLogger("spendgate")
 
@@ -52,6 +54,7 @@ DEFAULT_TOKEN_ENV = "SPENDGATE_ADMIN_TOKEN"
 DECIDED_BY = "admin-api"
 MAX_BODY = 64 * 1024  # requests are a few hundred bytes; refuse anything big before reading it
 APPROVAL_STATUSES = ("pending", "approved", "denied", "timeout", "all")
+REPORT_WAIT = 30.0  # seconds the spend report may take (a scan of the whole ledger); then 503
 
 
 # --------------------------------------------------------------------------- options
@@ -165,6 +168,16 @@ class Handler(tornado.web.RequestHandler):
             raise ApiError(503, "unavailable", "the ledger is not open yet")
         return store
 
+    async def db(self, fn: Callable[..., Any], *args: Any, wait: float = STORE_WAIT,
+                 late: Callable[[], None] | None = None) -> Any:
+        """``fn(*args)`` off the event loop; 503 ``store_unavailable`` if the ledger does not
+        answer within ``wait`` seconds (``late`` then undoes what it did once it finishes)."""
+        try:
+            return await self.admin.runtime.offload(fn, *args, wait=wait, side=True, late=late)
+        except StoreUnavailable as e:
+            raise ApiError(503, "store_unavailable", f"{e}: the change may still be applied when it "
+                           "answers (a key issued that late is revoked at once); check, then retry") from None
+
 
 def _plain(usd: str | None) -> str | None:
     """A decimal string without exponent: str(Decimal) writes 0.0000001 as 1E-7."""
@@ -179,31 +192,42 @@ def _label_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 class KeysHandler(Handler):
-    def get(self) -> None:
+    async def get(self) -> None:
         show_all = self.get_query_argument("all", "false").lower() in ("1", "true", "yes")
         labels = _label_pairs(self.get_query_arguments("label"))
-        keys = [k.public() for k in self.store.list_keys()
+        keys = [k.public() for k in await self.db(self.store.list_keys)
                 if (show_all or k.state() == "active")
                 and all(k.labels.get(n) == v for n, v in labels.items())]
         self.reply({"keys": keys})
 
-    def post(self) -> None:
+    async def post(self) -> None:
         data = self.body(("policy", "ttl", "cap_usd", "labels"))
         state = self.admin.runtime.state
         if state is None:
             raise ApiError(503, "unavailable", "no policy is loaded")
-        try:
-            rec, token = issue_key(self.store, state.config, data.get("policy"), data.get("ttl"),
-                                   data.get("cap_usd"), data.get("labels"))
+        args = (data.get("policy"), data.get("ttl"), data.get("cap_usd"), data.get("labels"))
+        try:  # the rules first (no database): a bad request is a 400 whatever the ledger's state
+            key_spec(state.config, *args)
         except IssueError as e:
             raise ApiError(400, "invalid_request", e.message, param=e.param) from None
+        store, issued = self.store, []
+
+        def issue() -> tuple[KeyRecord, str]:
+            issued.append(out := issue_key(store, state.config, *args))
+            return out
+
+        def revoke_late() -> None:  # issued after the caller was told 503: nobody holds its token
+            if issued:
+                self.admin.runtime.submit(store.revoke, issued[0][0].id)
+
+        rec, token = await self.db(issue, late=revoke_late)
         log.info("spendgate: admin API issued %s (policy %s, labels %s)", rec.id, rec.policy, rec.labels)
         self.set_header("Location", f"/v1/keys/{rec.id}")
         self.reply({"token": token, **rec.public()}, 201)
 
 
 class RevokeByLabelsHandler(Handler):
-    def post(self) -> None:
+    async def post(self) -> None:
         labels = self.body(("labels",)).get("labels")
         # {} would match every key: revoking everything must not be one typo away.
         if not isinstance(labels, dict) or not labels or not all(
@@ -211,24 +235,22 @@ class RevokeByLabelsHandler(Handler):
         ):
             raise ApiError(400, "invalid_request", "labels must be a non-empty object of strings",
                            param="labels")
-        revoked = self.store.revoke_by_labels(labels)
+        revoked = await self.db(self.store.revoke_by_labels, labels)
         log.info("spendgate: admin API revoked %d key(s) with labels %s", len(revoked), labels)
         self.reply({"revoked": revoked})
 
 
 class KeyHandler(Handler):
-    def _key(self, key_id: str) -> KeyRecord:
-        rec = self.store.get_key(key_id)
+    async def get(self, key_id: str) -> None:
+        rec = await self.db(self.store.get_key, key_id)
         if rec is None:
             raise ApiError(404, "not_found", f"no key {key_id!r}")
-        return rec
+        self.reply(rec.public())
 
-    def get(self, key_id: str) -> None:
-        self.reply(self._key(key_id).public())
-
-    def delete(self, key_id: str) -> None:
-        # The gateway reads the keys table on every request: the very next one is refused.
-        if not self.store.revoke(key_id):
+    async def delete(self, key_id: str) -> None:
+        # The gateway reads the keys table on every request: the very next one is refused. (A 503
+        # here may still revoke it once the ledger answers: a revoke is safe to repeat.)
+        if not await self.db(self.store.revoke, key_id):
             raise ApiError(404, "not_found", f"no key {key_id!r}")
         log.info("spendgate: admin API revoked %s", key_id)
         self.set_status(204)
@@ -236,11 +258,11 @@ class KeyHandler(Handler):
 
 
 class UsageHandler(Handler):
-    def get(self) -> None:
+    async def get(self) -> None:
         by = self.get_query_argument("by", "key")
         since = self.get_query_argument("since", None) or None
         try:
-            rows = reports.spend(self.store, by=by, since=since)
+            rows = await self.db(reports.spend, self.store, by, since, wait=REPORT_WAIT)
         except ValueError as e:
             raise ApiError(400, "invalid_request", str(e)) from None
         # The report names its first column after `by`; the API calls it "group" so the
@@ -252,20 +274,20 @@ class UsageHandler(Handler):
 
 
 class ApprovalsHandler(Handler):
-    def get(self) -> None:
+    async def get(self) -> None:
         status = self.get_query_argument("status", "pending")
         if status not in APPROVAL_STATUSES:
             raise ApiError(400, "invalid_request",
                            f"status {status!r}: use {', '.join(APPROVAL_STATUSES)}", param="status")
-        rows = self.store.list_approvals(None if status == "all" else status)
+        rows = await self.db(self.store.list_approvals, None if status == "all" else status)
         self.reply({"approvals": [{**r, "estimated_usd": _plain(r["estimated_usd"])} for r in rows]})
 
 
 class DecideHandler(Handler):
-    def post(self, approval_id: str, action: str) -> None:
+    async def post(self, approval_id: str, action: str) -> None:
         status = "approved" if action == "approve" else "denied"
-        if not self.store.decide_approval(approval_id, status, DECIDED_BY):
-            current = self.store.approval_status(approval_id)
+        if not await self.db(self.store.decide_approval, approval_id, status, DECIDED_BY):
+            current = await self.db(self.store.approval_status, approval_id)
             if current is None:
                 raise ApiError(404, "not_found", f"no approval {approval_id!r}")
             raise ApiError(409, "not_pending", f"approval {approval_id} is already {current}",

@@ -219,9 +219,9 @@ def fail_closed(hook: Callable[..., Any]) -> Callable[..., Any]:
 
     if inspect.iscoroutinefunction(hook):
         @functools.wraps(hook)
-        async def async_wrapper(self: Any, flow: http.HTTPFlow) -> None:
+        async def async_wrapper(self: Any, flow: http.HTTPFlow, *args: Any) -> None:
             try:
-                await hook(self, flow)
+                await hook(self, flow, *args)
             except Exception:
                 _refuse(self, flow)
 

@@ -87,6 +87,7 @@ class Runtime:
         # True: that work runs in the hook itself (the in-process pipeline of ``spendgate replay``
         # on its in-memory ledger, which never blocks: a worker thread would only add hops).
         self.offload_inline = False
+        self._side_pool: ThreadPoolExecutor | None = None  # the admin API and approvals (Runtime.offload)
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
         self.inflate_limit = DEFAULT_INFLATE_LIMIT  # spendgate_inflate_limit, parsed (bytes)
@@ -248,26 +249,49 @@ class Runtime:
             log.warning("spendgate: recovered the holds of a stopped gateway: %d counted at their "
                         "estimate (flagged rows), %d released (never sent)", counted, released)
 
+    def _pool(self, side: bool) -> ThreadPoolExecutor:
+        if side:
+            if self._side_pool is None:
+                self._side_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spendgate-db-side")
+            return self._side_pool
+        if self._db_pool is None:
+            self._db_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spendgate-db")
+        return self._db_pool
+
     async def offload(self, fn: Callable[..., Any], *args: Any,
-                      late: Callable[[], None] | None = None) -> Any:
-        """Run ``fn(*args)`` on the database pool; after :data:`STORE_WAIT` seconds give up with
-        :class:`StoreUnavailable` (the call fails closed, 503) and, once ``fn`` does finish,
-        run ``late`` to undo what it did for a call already refused."""
+                      late: Callable[[], None] | None = None, wait: float = STORE_WAIT,
+                      side: bool = False) -> Any:
+        """Run ``fn(*args)`` on the database pool; after ``wait`` (:data:`STORE_WAIT`) seconds give
+        up with :class:`StoreUnavailable` (the call fails closed, 503) and, once ``fn`` does
+        finish, run ``late`` (on the event loop: queue work, never wait) to undo what it did for a
+        call already refused. ``side=True``: the side pool (the admin API, approvals), so that work
+        stuck on a lock there never takes a thread an agent's budget hold needs."""
         if self.offload_inline:
             return fn(*args)
         loop = asyncio.get_running_loop()
-        if self._db_pool is None:
-            self._db_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spendgate-db")
-        fut = loop.run_in_executor(self._db_pool, fn, *args)
+        fut = loop.run_in_executor(self._pool(side), fn, *args)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), STORE_WAIT)
+            return await asyncio.wait_for(asyncio.shield(fut), wait)
         except TimeoutError:
             if self.store is not None and self.store.available:
-                log.error("spendgate: the ledger did not answer within %ss; refusing the call "
-                          "(503 store_unavailable)", STORE_WAIT)
+                log.error("spendgate: the ledger did not answer within %gs; refusing the call "
+                          "(503 store_unavailable)", wait)
             if late is not None:
                 fut.add_done_callback(lambda _: late())
-            raise StoreUnavailable(f"the ledger did not answer within {STORE_WAIT:g}s") from None
+            raise StoreUnavailable(f"the ledger did not answer within {wait:g}s") from None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the side pool and forget it (errors are logged): ledger work a
+        call no longer waits for (an approval decided after its call was answered)."""
+        def run() -> None:
+            try:
+                fn(*args)
+            except StoreUnavailable:
+                pass  # logged once per outage by the store
+            except Exception:
+                log.exception("spendgate: background ledger work failed")
+
+        self._pool(True).submit(run)
 
     async def _tend_loop(self) -> None:
         """Every third of the lease, in a worker thread (never a database wait on the event loop)."""
@@ -311,8 +335,9 @@ class Runtime:
         for task in (self._watch, self._tend):
             if task is not None:
                 task.cancel()
-        if self._db_pool is not None:
-            self._db_pool.shutdown(wait=False, cancel_futures=True)
-            self._db_pool = None
+        for pool in (self._db_pool, self._side_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._db_pool = self._side_pool = None
         if self.store is not None:
             self.store.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import gzip
 import json
 import os
@@ -1149,3 +1150,219 @@ def test_kill_9_mid_stream_leaves_a_row_at_the_estimate(tmp_path: Path, fakes: F
         assert usage(gw2, key_id)[:2] == (held, 0)
     finally:
         gw2.stop()
+
+
+# --------------------------------------------------------------------------- no ledger wait on the event loop
+
+ADMIN_TOKEN = "adm_" + "p" * 40
+HELD_POLICY = """\
+  held:
+    vendors:
+      stripe: {allow: ["GET /v1/payment_intents/*"], approve: ["GET /v1/transfers/*"]}
+    approval_timeout: 30s
+    circuit: off
+"""
+
+
+def admin_gateway(tmp: Path, fakes: FakeVendors, certs: Path, hostile: Hostile, refused_url: str,
+                  db: str | None = None) -> tuple[Gateway, str]:
+    """A gateway with the admin API on (its URL) and a policy ``held`` whose GET /v1/transfers/*
+    waits for a human (no budget hold: the approval is the only ledger write before it)."""
+    from fakes import free_port
+
+    port = free_port()
+    gw = start_gateway(tmp, fakes, certs, db=db,
+                       policy=failure_policy(hostile.url, refused_url, fakes.url) + HELD_POLICY,
+                       extra=("--set", f"spendgate_admin_listen=127.0.0.1:{port}"),
+                       env={"SPENDGATE_ADMIN_TOKEN": ADMIN_TOKEN})
+    return gw, f"http://127.0.0.1:{port}"
+
+
+def admin_call(url: str, method: str, path: str, **kw: object) -> tuple[float, httpx.Response]:
+    t = time.perf_counter()
+    r = httpx.request(method, url + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                      timeout=20, trust_env=False, **kw)  # type: ignore[arg-type]
+    return time.perf_counter() - t, r
+
+
+def connect_latencies(gw: Gateway, stop: threading.Event, out: list[float]) -> None:
+    """The event loop's stall, as an unrelated agent sees it: how long a new CONNECT waits."""
+    while not stop.is_set():
+        t = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(b"CONNECT api.stripe.com:443 HTTP/1.1\r\nHost: api.stripe.com:443\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+        out.append(time.perf_counter() - t)
+        time.sleep(0.05)
+
+
+def timed(results: dict, name: str, fn: object, *args: object) -> threading.Thread:
+    def run() -> None:
+        t = time.perf_counter()
+        try:
+            out = fn(*args)  # type: ignore[operator]
+        except Exception as e:  # surfaced by the assertions
+            out = e
+        results[name] = (time.perf_counter() - t, out)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def agent_get(gw: Gateway, token: str, path: str) -> httpx.Response:
+    with httpx.Client(proxy=gw.proxy, verify=ssl.create_default_context(cafile=gw.ca), timeout=30) as c:
+        return c.get(STRIPE + path, headers={"X-Vault-Key": token, "X-Mode": "ok"})
+
+
+def refused_503(out: object) -> bool:
+    return isinstance(out, httpx.Response) and (out.status_code, out.headers.get("X-Spendgate-Reason")) == (
+        503, "store_unavailable")
+
+
+def admin_503(out: object) -> bool:
+    return isinstance(out, tuple) and out[1].status_code == 503 and \
+        out[1].json()["error"]["code"] == "store_unavailable"
+
+
+@pytest.mark.parametrize("lock", ["BEGIN IMMEDIATE", "BEGIN EXCLUSIVE"])
+def test_a_ledger_lock_fails_approvals_and_admin_writes_closed_without_stalling_the_event_loop(
+        tmp_path: Path, fakes: FakeVendors, certs: Path, hostile: Hostile, refused_url: str, lock: str) -> None:
+    """Another process holds the SQLite ledger's write lock for 3 s. Meanwhile a request that
+    needs an approval (its row is a write), the admin API issuing a key and approving a held
+    call are refused 503 ``store_unavailable`` after ``STORE_WAIT``, never waiting on the event
+    loop: a CONNECT from an unrelated agent is answered at once throughout, a key never used
+    before (not cached anywhere) is looked up without waiting (WAL), the admin API's reads are
+    answered. Once the lock goes, the held call is approved and forwarded."""
+    from spendgate.runtime import STORE_WAIT
+
+    gw, admin = admin_gateway(tmp_path / "gw", fakes, certs, hostile, refused_url)
+    try:
+        _, token = issue(gw)
+        _, held_token = issue(gw, "held")
+        _, fresh_token = issue(gw)  # never used before the lock
+        assert agent_get(gw, token, "/v1/payment_intents/warm").status_code == 200
+        held: dict = {}
+        held_thread = timed(held, "first", agent_get, gw, held_token, "/v1/transfers/tr_first")
+        deadline = time.monotonic() + 10
+        while not (pending := admin_call(admin, "GET", "/v1/approvals")[1].json()["approvals"]):
+            assert time.monotonic() < deadline, "no pending approval appeared"
+            time.sleep(0.05)
+
+        stop, connects, results = threading.Event(), [], {}
+        conn = sqlite3.connect(gw.db, timeout=10, isolation_level=None)
+        conn.execute(lock)
+        conn.execute("UPDATE keys SET labels = labels WHERE 0")  # a writer's transaction, as a migration's
+        locked = time.perf_counter()
+        tunnels = threading.Thread(target=connect_latencies, args=(gw, stop, connects), daemon=True)
+        tunnels.start()
+        threads = [
+            timed(results, "approval", agent_get, gw, held_token, "/v1/transfers/tr_locked"),
+            timed(results, "issue", functools.partial(admin_call, json={"policy": "pay"}), admin, "POST", "/v1/keys"),
+            timed(results, "decide", admin_call, admin, "POST", f"/v1/approvals/{pending[0]['id']}/approve"),
+            timed(results, "list", admin_call, admin, "GET", "/v1/keys"),
+            timed(results, "fresh", agent_get, gw, fresh_token, "/v1/payment_intents/fresh"),
+        ]
+        time.sleep(3)
+        conn.execute("ROLLBACK")
+        released = time.perf_counter() - locked
+        conn.close()
+        for t in threads:
+            t.join(20)
+        stop.set()
+        tunnels.join(10)
+
+        waited, out = results["approval"]
+        assert refused_503(out), out
+        assert STORE_WAIT - 0.2 <= waited < STORE_WAIT + 0.8, waited
+        waited_issue, out = results["issue"]
+        assert admin_503(out), out[1].text
+        assert STORE_WAIT - 0.2 <= waited_issue < STORE_WAIT + 0.8, waited_issue
+        waited_decide, out = results["decide"]
+        assert admin_503(out), out[1].text
+        assert STORE_WAIT - 0.2 <= waited_decide < STORE_WAIT + 0.8, waited_decide
+        waited_list, out = results["list"]
+        assert out[1].status_code == 200 and waited_list < 1.0, (waited_list, out[1].text)
+        fresh_s, out = results["fresh"]
+        assert isinstance(out, httpx.Response) and out.status_code == 200, out
+        assert fresh_s >= released - 0.5  # looked up at once; answered once its row could be committed
+        assert max(connects) < 0.5, connects  # the loop never waited for the lock
+        assert len(connects) >= 20
+
+        # The lock is gone: the approve that was answered 503 still lands (its UPDATE was waiting; a
+        # retry says so), the held call is forwarded; the key issued too late was revoked at once.
+        again = admin_call(admin, "POST", f"/v1/approvals/{pending[0]['id']}/approve")[1]
+        assert again.status_code == 200 or again.json()["error"]["code"] == "not_pending", again.text
+        held_thread.join(10)
+        assert held["first"][1].status_code == 200
+        keys = admin_call(admin, "GET", "/v1/keys?all=true")[1].json()["keys"]
+        late = [k for k in keys if k["policy"] == "pay" and k["created_at"] > pending[0]["created_at"]]
+        assert all(k["state"] == "revoked" for k in late), late
+        assert admin_call(admin, "POST", "/v1/keys", json={"policy": "pay"})[1].status_code == 201
+        print(f"\n{lock} held {released:.1f} s: approval refused 503 after {waited:.2f} s, admin issue 503 "
+              f"after {waited_issue:.2f} s, admin approve 503 "
+              f"after {waited_decide:.2f} s, admin list {waited_list * 1000:.0f} ms, a new key's read answered "
+              f"after {fresh_s:.2f} s (once recorded); CONNECT p50 {sorted(connects)[len(connects) // 2] * 1000:.0f} "
+              f"ms, max {max(connects) * 1000:.0f} ms over {len(connects)}")
+    finally:
+        gw.stop()
+    assert "Traceback" not in read_log(gw)
+
+
+def test_a_lock_on_the_keys_table_fails_only_new_keys_closed_on_postgresql(
+        pg_url: str, tmp_path: Path, fakes: FakeVendors, certs: Path, hostile: Hostile, refused_url: str) -> None:
+    """Fleet mode: another session holds ``LOCK TABLE keys IN ACCESS EXCLUSIVE MODE`` for 3 s (a
+    migration), which blocks every read of the table. A key the gateway has cached keeps working;
+    a key it never saw (a cache miss: a read that must wait) is refused 503 ``store_unavailable``
+    after ``STORE_WAIT``, and so is the admin API's key list, while the event loop never waits:
+    a CONNECT from an unrelated agent is answered at once throughout."""
+    import psycopg
+
+    from spendgate.runtime import STORE_WAIT
+    from spendgate.store.postgres import PostgresStore
+
+    gw, admin = admin_gateway(tmp_path / "gw", fakes, certs, hostile, refused_url, db=pg_url)
+    try:
+        store = PostgresStore(pg_url, replica="test")
+        try:
+            _, known = store.issue_key("pay", 3600)
+            _, fresh = store.issue_key("pay", 3600)
+        finally:
+            store.close()
+        assert agent_get(gw, known, "/v1/payment_intents/warm").status_code == 200  # now cached
+        stop, connects, results = threading.Event(), [], {}
+        with psycopg.connect(pg_url, autocommit=True) as lock:
+            lock.execute("BEGIN")
+            lock.execute("LOCK TABLE keys IN ACCESS EXCLUSIVE MODE")
+            locked = time.perf_counter()
+            tunnels = threading.Thread(target=connect_latencies, args=(gw, stop, connects), daemon=True)
+            tunnels.start()
+            threads = [
+                timed(results, "fresh", agent_get, gw, fresh, "/v1/payment_intents/fresh"),
+                timed(results, "known", agent_get, gw, known, "/v1/payment_intents/known"),
+                timed(results, "list", admin_call, admin, "GET", "/v1/keys"),
+            ]
+            time.sleep(3)
+            lock.execute("ROLLBACK")
+            released = time.perf_counter() - locked
+        for t in threads:
+            t.join(20)
+        stop.set()
+        tunnels.join(10)
+        waited, out = results["fresh"]
+        assert refused_503(out), out
+        assert STORE_WAIT - 0.2 <= waited < STORE_WAIT + 0.8, waited
+        known_s, out = results["known"]
+        assert isinstance(out, httpx.Response) and out.status_code == 200 and known_s < 1.0, (known_s, out)
+        waited_list, out = results["list"]
+        assert admin_503(out), out
+        assert max(connects) < 0.5, connects
+        assert len(connects) >= 20
+        assert agent_get(gw, fresh, "/v1/payment_intents/fresh-again").status_code == 200  # the lock is gone
+        print(f"\nkeys locked {released:.1f} s (PostgreSQL): a new key refused 503 after {waited:.2f} s, a cached "
+              f"key answered in {known_s * 1000:.0f} ms, admin list 503 after {waited_list:.2f} s; CONNECT p50 "
+              f"{sorted(connects)[len(connects) // 2] * 1000:.0f} ms, max {max(connects) * 1000:.0f} ms "
+              f"over {len(connects)}")
+    finally:
+        gw.stop()
+    assert "Traceback" not in read_log(gw)

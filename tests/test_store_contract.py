@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from spendgate import reports
-from spendgate.store import CapExceeded, KeyRecord, Reservation, Store, hash_token, open_store
+from spendgate.store import CapExceeded, KeyRecord, Reservation, Store, WouldBlock, hash_token, open_store
 from spendgate.store.limits import fingerprint
 
 Opener = Callable[..., Store]
@@ -93,6 +93,39 @@ def test_a_revoke_elsewhere_is_seen_by_the_next_lookup(store: Store, reopen: Ope
         assert time.perf_counter() - committed < 1.0, "a revoke elsewhere was not seen within 1 s"
     new, new_token = other.issue_key("p", 60)
     assert store.key_by_token(new_token) == new  # a key issued elsewhere works at once
+
+
+def test_a_key_lookup_told_not_to_wait_answers_or_says_it_would_wait(store: Store, reopen: Opener) -> None:
+    """``key_by_token(token, wait=False)`` (the event loop's lookup) never waits on the database:
+    it answers from what needs no wait (PostgreSQL: the cache; SQLite: a WAL read, which writers
+    never block, on a connection that does not wait for locks), else raises WouldBlock."""
+    rec, token = store.issue_key("p", 60)
+    other = reopen(replica="cli")
+    other.issue_key("p", 60)
+    if store.dialect == "postgres":
+        deadline = time.monotonic() + 5
+        while not store._cache_live.is_set():  # type: ignore[attr-defined]  (the listener is up)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(WouldBlock):  # never looked up here: a round trip
+            store.key_by_token(token, wait=False)
+        while True:  # cached once read (a late NOTIFY of its own insert may drop it once: read again)
+            assert store.key_by_token(token) == rec
+            with contextlib.suppress(WouldBlock):
+                assert store.key_by_token(token, wait=False) == rec
+                return
+            assert time.monotonic() < deadline
+    assert store.dialect == "sqlite"
+    lock = other.conn  # type: ignore[attr-defined]
+    lock.execute("BEGIN EXCLUSIVE")  # another process's writer: a WAL reader does not wait for it
+    lock.execute("UPDATE keys SET labels = labels WHERE 0")
+    try:
+        t = time.perf_counter()
+        assert store.key_by_token(token, wait=False) == rec
+        assert store.key_by_token("vk_" + "x" * 43, wait=False) is None
+        assert time.perf_counter() - t < 0.1
+    finally:
+        lock.execute("ROLLBACK")
 
 
 def test_expired_keys_say_so(store: Store) -> None:

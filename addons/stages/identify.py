@@ -7,9 +7,11 @@ a Host header or TLS SNI that disagrees with the tunnel is refused.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
+from collections.abc import Awaitable
 from urllib.parse import unquote_to_bytes
 
 from mitmproxy import http
@@ -18,7 +20,7 @@ from ..bodies import TooLarge, Undecodable, decode_in_place
 from ..call import Call, fail_closed, refuse
 from ..canonical import Ambiguous, canonical_target, escape, well_formed_host
 from ..runtime import Runtime
-from ..store import TOKEN_PREFIX
+from ..store import TOKEN_PREFIX, KeyRecord, WouldBlock
 from ..vendors import BUILT_IN, REGISTRY, vendor_for_host
 from ..vendors.base import Vendor
 
@@ -212,7 +214,7 @@ class Identify:
         scrub_vault_keys(flow.request)
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         slots = self._slots.pop(flow.id, None)
         if flow.response:
             return
@@ -222,12 +224,27 @@ class Identify:
             return  # egress allowed it; not ours to meter
         call = Call(vendor=vendor.name, host=flow.request.host)
         flow.metadata["spendgate"] = call
-        if not self.identify(flow, call, vendor, slots) and flow.response is not None:
+        checked = self.identify(flow, call, vendor, slots)
+        if not isinstance(checked, bool):
+            return self.identify_later(flow, checked)
+        if not checked and flow.response is not None:
             _drop_unchecked_body(flow)
+        return None
+
+    @fail_closed
+    async def identify_later(self, flow: http.HTTPFlow, checked: Awaitable[bool]) -> None:
+        ok = False
+        try:
+            ok = await checked
+        finally:
+            if not ok:  # refused, or about to be (fail_closed: the ledger did not answer in time)
+                _drop_unchecked_body(flow)
 
     def identify(self, flow: http.HTTPFlow, call: Call, vendor: Vendor,
-                 slots: list[tuple[str, str]] | None = None) -> bool:
-        """Check the request; True once its body was decoded and checked."""
+                 slots: list[tuple[str, str]] | None = None) -> bool | Awaitable[bool]:
+        """Check the request; True once its body was decoded and checked. An awaitable of that
+        when the key lookup must wait on the database (it then runs on the runtime's pool,
+        bounded by ``STORE_WAIT``, never on the event loop)."""
         host = flow.request.host.lower()
         unfold(flow.request.headers)  # read and forward the same headers (again: a hook may have added some)
         # Read the keys (unless requestheaders did), then take them out of the flow before any decision.
@@ -281,7 +298,31 @@ class Identify:
         # The key is looked up before any body is inflated: an unknown agent gets no decoding work.
         store = self.runtime.store
         assert store is not None
-        key = store.key_by_token(token) if _TOKEN.match(token) else None
+        if not _TOKEN.match(token):
+            return self.with_key(flow, call, vendor, None, target)
+        try:
+            key = store.key_by_token(token, wait=False)  # a cache hit (PostgreSQL), a WAL read (SQLite)
+        except WouldBlock:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (in-process tests, replay): wait here
+                return self.with_key(flow, call, vendor, store.key_by_token(token), target)
+            return self.with_key_later(flow, call, vendor, token, target)
+        return self.with_key(flow, call, vendor, key, target)
+
+    async def with_key_later(self, flow: http.HTTPFlow, call: Call, vendor: Vendor, token: str,
+                             target: str) -> bool:
+        """A key the event loop could not read without waiting (a cache miss, a lock): read on
+        the pool; past ``STORE_WAIT`` the call is refused 503 ``store_unavailable``."""
+        store = self.runtime.store
+        assert store is not None
+        key = await self.runtime.offload(store.key_by_token, token)
+        return self.with_key(flow, call, vendor, key, target)
+
+    def with_key(self, flow: http.HTTPFlow, call: Call, vendor: Vendor, key: KeyRecord | None,
+                 target: str) -> bool:
+        """The checks once the key is known (None: no such key)."""
+        host = flow.request.host.lower()
         if key is None:
             refuse(flow, "unknown_key", "this vault key is not known to the gateway")
             return False

@@ -135,6 +135,11 @@ class StoreUnavailable(Exception):
     503 ``store_unavailable``."""
 
 
+class WouldBlock(Exception):
+    """``key_by_token(token, wait=False)`` could not answer without waiting on the database (a
+    cache miss on PostgreSQL, a lock in the way on SQLite): ask again off the event loop."""
+
+
 class SchemaError(Exception):
     """The ledger's schema is newer than this code, or cannot be upgraded."""
 
@@ -210,7 +215,10 @@ class KeyStore(Protocol):
         self, policy: str, ttl_seconds: int | None, cap_usd: Decimal | None = None,
         labels: dict[str, str] | None = None,
     ) -> tuple[KeyRecord, str]: ...
-    def key_by_token(self, token: str) -> KeyRecord | None: ...
+    def key_by_token(self, token: str, wait: bool = True) -> KeyRecord | None:
+        """The key with this token, or None. ``wait=False`` (the event loop): answer only if no
+        wait on the database is needed, else raise :class:`WouldBlock`."""
+        ...
     def get_key(self, key_id: str) -> KeyRecord | None: ...
     def list_keys(self) -> list[KeyRecord]: ...
     def revoke(self, key_id: str) -> bool:

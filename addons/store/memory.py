@@ -69,7 +69,7 @@ class MemoryStore:
         self.keys[rec.id] = rec
         self._by_hash[rec.token_sha256] = rec.id
 
-    def key_by_token(self, token: str) -> KeyRecord | None:
+    def key_by_token(self, token: str, wait: bool = True) -> KeyRecord | None:  # never waits
         digest = hash_token(token)
         rec = self.keys.get(self._by_hash.get(digest, ""))
         return rec if rec is not None and compare_digest(rec.token_sha256, digest) else None

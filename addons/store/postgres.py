@@ -58,6 +58,7 @@ from . import (
     Settle,
     StoreUnavailable,
     Usage,
+    WouldBlock,
     clean_text,
     default_replica,
     hash_token,
@@ -412,10 +413,12 @@ class PostgresStore:
              str(rec.cap_usd) if rec.cap_usd is not None else None, rec.source),
         )
 
-    def key_by_token(self, token: str) -> KeyRecord | None:
+    def key_by_token(self, token: str, wait: bool = True) -> KeyRecord | None:
         digest = hash_token(token)
         rec = self._keys.get(digest) if self._cache_live.is_set() else None
         if rec is None:
+            if not wait:  # a cache miss is a round trip (and a lock on keys may hold it): not here
+                raise WouldBlock(digest[:8])
             gen = self._keys_gen
             rec = _key(self._run(lambda c: c.execute(
                 f"SELECT {_KEY_COLS} FROM keys WHERE token_sha256 = %s", (digest,)).fetchone()))

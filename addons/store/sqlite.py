@@ -47,6 +47,7 @@ from . import (
     Settle,
     StoreUnavailable,
     Usage,
+    WouldBlock,
     clean_text,
     default_replica,
     hash_token,
@@ -231,6 +232,16 @@ class SQLiteStore:
             self._conns.append(conn)
         return conn
 
+    @property
+    def _nowait_conn(self) -> sqlite3.Connection:
+        """This thread's connection that answers SQLITE_BUSY at once instead of waiting."""
+        conn = getattr(self._local, "nowait", None)
+        if conn is None:
+            conn = self._local.nowait = sqlite3.connect(self.path, timeout=0, isolation_level=None,
+                                                        check_same_thread=False)
+            self._conns.append(conn)
+        return conn
+
     def close_connections(self) -> None:
         for conn in self._conns:
             conn.close()
@@ -280,11 +291,19 @@ class SQLiteStore:
              str(rec.cap_usd) if rec.cap_usd is not None else None, rec.source),
         )
 
-    def key_by_token(self, token: str) -> KeyRecord | None:
+    def key_by_token(self, token: str, wait: bool = True) -> KeyRecord | None:
+        """``wait=False`` reads on a connection that never waits for a lock (busy timeout 0): a
+        WAL reader is not blocked by writers, so this is the rule; SQLITE_BUSY (a lock in its way)
+        raises :class:`WouldBlock` instead of stalling the event loop."""
         digest = hash_token(token)
-        row = self.conn.execute(
-            f"SELECT {self._KEY_COLS} FROM keys WHERE token_sha256 = ?", (digest,)
-        ).fetchone()
+        try:
+            row = (self.conn if wait else self._nowait_conn).execute(
+                f"SELECT {self._KEY_COLS} FROM keys WHERE token_sha256 = ?", (digest,)
+            ).fetchone()
+        except sqlite3.OperationalError as e:
+            if wait:
+                raise
+            raise WouldBlock(str(e)) from None
         rec = self._key(row)
         # The index lookup already matched; compare again in constant time so the
         # decision never depends on a short-circuiting string comparison.
