@@ -368,10 +368,13 @@ def env(proxy: str, ca_path: str | None) -> None:
                        err=True)
     else:
         ca_path = ca_path if "://" in ca_path else str(Path(ca_path).expanduser().absolute())
+    policy, ledger = absolute(config_path(None)), absolute(db_path(None))
     click.echo(f"# spendgate home {home()} ({home_source()})")
-    click.echo(f"# policy {absolute(config_path(None))}")
-    click.echo(f"# ledger {redact_url(absolute(db_path(None)))}")
-    click.echo(f"# CA     {ca_dir()}")
+    click.echo(f"# policy without --config: {policy}"
+               + ("" if Path(policy).is_file() else " (none yet: `spendgate init` writes one)"))
+    click.echo(f"# ledger without --db:     {redact_url(ledger)}"
+               + ("" if is_postgres(ledger) or Path(ledger).is_file() else " (none yet: the gateway creates it)"))
+    click.echo(f"# gateway CA:              {ca_dir()}")
     lines = {
         "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "", "SSL_CERT_FILE": ca_path,
         "REQUESTS_CA_BUNDLE": ca_path, "CURL_CA_BUNDLE": ca_path, "NODE_EXTRA_CA_CERTS": ca_path,

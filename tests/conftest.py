@@ -24,11 +24,16 @@ def spendgate_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("spendgate-home")
     saved = os.environ.get("SPENDGATE_HOME")
     os.environ["SPENDGATE_HOME"] = str(home)
+    checkout = Path(__file__).resolve().parents[1]
+    guarded = [checkout / "data" / "spendgate.db", checkout / "policies" / "spendgate.yaml"]
+    before = {p for p in guarded if p.exists()}
     yield home
     if saved is None:
         os.environ.pop("SPENDGATE_HOME", None)
     else:
         os.environ["SPENDGATE_HOME"] = saved
+    created = [str(p) for p in guarded if p.exists() and p not in before]
+    assert not created, f"a test wrote the checkout's own files (a subprocess without SPENDGATE_HOME?): {created}"
 
 
 @pytest.fixture(scope="session")

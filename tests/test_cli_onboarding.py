@@ -252,7 +252,7 @@ def test_run_log_format_json_prints_only_json_lines_line_buffered(tmp_path: Path
     log = tmp_path / "gw.log"
     proc = subprocess.Popen([str(BIN / "spendgate"), "run", "--log-format", "json", "--config", "p.yaml",
                              "--port", str(port)],
-                            cwd=tmp_path, env={**CLEAN_ENV, "SK": "x"}, stdout=log.open("w"),
+                            cwd=tmp_path, env={**CLEAN_ENV, "SK": "x", "SPENDGATE_HOME": str(tmp_path)}, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)  # fmt: skip
     try:
         deadline = time.monotonic() + 30
@@ -296,7 +296,8 @@ def test_an_admin_token_shorter_than_32_characters_is_refused(tmp_path: Path, to
     (tmp_path / "p.yaml").write_text("version: 1\n")
     admin = free_port()
     proc = subprocess.Popen([str(BIN / "spendgate"), "run", "--config", "p.yaml", "--port", str(free_port()),
-                             "--admin-port", str(admin)], cwd=tmp_path, env={**CLEAN_ENV, "SPENDGATE_ADMIN_TOKEN": token},
+                             "--admin-port", str(admin)], cwd=tmp_path, env={**CLEAN_ENV, "SPENDGATE_ADMIN_TOKEN": token,
+                                                                                  "SPENDGATE_HOME": str(tmp_path)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=15 if not starts else 8)
