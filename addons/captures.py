@@ -322,8 +322,8 @@ class CapturedFlow(http.HTTPFlow):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """``HTTPFlow.set_state`` and ``Flow.set_state`` for a state without its connections."""
-        self.request = http.Request.from_state(state.pop("request"))
-        self.response = http.Response.from_state(r) if (r := state.pop("response")) else None
+        self.request = _message(http.Request, http.RequestData, state.pop("request"), _REQUEST)
+        self.response = _message(http.Response, http.ResponseData, r, _RESPONSE) if (r := state.pop("response")) else None
         self.websocket = http.WebSocketData.from_state(w) if (w := state.pop("websocket")) else None
         if state.pop("version") != self.FORMAT or state.pop("type") != "http":
             raise ValueError("not a current HTTP flow")
@@ -342,5 +342,32 @@ class CapturedFlow(http.HTTPFlow):
 
 
 CapturedFlow.type = "http"  # (Flow.__init_subclass__ named it after the class)
+
+# The fields of a request's and a response's state, and the types mitmproxy's reader accepts
+# for each without converting anything (bytes where it wants bytes, no str to encode). A state
+# exactly like this becomes the message mitmproxy's ``from_state`` would build, without its
+# per-field type-check machinery; any other state goes through ``from_state`` itself.
+_NONE = type(None)
+_COMMON = {"http_version": (bytes,), "headers": (list,), "content": (bytes, _NONE), "trailers": (list, _NONE),
+           "timestamp_start": (float, int), "timestamp_end": (float, int, _NONE)}
+_REQUEST = {**_COMMON, "host": (str,), "port": (int,), "method": (bytes,), "scheme": (bytes,),
+            "authority": (bytes,), "path": (bytes,)}
+_RESPONSE = {**_COMMON, "status_code": (int,), "reason": (bytes,)}
+
+
+def _message[M: (http.Request, http.Response)](cls: type[M], data_cls: type, state: Any,
+                                               types: dict[str, tuple[type, ...]]) -> M:
+    if (not isinstance(state, dict) or state.keys() != types.keys()
+            or any(type(state[k]) not in t for k, t in types.items())):
+        return cls.from_state(state)
+    fields = {name: state[name] for name in data_cls.__dataclass_fields__}  # (in the dataclass's order)
+    fields["headers"] = http.Headers(state["headers"])  # (checks that every name and value is bytes)
+    if state["trailers"] is not None:
+        fields["trailers"] = http.Headers(state["trailers"])
+    data = object.__new__(data_cls)
+    data.__dict__.update(fields)
+    message = object.__new__(cls)
+    message.data = data
+    return message
 _LAZY_CLIENT = connection.Client(peername=("", 0), sockname=("", 0))  # placeholders until parsed
 _LAZY_SERVER = connection.Server(address=None)

@@ -159,6 +159,7 @@ class Pipeline:
         self.master.options.update_defer(
             spendgate_config=str(config), spendgate_db=str(db), spendgate_admin_listen="", **opts)
         self.manager.add(*addons)
+        self.master.options.deferred.pop("spendgate_admin_listen", None)  # (an addon list without the admin API)
         if unknown := sorted(self.master.options.deferred):
             raise KeyError(f"unknown mitmproxy option(s): {', '.join(unknown)}")
         # What mitmproxy's script loader does once a script's addons are registered: configure

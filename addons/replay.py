@@ -46,9 +46,12 @@ from mitmproxy import http
 
 from . import clock
 from .captures import Entry, Problem, Reader
+from .gateway import members
 from .pipeline import Outcome, Pipeline
 from .policy import Config
 from .policy import load_config as _load_config
+from .runtime import Runtime
+from .stages.record import Record
 from .vendors import BUILT_IN, REGISTRY, vendor_for_host
 
 # Refusals that are not policy decisions: kept as captured, never replayed.
@@ -216,6 +219,24 @@ def replay_config(source: str | os.PathLike[str], directory: Path, *, baseline: 
     return out
 
 
+def replay_addons() -> list[object]:
+    """The gateway's addons (``gateway.make_addons``) without those that only show or export what
+    happened and decide nothing: the metrics, the admin API, mitmweb's view of the vendor host,
+    the capture. (``tests/test_replay_fast.py`` checks that replay decides as the whole list does.)"""
+    from .admin import Admin
+    from .capture import Capture
+    from .console import Console
+    from .gateway import Chain, make_addons
+    from .metrics import Metrics
+
+    runtime, *rest = make_addons()
+    assert isinstance(runtime, Runtime)
+    shown = (Metrics, Admin, Console, Capture)
+    runtime.on_record = [f for f in runtime.on_record if not isinstance(getattr(f, "__self__", None), shown)]
+    return [runtime, *(Chain(*(m for m in a.members if not isinstance(m, shown))) if isinstance(a, Chain) else a
+                       for a in rest)]
+
+
 class Side:
     """One policy's pipeline, its synthetic keys, and how it decides a captured entry."""
 
@@ -223,7 +244,12 @@ class Side:
                  baseline: bool = False, fast: bool = True) -> None:
         self.config: Config = load_config(policy_file)  # (cached: validated once per file)
         self.pipeline = Pipeline(replay_config(policy_file, directory, baseline=baseline), ":memory:",
-                                 termlog_verbosity="error", store_streamed_bodies=True, fast=fast)
+                                 addons=replay_addons() if fast else None, termlog_verbosity="error",
+                                 store_streamed_bodies=True, fast=fast)
+        if fast:  # nothing shows a replayed flow's comment
+            for member in members(self.pipeline.addons):
+                if isinstance(member, Record):
+                    member.comments = False
         store = self.pipeline.runtime.store
         store.keep_calls = False  # type: ignore[union-attr]  (rows are read from the outcome)
         self.baseline = baseline
@@ -337,25 +363,27 @@ def prepare(captured: http.HTTPFlow, host: str, token: str) -> http.HTTPFlow:
         req.authority = host
     elif "host" not in req.headers:
         req.headers.insert(0, "Host", host)
-    flow = http.HTTPFlow(_client(host), _server(host))
+    client, server = _tunnels.get(host) or _tunnel(host)
+    flow = http.HTTPFlow(copy.copy(client), copy.copy(server))  # (as requests on one kept-alive tunnel)
     flow.request = req
     return flow
 
 
-def _client(host: str) -> Any:
+_tunnels: dict[str, tuple[Any, Any]] = {}
+
+
+def _tunnel(host: str) -> tuple[Any, Any]:
+    """The connections of a TLS tunnel to ``host`` (the agent's, SNI the host; the vendor's)."""
     from mitmproxy.test import tflow
 
     c = tflow.tclient_conn()
     c.sni = host
-    return c
-
-
-def _server(host: str) -> Any:
-    from mitmproxy.test import tflow
-
     s = tflow.tserver_conn()
     s.address = (host, 443)
-    return s
+    if len(_tunnels) > 1000:
+        _tunnels.clear()
+    _tunnels[host] = c, s
+    return c, s
 
 
 def decision_of(out: Outcome, note: str = "") -> Decision:
