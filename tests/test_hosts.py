@@ -84,3 +84,20 @@ def test_vendor_hosts_use_the_same_wildcard_rule() -> None:
             assert wildcard_matches(sub, pattern)
             if pattern.startswith("*."):
                 assert not vendor.serves(pattern[2:]) or pattern[2:] in vendor.hosts
+
+
+def test_vendor_for_host_follows_every_change_to_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers are remembered per host (a request asks three or four times), for the registry as it was."""
+    import dataclasses
+
+    assert vendor_for_host("api.newvendor.example") is None
+    assert vendor_for_host("api.stripe.com") is REGISTRY["stripe"]
+    other = dataclasses.replace(REGISTRY["stripe"], name="newvendor", hosts=("api.newvendor.example",))
+    monkeypatch.setitem(REGISTRY, "newvendor", other)
+    assert vendor_for_host("api.newvendor.example") is other
+    twin = dataclasses.replace(REGISTRY["stripe"])  # equal, not the same object: answered with the new one
+    monkeypatch.setitem(REGISTRY, "stripe", twin)
+    assert vendor_for_host("api.stripe.com") is twin
+    monkeypatch.undo()
+    assert vendor_for_host("api.newvendor.example") is None
+    assert vendor_for_host("api.stripe.com") is REGISTRY["stripe"]

@@ -7,6 +7,7 @@ nothing else in the gateway names vendors.
 from __future__ import annotations
 
 import importlib
+import operator
 import pkgutil
 
 from .base import Vendor
@@ -25,10 +26,26 @@ for _info in pkgutil.iter_modules(__path__):
 
 def vendor_for_host(host: str) -> Vendor | None:
     """The vendor serving ``host`` (a CONNECT target or SNI), if any."""
-    for vendor in REGISTRY.values():
-        if vendor.serves(host):
-            return vendor
-    return None
+    global _registered
+    registered = tuple(REGISTRY.values())  # (vendors are frozen: the registry's members are its state)
+    if len(registered) != len(_registered) or not all(map(operator.is_, registered, _registered)):
+        _by_host.clear()
+        _registered = registered
+    try:
+        return _by_host[host]
+    except KeyError:
+        pass
+    found = next((vendor for vendor in registered if vendor.serves(host)), None)
+    if len(_by_host) >= 4096:  # (hosts come from agents: bounded)
+        _by_host.clear()
+    _by_host[host] = found
+    return found
+
+
+# The answers for the hosts asked about (a request asks three or four times), for the registry as
+# it was: any change to REGISTRY (a policy file declaring vendors, a test) starts them afresh.
+_by_host: dict[str, Vendor | None] = {}
+_registered: tuple[Vendor, ...] = ()
 
 
 # The vendors shipped as code; REGISTRY also holds those the policy file in force declares.
