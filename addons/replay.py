@@ -30,8 +30,10 @@ which ``--capture`` turns on); without it, it is counted at the estimate, flagge
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
+import itertools
 import os
 import tempfile
 from collections import Counter
@@ -65,6 +67,7 @@ def key_headers() -> frozenset[str]:
 NOT_FORWARDED = "not forwarded when captured"
 NO_RESPONSE = "no response was captured"
 BASELINE_POLICY = "captured"
+BATCH = 64  # entries replayed per pass of the event loop
 
 
 @dataclass(frozen=True)
@@ -241,11 +244,11 @@ class Side:
     """One policy's pipeline, its synthetic keys, and how it decides a captured entry."""
 
     def __init__(self, policy_file: str | os.PathLike[str], directory: Path, *, default_policy: str | None,
-                 baseline: bool = False, fast: bool = True) -> None:
+                 baseline: bool = False, fast: bool = True, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.config: Config = load_config(policy_file)  # (cached: validated once per file)
         self.pipeline = Pipeline(replay_config(policy_file, directory, baseline=baseline), ":memory:",
                                  addons=replay_addons() if fast else None, termlog_verbosity="error",
-                                 store_streamed_bodies=True, fast=fast)
+                                 store_streamed_bodies=True, fast=fast, loop=loop)
         if fast:  # nothing shows a replayed flow's comment
             for member in members(self.pipeline.addons):
                 if isinstance(member, Record):
@@ -269,7 +272,7 @@ class Side:
                                                  labels=labels)[1]
         return self.tokens[ident]
 
-    def decide(self, entry: Entry, who: Who) -> Decision:
+    async def adecide(self, entry: Entry, who: Who) -> Decision:
         captured = entry.flow
         assert captured is not None
         policy = who.policy if who.policy is not None else self.default_policy
@@ -281,12 +284,12 @@ class Side:
         self.pipeline.on_hold = lambda _flow, _call: not denied_then  # answered as it was then
         vendor_resp = vendor_response(captured)
         if vendor_resp is not None:
-            out = self.pipeline.run(flow, vendor_resp, chunk=65536, connect=False)
+            out = await self.pipeline.arun(flow, vendor_resp, chunk=65536, connect=False)
             note = streamed_note(vendor_resp)
         else:
             # Nothing to price: counted at the estimate if it would go out now (flagged).
             why = NOT_FORWARDED if captured_refused(captured) else NO_RESPONSE
-            out = self.pipeline.run(flow, error=why, sent=True, connect=False)
+            out = await self.pipeline.arun(flow, error=why, sent=True, connect=False)
             note = why
         decided = decision_of(out, note if out.forwarded is not None else "")
         if self.baseline and decided.decision == "would_deny":  # it went through: that is what happened
@@ -433,8 +436,10 @@ class Replay:
         self.candidate = candidate
         self.old = old
         self.fast = fast  # False: every hook through mitmproxy's AddonManager (the reference path)
-        self.now = Side(candidate, self.dir / "now", default_policy=self.default_policy, fast=fast)
-        self.then: Side | None = (Side(old, self.dir / "then", default_policy=self.default_policy, fast=fast)
+        self.loop = asyncio.new_event_loop()  # every side's pipeline runs on it
+        self.now = Side(candidate, self.dir / "now", default_policy=self.default_policy, fast=fast, loop=self.loop)
+        self.then: Side | None = (Side(old, self.dir / "then", default_policy=self.default_policy, fast=fast,
+                                       loop=self.loop)
                                   if old is not None else None)
         self._baseline: Side | None = None
         self.summary = Summary()
@@ -444,25 +449,33 @@ class Replay:
     def baseline(self) -> Side:
         if self._baseline is None:
             self._baseline = Side(self.candidate, self.dir / "baseline", default_policy=None, baseline=True,
-                                  fast=self.fast)
+                                  fast=self.fast, loop=self.loop)
         return self._baseline
 
     def run(self, inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Row]:
         self.reader = Reader.of(inputs)
         self.summary.problems = self.reader.problems
-        n = 0
+        entries = iter(self.reader)
         try:
-            for entry in self.reader:
-                row = self.one(entry, n + 1)
-                if row is None:
-                    continue
-                n += 1
-                self.summary.add(row)
-                yield row
+            # Entries are read a batch at a time and replayed in one pass of the event loop (a
+            # hook that waits for nothing does not go through the loop at all), in order.
+            while batch := list(itertools.islice(entries, BATCH)):
+                rows = self.loop.run_until_complete(self._replay(batch))
+                for row in rows:
+                    self.summary.add(row)
+                    yield row
         finally:
             clock.set_time(None)
 
-    def one(self, entry: Entry, n: int) -> Row | None:
+    async def _replay(self, batch: list[Entry]) -> list[Row]:
+        rows = []
+        for entry in batch:
+            row = await self.one(entry, self.summary.replayed + len(rows) + 1)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    async def one(self, entry: Entry, n: int) -> Row | None:
         if entry.flow is None:
             self.summary.skipped[entry.skip or "unreadable"] += 1
             return None
@@ -481,22 +494,25 @@ class Replay:
             now = Decision(kept.decision, kept.reason, kept.cost, kept.cost_status, kept.status,
                            "identity refusal: kept as captured")
             return Row(n, entry.source, entry.time, who.key, flow.request.method, who.host, path, kept, now)
-        now = self.now.decide(entry, who)
+        now = await self.now.adecide(entry, who)
         if now.decision == "-":
             self.summary.skipped[now.note] += 1
             return None
         if self.then is not None:
-            then = self.then.decide(entry, who)
+            then = await self.then.adecide(entry, who)
         elif meta is not None:
             then = then_of(flow, meta)
         else:
-            then = self.baseline().decide(entry, who)
+            then = await self.baseline().adecide(entry, who)
         return Row(n, entry.source, entry.time, who.key, flow.request.method, who.host, path, then, now)
 
     def close(self) -> None:
-        for side in (self.now, self.then, self._baseline):
-            if side is not None:
-                side.close()
+        try:
+            for side in (self.now, self.then, self._baseline):
+                if side is not None:
+                    side.close()
+        finally:
+            self.loop.close()
         if self._tmp is not None:
             self._tmp.cleanup()
 

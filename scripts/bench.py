@@ -1170,6 +1170,7 @@ def part_replay(tmp: Path, n: int) -> dict[str, Any]:
     policy, capture = replay_capture(tmp, n)
     samples: list[dict[str, Any]] = []
     with Replay(policy) as r:
+        start_rss = round(_rss_kib() / 1024, 1)  # set up, nothing replayed yet
         w0, c0 = time.perf_counter(), time.process_time()
         count = 0
         for row in r.run([capture]):
@@ -1182,11 +1183,13 @@ def part_replay(tmp: Path, n: int) -> dict[str, Any]:
     out = {
         "flows": n, "replayed": count, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
         "flows_per_s_wall": round(count / wall), "flows_per_s_cpu": round(count / cpu),
+        "rss_start_mib": start_rss,
         "rss": samples, "rss_growth_mib": round(samples[-1]["rss_mib"] - samples[0]["rss_mib"], 1) if samples else 0,
         "changed": summary.changed, "summary": summary.line(), "problems": [str(p) for p in summary.problems],
     }
     log(f"replay: {count:,} flows in {wall:.1f} s wall ({out['flows_per_s_wall']:,}/s), {cpu:.1f} s CPU "
-        f"({out['flows_per_s_cpu']:,}/s); RSS {', '.join(str(x['rss_mib']) for x in samples)} MiB; {summary.line()}")
+        f"({out['flows_per_s_cpu']:,}/s); RSS {start_rss} at start, {', '.join(str(x['rss_mib']) for x in samples)} MiB; "
+        f"{summary.line()}")
     return out
 
 
@@ -1646,7 +1649,7 @@ def render(res: dict[str, Any]) -> str:
     rp = res.get("replay")
     if rp:
         out += [f"replay: {rp['replayed']:,} flows in {rp['wall_s']} s wall ({rp['flows_per_s_wall']:,} flows/s), "
-                f"{rp['cpu_s']} s CPU ({rp['flows_per_s_cpu']:,} flows/s); RSS "
+                f"{rp['cpu_s']} s CPU ({rp['flows_per_s_cpu']:,} flows/s); RSS {rp.get('rss_start_mib')} MiB at start, "
                 + ", ".join(f"{x['rss_mib']} MiB after {x['after']:,}" for x in rp["rss"])
                 + f" (growth {rp['rss_growth_mib']} MiB); {rp['summary']}", ""]
     ri = res.get("replay_instructions")
