@@ -61,7 +61,9 @@ NO_RESPONSE = "no response given to the pipeline"
 
 @dataclass
 class Outcome:
-    """What happened to one flow, as an agent and the vendor would have seen it."""
+    """What happened to one flow, as an agent and the vendor would have seen it. (With
+    ``Pipeline(fast=True)`` and a response given as a value, ``forwarded`` is the flow's request
+    itself, without the credential the wire would carry.)"""
 
     flow: http.HTTPFlow
     row: dict[str, Any] | None = None  # the ledger row recorded for it (None: not a vendor call)
@@ -225,8 +227,11 @@ class Pipeline:
             await self._hook(http_hooks.HttpResponseHeadersHook, flow)
             await self._hook(http_hooks.HttpResponseHook, flow)
             return self._outcome(flow)
-        # a detached copy: later hooks (and wire.forget) must not change what we saw go out
-        forwarded = _detached(wire.with_credentials(flow.request))
+        if self.fast and not callable(respond):
+            # (fast: nobody looks at the bytes that would go out, only at whether they would)
+            forwarded = flow.request
+        else:  # a detached copy: later hooks (and wire.forget) must not change what we saw go out
+            forwarded = _detached(wire.with_credentials(flow.request))
         if error is not None or respond is None:
             if not sent or error is None:
                 flow.server_conn.timestamp_tcp_setup = None

@@ -63,7 +63,13 @@ IDENTITY = frozenset({"missing_vault_key", "unknown_key", "ambiguous_vault_key",
 
 def key_headers() -> frozenset[str]:
     """Every header where an agent may put a key: the built-in vendors' and the declared ones'."""
-    return frozenset({"x-vault-key", "authorization"}).union(*(v.key_headers for v in REGISTRY.values()))
+    vendors = tuple(REGISTRY.values())
+    if _key_headers[0] != vendors:
+        _key_headers[:] = [vendors, frozenset({"x-vault-key", "authorization"}).union(*(v.key_headers for v in vendors))]
+    return _key_headers[1]
+
+
+_key_headers: list[Any] = [(), frozenset()]  # (for the registry's vendors, their key headers)
 NOT_FORWARDED = "not forwarded when captured"
 NO_RESPONSE = "no response was captured"
 BASELINE_POLICY = "captured"
