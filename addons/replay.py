@@ -198,13 +198,18 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return _configs[key]
 
 
+# libyaml's safe loader and dumper where PyYAML was built with it (the same values, ~10× faster)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def replay_config(source: str | os.PathLike[str], directory: Path, *, baseline: bool = False) -> Path:
     """A copy of the policy file for replay: credentials replaced by stand-ins (replay needs no real
     key and sends nothing), upstreams dropped. ``baseline``: one policy that allows everything,
     with no cap, rate or loop limit, in report mode (what a capture from elsewhere went through:
     nothing refused, every call priced)."""
     config = load_config(source)  # the user's file, validated with its own file:line errors (cached)
-    data = yaml.safe_load(Path(source).read_text()) or {}
+    data = yaml.load(Path(source).read_text(), Loader=_YAML_LOADER) or {}  # (already validated above)
     vendors = data.setdefault("vendors", {})
     if baseline:  # every vendor: traffic from elsewhere is priced whoever it went to
         for name in BUILT_IN:
@@ -224,7 +229,7 @@ def replay_config(source: str | os.PathLike[str], directory: Path, *, baseline: 
         data.pop("mode", None)
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / ("baseline.yaml" if baseline else f"policy-{hashlib.sha256(str(source).encode()).hexdigest()[:8]}.yaml")
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    out.write_text(yaml.dump(data, Dumper=_YAML_DUMPER, sort_keys=False))
     return out
 
 
