@@ -292,17 +292,19 @@ class CapturedFlow(http.HTTPFlow):
     FORMAT = 21  # the flow format version this reads without migrating (mitmproxy 12)
 
     def __init__(self, client_conn: bytes, server_conn: bytes) -> None:
-        self._conn_states: dict[str, bytes] = {"client_conn": client_conn, "server_conn": server_conn}
         super().__init__(_LAZY_CLIENT, _LAZY_SERVER)
+        self._conn_states: dict[str, bytes] = {"client_conn": client_conn, "server_conn": server_conn}
 
     def _conn(self, name: str) -> Any:
-        conn = self.__dict__.get(name)
-        if conn is _LAZY_CLIENT or conn is _LAZY_SERVER:
-            raw = self._conn_states.pop(name)
+        raw = self._conn_states.pop(name, None)
+        if raw is not None:  # first read: parsed now
             state = parse_tnetstring(raw, 0, len(raw))[0]
-            conn = (connection.Client if name == "client_conn" else connection.Server).from_state(state)
-            self.__dict__[name] = conn
-        return conn
+            self.__dict__[name] = (connection.Client if name == "client_conn" else connection.Server).from_state(state)
+        return self.__dict__[name]
+
+    def _set_conn(self, name: str, value: Any) -> None:
+        self.__dict__.get("_conn_states", {}).pop(name, None)
+        self.__dict__[name] = value
 
     @property  # type: ignore[override]
     def client_conn(self) -> connection.Client:
@@ -310,7 +312,7 @@ class CapturedFlow(http.HTTPFlow):
 
     @client_conn.setter
     def client_conn(self, value: connection.Client) -> None:
-        self.__dict__["client_conn"] = value
+        self._set_conn("client_conn", value)
 
     @property  # type: ignore[override]
     def server_conn(self) -> connection.Server:
@@ -318,7 +320,7 @@ class CapturedFlow(http.HTTPFlow):
 
     @server_conn.setter
     def server_conn(self, value: connection.Server) -> None:
-        self.__dict__["server_conn"] = value
+        self._set_conn("server_conn", value)
 
     def set_state(self, state: dict[str, Any]) -> None:
         """``HTTPFlow.set_state`` and ``Flow.set_state`` for a state without its connections."""

@@ -154,6 +154,8 @@ def odd_flows() -> list[Any]:
 
 
 def test_the_reader_reads_what_mitmproxy_reads(tmp_path: Path) -> None:
+    import copy
+
     from mitmproxy.io import tnetstring
 
     from spendgate.captures import CapturedFlow, load_flow, read_tnetstring
@@ -186,6 +188,11 @@ def test_the_reader_reads_what_mitmproxy_reads(tmp_path: Path) -> None:
     current_http = [fl for fl in ours if isinstance(fl, CapturedFlow)]
     assert len(current_http) == 16 + 5  # the old one was migrated by mitmproxy into a plain HTTPFlow
     assert all(fl.type == "http" and "client_conn" in fl._conn_states for fl in current_http)  # not parsed yet
+    deep = copy.deepcopy(ours[1])  # (unparsed connections travel with a deep copy)
+    assert "client_conn" in deep._conn_states
+    assert deep.client_conn.get_state() == theirs[1].client_conn.get_state()
+    ours[2].server_conn = theirs[2].server_conn  # set before ever read: the captured bytes are dropped
+    assert ours[2].server_conn is theirs[2].server_conn and "server_conn" not in ours[2]._conn_states
     assert [fl.get_state() for fl in ours] == [fl.get_state() for fl in theirs]  # (parses them)
     assert ours[0].client_conn is ours[0].client_conn and not ours[0]._conn_states
     copies = [fl.copy() for fl in ours]  # (a copy has new ids: mitmproxy's Serializable.copy)
