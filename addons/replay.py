@@ -448,10 +448,19 @@ class Replay:
         self.old = old
         self.fast = fast  # False: every hook through mitmproxy's AddonManager (the reference path)
         self.loop = asyncio.new_event_loop()  # every side's pipeline runs on it
-        self.now = Side(candidate, self.dir / "now", default_policy=self.default_policy, fast=fast, loop=self.loop)
-        self.then: Side | None = (Side(old, self.dir / "then", default_policy=self.default_policy, fast=fast,
-                                       loop=self.loop)
-                                  if old is not None else None)
+        try:
+            self.now = Side(candidate, self.dir / "now", default_policy=self.default_policy, fast=fast,
+                            loop=self.loop)
+            self.then: Side | None = (Side(old, self.dir / "then", default_policy=self.default_policy, fast=fast,
+                                           loop=self.loop)
+                                      if old is not None else None)
+        except BaseException:  # (e.g. an invalid --diff OLD): nothing left running
+            if hasattr(self, "now"):
+                self.now.close()
+            self.loop.close()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            raise
         self._baseline: Side | None = None
         self.summary = Summary()
         self.reader: Reader | None = None

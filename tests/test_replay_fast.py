@@ -227,3 +227,25 @@ def test_a_damaged_flow_file_is_a_problem_never_a_crash(tmp_path: Path) -> None:
         reader = Reader.of([path])
         entries = list(reader)
         assert reader.problems or len(entries) == 16
+
+
+def test_a_replay_that_cannot_start_leaves_nothing_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import tempfile
+
+    import spendgate.replay
+    from spendgate.policy import ConfigError
+
+    loops: list[asyncio.AbstractEventLoop] = []
+    dirs: list[tempfile.TemporaryDirectory[str]] = []
+    new_loop, new_dir = asyncio.new_event_loop, tempfile.TemporaryDirectory
+    monkeypatch.setattr(spendgate.replay.asyncio, "new_event_loop", lambda: loops.append(new_loop()) or loops[-1])
+    monkeypatch.setattr(spendgate.replay.tempfile, "TemporaryDirectory",
+                        lambda **kw: dirs.append(new_dir(**kw)) or dirs[-1])
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(EXAMPLE)
+    bad.write_text(EXAMPLE.replace("max_request_usd: 200", "max_request_usd: lots"))
+    with pytest.raises(ConfigError, match="max_request_usd"):
+        Replay(good, old=bad)  # the candidate's side is up when the old policy fails
+    assert loops and all(loop.is_closed() for loop in loops)
+    assert dirs and not any(Path(d.name).exists() for d in dirs)
