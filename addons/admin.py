@@ -267,7 +267,7 @@ class UsageHandler(Handler):
             raise ApiError(400, "invalid_request", str(e)) from None
         # The report names its first column after `by`; the API calls it "group" so the
         # row shape is the same whatever the grouping.
-        usd = ("spend_usd", "parsed_usd", "estimated_usd")
+        usd = ("spend_usd", "parsed_usd", "reconciled_usd", "estimated_usd")
         self.reply({"by": by, "since": since, "rows": [
             {"group": r.pop(by), **r, **{k: _plain(r[k]) for k in usd}} for r in rows
         ]})

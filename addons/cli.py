@@ -651,5 +651,7 @@ main.add_command(_replay)
 # --------------------------------------------------------------------------- prices / reconcile (own module)
 
 from .pricing_cli import prices as _prices  # noqa: E402
+from .pricing_cli import reconcile_cmd as _reconcile  # noqa: E402
 
 main.add_command(_prices)
+main.add_command(_reconcile)

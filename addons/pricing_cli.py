@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import click
 
 from . import pricing
+from .money import fmt_usd
 from .paths import config_path, db_path, no_ledger
 from .policy import ConfigError, load_config
 from .vendors.base import Prices
@@ -62,4 +64,61 @@ def check(config: str | None, db: str | None, max_age: int, as_json: bool) -> No
             click.echo(f"  {m['vendor']}/{m['model']}: {m['calls']} calls, last {m['last_seen']} "
                        "(priced at the vendor's highest listed rates, flagged estimated)")
     if not result["ok"]:
+        raise SystemExit(1)
+
+
+@click.command("reconcile")
+@click.option("--db", "db", default=None,
+              help="Ledger: a SQLite file, or postgresql://user@host:5432/db (default: $SPENDGATE_DB).")
+@click.option("--config", "config", default=None,
+              help="Policy file: each vendor's real credential and upstream (default: $SPENDGATE_CONFIG).")
+@click.option("--since", default="30d", show_default=True,
+              help="Revisit calls recorded since this date (2026-11-01) or duration back (24h, 7d).")
+@click.option("--limit", default=1000, show_default=True, help="At most this many calls per run.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds for each request to a vendor.")
+@click.option("--dry-run", is_flag=True, help="Ask the vendors and print what would change; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def reconcile_cmd(db: str | None, config: str | None, since: str, limit: int, timeout: float, dry_run: bool,
+                  as_json: bool) -> None:
+    """Settle later the costs that arrive later.
+
+    Revisits calls recorded `estimated` or `unknown` that name a vendor object (a Twilio message
+    or call, a Stripe PaymentIntent that was processing, an OpenAI or Anthropic batch), asks the
+    vendor for the final figure with the policy's real credential, and corrects the call and every
+    budget counter it counted in, in one transaction. Prints what changed. Exits 1 if a vendor
+    could not be asked (the other calls are still settled)."""
+    from . import reconcile
+    from .cli import _config, _store
+    from .policy import resolve_credentials
+    from .store import StoreUnavailable
+
+    cfg, where = _config(config)
+    try:
+        creds = resolve_credentials(cfg, where)
+    except ConfigError as e:
+        raise click.ClickException(f"the policy's credentials do not resolve\n{e}") from None
+    ctx = reconcile.context_of(cfg, creds, Prices(fx=dict(cfg.fx), overrides=dict(cfg.prices)))
+    store = _store(db)
+    try:
+        result = reconcile.run(store, ctx, since=since, dry_run=dry_run, limit=limit, timeout=timeout)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    except StoreUnavailable as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        store.close()
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        for outcome in result.outcomes:
+            click.echo(outcome.line())
+        done = summary.get("would_reconcile" if dry_run else "reconciled", 0)
+        delta = Decimal(summary["delta_usd"])
+        click.echo(f"{summary['examined']} calls examined: {done} {'would be ' if dry_run else ''}reconciled "
+                   f"(delta {'-' if delta < 0 else '+'}{fmt_usd(abs(delta))}), {summary.get('pending', 0)} still pending, "
+                   f"{summary.get('error', 0)} errors; {summary['still_estimated_without_object']} other "
+                   "estimated/unknown calls name no vendor object to ask about"
+                   + (" (dry run: nothing changed)" if dry_run else ""))
+    if summary.get("error"):
         raise SystemExit(1)

@@ -3,6 +3,8 @@
 Spend counts what was billed or moved: parsed costs, rate-table estimates
 (``cost_status=estimated``), and, for ``unknown`` costs, the pre-call estimate
 (the same conservative rule the budget uses). Sums are exact integer nano-dollars.
+``reconciled_usd`` is the part of the spend settled later by ``spendgate reconcile`` (the
+vendor's final figure, inside ``parsed_usd``); ``estimated_usd`` is what is still an estimate.
 
 The query is the same on both ledger backends (SQLite, PostgreSQL); only the JSON label
 lookup is spelled per dialect.
@@ -51,7 +53,7 @@ LABEL = {
 
 def spend(source: str | Any, by: str = "key", since: str | None = None) -> list[dict[str, Any]]:
     """Rows of {group, calls, allowed, refused, would_deny, spend_usd, parsed_usd,
-    estimated_usd, unknown}, biggest spend first. ``source`` is an open store (its ``read``
+    reconciled_usd, estimated_usd, unknown}, biggest spend first. ``source`` is an open store (its ``read``
     runs the query) or a SQLite path (opened read-only)."""
     dialect = "sqlite" if isinstance(source, str) else source.dialect
     if by.startswith("label:"):
@@ -72,6 +74,8 @@ def spend(source: str | Any, by: str = "key", since: str | None = None) -> list[
                sum(CASE WHEN decision = 'would_deny' THEN 1 ELSE 0 END) AS would_deny,
                sum({counted}) AS spend,
                sum(CASE WHEN cost_status = 'parsed' THEN cost_nanos ELSE 0 END) AS parsed,
+               sum(CASE WHEN reconciled_at IS NOT NULL AND decision != 'deny'
+                        THEN coalesce(cost_nanos, 0) ELSE 0 END) AS reconciled,
                sum(CASE WHEN cost_status IN ('estimated', 'unknown') AND decision != 'deny'
                         THEN coalesce(cost_nanos, estimated_nanos, 0) ELSE 0 END) AS estimated,
                sum(CASE WHEN cost_status = 'unknown' THEN 1 ELSE 0 END) AS unknown
@@ -91,10 +95,11 @@ def spend(source: str | Any, by: str = "key", since: str | None = None) -> list[
         {
             by: grp, "calls": calls, "allowed": int(allowed or 0), "refused": int(refused or 0),
             "would_deny": int(would or 0), "spend_usd": plain(from_nanos(int(sp or 0))),
-            "parsed_usd": plain(from_nanos(int(parsed or 0))), "estimated_usd": plain(from_nanos(int(est or 0))),
-            "unknown": int(unknown or 0),
+            "parsed_usd": plain(from_nanos(int(parsed or 0))),
+            "reconciled_usd": plain(from_nanos(int(reconciled or 0))),
+            "estimated_usd": plain(from_nanos(int(est or 0))), "unknown": int(unknown or 0),
         }
-        for grp, calls, allowed, refused, would, sp, parsed, est, unknown in rows
+        for grp, calls, allowed, refused, would, sp, parsed, reconciled, est, unknown in rows
     ]
 
 

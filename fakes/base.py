@@ -43,6 +43,10 @@ class State:
     customers: dict[str, JSON] = field(default_factory=dict)
     idempotency: dict[str, tuple[bytes, Response]] = field(default_factory=dict)
     twilio_messages: dict[str, JSON] = field(default_factory=dict)
+    twilio_calls: dict[str, JSON] = field(default_factory=dict)
+    twilio_price_after: dict[str, int] = field(default_factory=dict)  # SID → fetches before its price is set
+    openai_batches: dict[str, JSON] = field(default_factory=dict)
+    anthropic_batches: dict[str, JSON] = field(default_factory=dict)
     counter: int = 0
 
     def next_number(self) -> int:

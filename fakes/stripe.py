@@ -31,6 +31,13 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_3DS_CARDS = frozenset({"pm_card_authenticationRequired", "pm_card_threeDSecure2Required"})
 
 
+# Bank debits (ACH): the PaymentIntent is ``processing`` when confirmed, as a real us_bank_account
+# debit is for days; the fake settles it at the next GET of the PaymentIntent (``succeeded``, or
+# back to ``requires_payment_method`` with a ``last_payment_error`` for the failing one). The two
+# ids are this fake's own test payment methods (Stripe tests ACH with test account numbers).
+STRIPE_ACH_PROCESSING = {"pm_usBankAccount": "succeeded", "pm_usBankAccount_insufficientFunds": "failed"}
+
+
 STRIPE_DECLINED_CARDS = {
     "pm_card_chargeDeclined": "generic_decline",
     "pm_card_visa_chargeDeclined": "generic_decline",
@@ -184,6 +191,12 @@ def confirm_payment_intent(pi: JSON, payment_method: str | None) -> None:
             402, "Your card was declined.", code="card_declined", decline_code=decline,
             payment_intent=copy.deepcopy(pi),
         )  # fmt: skip
+    if pm in STRIPE_ACH_PROCESSING:
+        pi["status"] = "processing"
+        pi["payment_method_types"] = ["us_bank_account"]
+        pi["processing"] = None  # Stripe sets processing details for cards only
+        pi["next_action"] = None
+        return
     if pm in STRIPE_3DS_CARDS:
         pi["status"] = "requires_action"
         pi["next_action"] = {"type": "use_stripe_sdk", "use_stripe_sdk": {"type": "three_d_secure_redirect"}}
@@ -245,10 +258,28 @@ def stripe_confirm_payment_intent(req: Request) -> Response:
         return json_response(_render_pi(pi, params))
 
 
+def _settle_ach(pi: JSON) -> None:
+    """A processing bank debit settles (the fake's clock: the next time anyone looks)."""
+    if pi["status"] != "processing" or pi["payment_method"] not in STRIPE_ACH_PROCESSING:
+        return
+    if STRIPE_ACH_PROCESSING[pi["payment_method"]] == "succeeded":
+        pi["latest_charge"] = charge_object(pi["amount"], pi["currency"], payment_intent=pi["id"],
+                                            payment_method=pi["payment_method"], customer=pi["customer"])
+        pi.update(status="succeeded", amount_received=pi["amount"])
+        return
+    pi.update(status="requires_payment_method", last_payment_error={
+        "type": "invalid_request_error", "code": "payment_method_insufficient_funds",
+        "decline_code": "insufficient_funds", "message": "The customer's account has insufficient funds.",
+        "payment_method": {"id": pi["payment_method"], "object": "payment_method", "type": "us_bank_account"},
+    })
+
+
 def stripe_get_payment_intent(req: Request) -> Response:
     params = stripe_params(req.query.encode())
     with req.state.lock:
-        return json_response(_render_pi(_get_pi(req), params))
+        pi = _get_pi(req)
+        _settle_ach(pi)
+        return json_response(_render_pi(pi, params))
 
 
 def stripe_list_payment_intents(req: Request) -> Response:

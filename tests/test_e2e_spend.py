@@ -208,7 +208,8 @@ def test_report_formats(gateway: Gateway) -> None:
     rows = json.loads(gateway.cli("report", "--by", "key", "--json").stdout)
     mine = next(r for r in rows if r["key"] == key_id)
     assert mine == {"key": key_id, "calls": 1, "allowed": 1, "refused": 0, "would_deny": 0,
-                    "spend_usd": "12.34", "parsed_usd": "12.34", "estimated_usd": "0", "unknown": 0}
+                    "spend_usd": "12.34", "parsed_usd": "12.34", "reconciled_usd": "0", "estimated_usd": "0",
+                    "unknown": 0}
     parsed = list(csv.DictReader(io.StringIO(gateway.cli("report", "--by", "vendor", "--csv").stdout)))
     assert {r["vendor"] for r in parsed} >= {"stripe"}
     assert gateway.cli("report", "--by", "day", "--since", "1d", "--json").returncode == 0

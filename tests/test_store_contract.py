@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from spendgate import reports
-from spendgate.store import CapExceeded, KeyRecord, Reservation, Store, WouldBlock, hash_token, open_store
+from spendgate.store import (
+    CapExceeded,
+    KeyRecord,
+    Reconciliation,
+    Reservation,
+    Store,
+    WouldBlock,
+    hash_token,
+    open_store,
+)
 from spendgate.store.limits import fingerprint
 
 Opener = Callable[..., Store]
@@ -346,9 +355,9 @@ def test_reports_read_the_same_on_every_backend(store: Store) -> None:
     by_key = reports.spend(store, by="key")
     assert by_key == [
         {"key": "k1", "calls": 2, "allowed": 2, "refused": 0, "would_deny": 0, "spend_usd": "3.5",
-         "parsed_usd": "1.5", "estimated_usd": "2", "unknown": 1},
+         "parsed_usd": "1.5", "reconciled_usd": "0", "estimated_usd": "2", "unknown": 1},
         {"key": "k2", "calls": 1, "allowed": 0, "refused": 1, "would_deny": 0, "spend_usd": "0",
-         "parsed_usd": "0", "estimated_usd": "0", "unknown": 0},
+         "parsed_usd": "0", "reconciled_usd": "0", "estimated_usd": "0", "unknown": 0},
     ]
     assert [(r["label:run"], r["spend_usd"]) for r in reports.spend(store, by="label:run")] == [("1", "3.5"),
                                                                                          ("-", "0")]
@@ -414,7 +423,10 @@ def test_replicas_starting_together_migrate_once(pg_url: str) -> None:
         t.join()
     try:
         assert not errors and len(stores) == 3
-        assert stores[0].read("SELECT version, count(*) FROM schema_version GROUP BY version") == [(1, 1)]
+        from spendgate.store.postgres import SCHEMA_VERSION
+
+        assert stores[0].read("SELECT version, count(*) FROM schema_version GROUP BY version ORDER BY version") \
+            == [(v, 1) for v in range(1, SCHEMA_VERSION + 1)]
     finally:
         for s in stores:
             s.close()
@@ -476,3 +488,69 @@ def test_an_unreachable_database_is_store_unavailable_then_recovers(pg_url: str)
         assert store.key_by_token(token) == rec
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------- costs settled later (reconcile)
+
+
+def _fix(call_id: int, old: int, new: int, scopes: tuple[str, ...], **kw: object) -> Reconciliation:
+    from spendgate.money import from_nanos, plain
+
+    return Reconciliation(**{  # type: ignore[arg-type]
+        "call_id": call_id, "vendor": "twilio", "object_id": "SM1", "from_status": "estimated",
+        "to_status": "parsed", "old_nanos": old, "new_nanos": new, "new_usd": plain(from_nanos(new)),
+        "currency": "USD", "amount": plain(from_nanos(new)), "note": "SM1 0.0079 USD", "scopes": scopes,
+        "source": "GET /2010-04-01/Accounts/AC1/Messages/SM1.json", **kw})
+
+
+def test_a_reconcile_corrects_the_row_every_scope_and_records_the_change_once(store: Store, reopen: Opener) -> None:
+    scopes = ("key:k1", "key:k1:day:2026-11-23", "policy:p:month:2026-11")
+    res = store.reserve(8_300_000, dict.fromkeys(scopes, 10**12))  # $0.0083 held, settled at the table's rate
+    store.settle(res, 8_300_000)
+    store.record_call(row(1, key_id="k1", policy="p", vendor="twilio", cost_status="estimated", flagged=1,
+                          cost_usd="0.0083", cost_nanos=8_300_000, estimated_nanos=8_300_000,
+                          object_id="SM1", scopes='["key:k1"]'))
+    store.record_call(row(2, key_id="k1", policy="p", vendor="stripe", cost_status="unknown", flagged=1,
+                          estimated_nanos=5_000_000_000, object_id="pi_1"))
+    store.flush()
+    assert store.used_by_scope(scopes) == dict.fromkeys(scopes, 8_300_000)
+    (call_id,) = store.read("SELECT id FROM calls WHERE object_id = ?", ("SM1",))[0]
+    other = reopen(replica="cli")  # the CLI, or another replica, fixes what the gateway recorded
+
+    assert other.reconcile_call(_fix(call_id, 8_300_000, 7_900_000, scopes))
+    # once only: the row no longer says "estimated at $0.0083" (a second run, a racing replica)
+    assert not store.reconcile_call(_fix(call_id, 8_300_000, 7_900_000, scopes))
+    assert store.used_by_scope([*scopes, "label:x"]) == {**dict.fromkeys(scopes, 7_900_000), "label:x": 0}
+    got = store.read("SELECT cost_status, cost_usd, cost_nanos, flagged, reconciled_at IS NOT NULL, note "
+                     "FROM calls WHERE id = ?", (call_id,))[0]
+    assert got[:5] == ("parsed", "0.0079", 7_900_000, 0, True)
+    assert got[5].startswith("reconciled from estimated $0.0083: SM1 0.0079 USD")
+    rec = store.read("SELECT call_id, from_status, to_status, old_usd, new_usd, delta_usd, delta_nanos, source, "
+                     "reconciled_by FROM reconciliations")
+    assert rec == [(call_id, "estimated", "parsed", "0.0083", "0.0079", "-0.0004", -400_000,
+                    "GET /2010-04-01/Accounts/AC1/Messages/SM1.json", "cli")]
+    # an unknown cost counted at its $5 estimate, settled at $0 (the payment failed); a scope never
+    # counted before is created, never below zero
+    (pi_id,) = store.read("SELECT id FROM calls WHERE object_id = ?", ("pi_1",))[0]
+    assert not store.reconcile_call(_fix(pi_id, 5_000_000_000, 0, ("key:k1",)))  # it is unknown, not estimated
+    assert store.reconcile_call(_fix(pi_id, 5_000_000_000, 0, ("key:k1", "policy:p:day:2026-11-23"),
+                                     from_status="unknown", to_status="zero", vendor="stripe"))
+    assert store.used_by_scope(["key:k1", "policy:p:day:2026-11-23"]) == {"key:k1": 0,
+                                                                          "policy:p:day:2026-11-23": 0}
+    assert reports.spend(store, by="key") == [
+        {"key": "k1", "calls": 2, "allowed": 2, "refused": 0, "would_deny": 0, "spend_usd": "0.0079",
+         "parsed_usd": "0.0079", "reconciled_usd": "0.0079", "estimated_usd": "0", "unknown": 0}]
+
+
+def test_a_reconcile_that_fails_midway_changes_nothing(store: Store) -> None:
+    store.record_call(row(1, vendor="twilio", cost_status="estimated", cost_usd="0.01", cost_nanos=10_000_000,
+                          estimated_nanos=10_000_000, object_id="SM2"))
+    store.flush()
+    (call_id,) = store.read("SELECT id FROM calls")[0]
+    store.add_usage(10_000_000, ["key:k9"])
+    store.flush()
+    with pytest.raises(Exception):  # noqa: B017, PT011  (the backend's own error type)
+        store.reconcile_call(_fix(call_id, 10_000_000, 20_000_000, ("key:k9",), source=None))  # type: ignore[arg-type]
+    assert store.read("SELECT cost_status, cost_nanos FROM calls")[0] == ("estimated", 10_000_000)
+    assert store.used("key:k9") == 10_000_000
+    assert count(store, "SELECT count(*) FROM reconciliations") == 0

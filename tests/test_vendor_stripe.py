@@ -42,8 +42,8 @@ RESPONSES = [
     ("payment_intent_partially_captured_eur.derived.json", 200, "/v1/payment_intents/pi_x/capture",
      "parsed", "16.20", "EUR", "15.00"),
     ("payment_intent_requires_action.derived.json", 200, "/v1/payment_intents", "zero", "0", "USD", "0"),
-    # processing (ACH) counts as committed (SPEC §7)
-    ("payment_intent_processing_ach.derived.json", 200, "/v1/payment_intents", "parsed", "100.00", "USD", "100.00"),
+    # processing (ACH) counts as committed (SPEC §7), estimated until spendgate reconcile sees it final
+    ("payment_intent_processing_ach.derived.json", 200, "/v1/payment_intents", "estimated", "100.00", "USD", "100.00"),
     ("payment_intent_canceled.derived.json", 200, "/v1/payment_intents/pi_x/cancel", "zero", "0", "USD", "0"),
     # pending refunds count, gross: £2.50 × 1.27
     ("refund_pending_partial_gbp.derived.json", 200, "/v1/refunds", "parsed", "3.175", "GBP", "2.50"),

@@ -73,6 +73,9 @@ def ledger_row(flow: http.HTTPFlow, call: Call, status: int | None) -> dict:
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
         "model": call.model,
         "tool": call.tool,
+        "object_id": cost.object_id if cost else None,
+        # where a later reconcile must correct the counters (only a cost that may still change needs it)
+        "scopes": json.dumps(call.scopes) if cost and cost.status in ("estimated", "unknown") else None,
     }
 
 

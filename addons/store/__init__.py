@@ -130,6 +130,54 @@ class CallRow:
 LedgerItem = Settle | Usage | CallRow
 
 
+@dataclass(frozen=True)
+class Reconciliation:
+    """A cost settled later (``spendgate reconcile``): the vendor's final figure replaces the estimate
+    a ``calls`` row was counted at. ``old_nanos`` is what the budgets counted (the cost, else the
+    estimate): the row is changed only if it still says so, so two runs never count one fix twice."""
+
+    call_id: int
+    vendor: str
+    object_id: str
+    from_status: str  # estimated | unknown
+    to_status: str  # parsed | zero
+    old_nanos: int
+    new_nanos: int
+    new_usd: str  # exact decimal string, as the row stores it
+    currency: str | None
+    amount: str | None
+    note: str
+    scopes: tuple[str, ...]  # every budget scope the call counted in
+    source: str  # what answered: "GET /v1/payment_intents/pi_…" (never a credential)
+    by: str = "cli"  # "cli", or the gateway replica that ran it
+
+    @property
+    def delta_nanos(self) -> int:
+        return self.new_nanos - self.old_nanos
+
+
+# ``reconciliations`` columns (both backends), in order.
+RECONCILIATION_COLUMNS = ("ts", "call_id", "vendor", "object_id", "from_status", "to_status", "old_usd",
+                          "old_nanos", "new_usd", "new_nanos", "delta_usd", "delta_nanos", "source", "reconciled_by",
+                          "note")
+
+
+def reconciliation_row(fix: Reconciliation, ts: str) -> tuple[Any, ...]:
+    from ..money import from_nanos, plain
+
+    return (ts, fix.call_id, fix.vendor, fix.object_id, fix.from_status, fix.to_status,
+            plain(from_nanos(fix.old_nanos)), fix.old_nanos, fix.new_usd, fix.new_nanos,
+            plain(from_nanos(fix.delta_nanos)), fix.delta_nanos, clean_text(fix.source[:300]), fix.by,
+            clean_text(fix.note[:500]))
+
+
+def reconciled_note(fix: Reconciliation) -> str:
+    """The row's note after a reconcile: the vendor's figure, and what it replaced."""
+    from ..money import fmt_usd, from_nanos
+
+    return clean_text(f"reconciled from {fix.from_status} {fmt_usd(from_nanos(fix.old_nanos))}: {fix.note}")[:500]
+
+
 class StoreUnavailable(Exception):
     """The ledger database cannot be reached (or answered too late): the call fails closed with
     503 ``store_unavailable``."""
@@ -178,6 +226,11 @@ CALL_COLUMNS: dict[str, type] = {
     "latency_ms": float,
     "model": str,  # the model an LLM request named (stages/models.py)
     "tool": str,  # the MCP tool(s) a tools/call named (stages/tools.py)
+    # The vendor's id of the object the call created (SM…, CA…, pi_…, batch_…, msgbatch_…), when its
+    # final cost can be asked for later (``spendgate reconcile``).
+    "object_id": str,
+    "scopes": str,  # JSON list: the budget scopes the call counted in (a reconcile corrects each)
+    "reconciled_at": str,  # when ``spendgate reconcile`` replaced an estimate by the vendor's figure
 }
 
 # Fields of a would-be ``calls`` row a hold carries, so a recovered hold gets a proper row.
@@ -195,7 +248,8 @@ def clean_text(value: Any) -> Any:
     return value
 
 
-def recovered_row(meta: dict[str, Any], nanos: int, created_at: str, replica: str) -> dict[str, Any]:
+def recovered_row(meta: dict[str, Any], nanos: int, created_at: str, replica: str,
+                  scopes: Iterable[str] = ()) -> dict[str, Any]:
     """The ``calls`` row of a forwarded hold whose gateway died: spend at its estimate, flagged."""
     from ..money import from_nanos, plain
 
@@ -204,7 +258,7 @@ def recovered_row(meta: dict[str, Any], nanos: int, created_at: str, replica: st
         "decision": "allow", "reason": None, "estimated_usd": plain(from_nanos(nanos)),
         "estimated_nanos": nanos, "cost_usd": None, "cost_nanos": None, "cost_status": "unknown",
         "flagged": 1, "note": f"gateway {replica} stopped before the answer; counted at the estimate",
-        "labels": meta.get("labels") or "{}",
+        "labels": meta.get("labels") or "{}", "scopes": json.dumps(list(scopes)),
     }
 
 
@@ -250,6 +304,12 @@ class BudgetStore(Protocol):
         """Count spend that was never held (report-only mode); queued."""
         ...
     def used(self, scope: str) -> int: ...
+    def reconcile_call(self, fix: Reconciliation) -> bool:
+        """Settle a call's cost later, in ONE transaction: if its row still has ``fix.from_status``
+        and was counted at ``fix.old_nanos``, set its cost (status, amount, note, ``reconciled_at``),
+        add ``fix.delta_nanos`` to every scope of ``fix.scopes`` (never below 0), and record the
+        change in ``reconciliations``. False, and nothing changed, if the row moved on meanwhile."""
+        ...
     def used_by_scope(self, scopes: Iterable[str]) -> dict[str, int]: ...
     def heartbeat(self) -> None:
         """Register (first call) or refresh this gateway instance's lease."""

@@ -20,14 +20,18 @@ from typing import Any
 
 from . import (
     DEFAULT_LEASE,
+    RECONCILIATION_COLUMNS,
     CapExceeded,
     KeyRecord,
+    Reconciliation,
     Reservation,
     default_replica,
     hash_token,
     iso,
     new_token,
     now,
+    reconciled_note,
+    reconciliation_row,
 )
 from .limits import Gcra, LoopBreaker
 
@@ -50,6 +54,7 @@ class MemoryStore:
         self.reservations: dict[str, tuple[Reservation, str]] = {}  # id → (hold, created_at)
         self.approvals: dict[str, dict[str, Any]] = {}
         self.calls: list[dict[str, Any]] = []
+        self.reconciliations: list[dict[str, Any]] = []
         self.queue_depth = 0
 
     # keys
@@ -131,6 +136,24 @@ class MemoryStore:
     def add_usage(self, nanos: int, scopes: Iterable[str]) -> None:
         for scope in scopes:
             self.counters.setdefault(scope, [0, 0])[0] += nanos
+
+    def reconcile_call(self, fix: Reconciliation) -> bool:
+        row = next((r for r in self.calls if r.get("id") == fix.call_id), None)
+        counted = None if row is None else (row.get("cost_nanos") if row.get("cost_nanos") is not None
+                                            else row.get("estimated_nanos") or 0)
+        if row is None or row.get("cost_status") != fix.from_status or row.get("decision") == "deny" \
+                or counted != fix.old_nanos:
+            return False
+        ts = iso(now())
+        row.update(cost_status=fix.to_status, cost_usd=fix.new_usd, cost_nanos=fix.new_nanos,
+                   currency=fix.currency or row.get("currency"), amount=fix.amount, note=reconciled_note(fix),
+                   flagged=0, reconciled_at=ts)
+        for scope in set(fix.scopes):
+            counter = self.counters.setdefault(scope, [0, 0])
+            counter[0] = max(0, counter[0] + fix.delta_nanos)
+        self.reconciliations.append(dict(zip(RECONCILIATION_COLUMNS, reconciliation_row(fix, ts or ""),
+                                             strict=True)))
+        return True
 
     def used(self, scope: str) -> int:
         return self.used_by_scope([scope])[scope]

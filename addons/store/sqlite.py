@@ -38,10 +38,12 @@ from . import (
     CALL_COLUMNS,
     DEFAULT_LEASE,
     HOLD_FIELDS,
+    RECONCILIATION_COLUMNS,
     CallRow,
     CapExceeded,
     KeyRecord,
     LedgerItem,
+    Reconciliation,
     Reservation,
     SchemaError,
     Settle,
@@ -54,6 +56,8 @@ from . import (
     iso,
     new_token,
     now,
+    reconciled_note,
+    reconciliation_row,
     recovered_row,
 )
 from .limits import Gcra, LoopBreaker
@@ -154,6 +158,12 @@ MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
         '"pid" INTEGER, "started_at" TEXT, "heartbeat_at" TEXT)',
     ],
     3: [_add_call_columns],  # model, tool
+    4: [_add_call_columns,  # object_id, scopes, reconciled_at: costs settled later (spendgate reconcile)
+        'CREATE TABLE IF NOT EXISTS "reconciliations" ("id" INTEGER PRIMARY KEY, "ts" TEXT, "call_id" INTEGER, '
+        '"vendor" TEXT, "object_id" TEXT, "from_status" TEXT, "to_status" TEXT, "old_usd" TEXT, '
+        '"old_nanos" INTEGER, "new_usd" TEXT, "new_nanos" INTEGER, "delta_usd" TEXT, "delta_nanos" INTEGER, '
+        '"source" TEXT, "reconciled_by" TEXT, "note" TEXT)',
+        'CREATE INDEX IF NOT EXISTS "idx_reconciliations_call_id" ON "reconciliations" ("call_id")'],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -430,6 +440,38 @@ class SQLiteStore:
             [(scope, nanos, iso(now())) for scope in scopes],
         )
 
+    def reconcile_call(self, fix: Reconciliation) -> bool:
+        """One ``BEGIN IMMEDIATE`` transaction: the row (if it still says what was counted), every
+        scope's counter, and the ``reconciliations`` record."""
+        ts = iso(now())
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute(
+                "UPDATE calls SET cost_status = ?, cost_usd = ?, cost_nanos = ?, currency = coalesce(?, currency), "
+                "amount = ?, note = ?, flagged = 0, reconciled_at = ? "
+                "WHERE id = ? AND cost_status = ? AND decision != 'deny' "
+                "AND coalesce(cost_nanos, estimated_nanos, 0) = ?",
+                (fix.to_status, fix.new_usd, fix.new_nanos, fix.currency, fix.amount, reconciled_note(fix), ts,
+                 fix.call_id, fix.from_status, fix.old_nanos))
+            if cur.rowcount != 1:
+                conn.execute("ROLLBACK")
+                return False
+            delta = fix.delta_nanos
+            for scope in sorted(set(fix.scopes)):
+                conn.execute(
+                    "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) VALUES (?, max(0, ?), 0, ?) "
+                    "ON CONFLICT(scope) DO UPDATE SET used_nanos = max(0, used_nanos + ?), "
+                    "updated_at = excluded.updated_at", (scope, delta, ts, delta))
+            conn.execute(f"INSERT INTO reconciliations ({', '.join(RECONCILIATION_COLUMNS)}) "
+                         f"VALUES ({', '.join('?' * len(RECONCILIATION_COLUMNS))})", reconciliation_row(fix, ts))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return True
+
     def used(self, scope: str) -> int:
         """Spent plus held in ``scope``, in nanos."""
         return self.used_by_scope([scope])[scope]
@@ -486,7 +528,8 @@ class SQLiteStore:
                     if forwarded:
                         counted += 1
                         row = recovered_row(json.loads(meta or "{}"), nanos, created,
-                                            dead.get(inst) or (inst or "unknown").split("/")[0])
+                                            dead.get(inst) or (inst or "unknown").split("/")[0],
+                                            json.loads(scopes))
                         cols = [k for k in CALL_COLUMNS if k != "id"]
                         conn.execute(f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                                      tuple(clean_text(row.get(k)) for k in cols))

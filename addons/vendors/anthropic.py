@@ -19,14 +19,22 @@ Prices come from ``prices/anthropic.yaml`` (policy ``prices: {anthropic: …}`` 
   ``message_stop``): input is known, output is not → "estimated" = the known
   input + the estimate's worst-case output (never less than the output seen),
   flagged in the note. An error before ``message_start`` → "zero".
+- Reconcile (``spendgate reconcile``): a message batch (``POST /v1/messages/batches``,
+  recorded unknown at the policy's default) names its id. GET
+  ``/v1/messages/batches/{id}``: ``in_progress``/``canceling`` → stays as it is; ``ended`` →
+  its ``results_url`` (on api.anthropic.com only) is read and every ``succeeded`` result's
+  ``usage`` is priced × ``batch_multiplier`` (½); errored, canceled and expired requests
+  bill nothing.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import _llm
 from ._models import ANTHROPIC
@@ -35,6 +43,9 @@ from .base import (
     NO_COST,
     Cost,
     Estimate,
+    Fetch,
+    LedgerCall,
+    Pending,
     Prices,
     RequestView,
     ResponseView,
@@ -172,7 +183,9 @@ def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estima
     if kind is None:
         return Cost("zero", Decimal(0), note="endpoint not billed")
     if kind == "other":
-        return Cost("unknown", None, note="message batch: billed as it runs")
+        batch = obj.get("id") if isinstance(obj, dict) and obj.get("type") == "message_batch" else None
+        return Cost("unknown", None, note="message batch: billed as it runs",
+                    object_id=batch if isinstance(batch, str) and _BATCH_ID.fullmatch(batch) else None)
     if not isinstance(obj, dict):
         return Cost("unknown", None, note="response is not JSON")
     return _fallback(req, prices, estimate, "usage missing from response")
@@ -253,6 +266,61 @@ def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> Stream
     return _Meter(req, prices, estimate) if _kind(req) == "messages" else None
 
 
+# --- reconcile ------------------------------------------------------------------------------
+
+_BATCH_ID = re.compile(r"msgbatch_[A-Za-z0-9]{1,200}")
+_RESULTS_MAX = 64 << 20  # bytes of a batch's results read
+_VERSION = {"anthropic-version": "2023-06-01"}  # the API refuses a request without one
+
+
+def reconcile(call: LedgerCall, answers: list[ResponseView], prices: Prices) -> Fetch | Cost | Pending:
+    """A message batch: once ended, the usage of its succeeded results at the batch discount."""
+    if not _BATCH_ID.fullmatch(call.object_id) or not call.path.rstrip("/").endswith("/messages/batches"):
+        return Pending("not an Anthropic message batch")
+    if not answers:
+        return Fetch(f"/v1/messages/batches/{call.object_id}", headers=_VERSION)
+    batch = answers[0].json
+    if not isinstance(batch, dict) or batch.get("id") != call.object_id:
+        return Pending(f"the answer is not {call.object_id}")
+    status = batch.get("processing_status")
+    if status != "ended":
+        return Pending(f"batch {status}")
+    url = batch.get("results_url")
+    if not isinstance(url, str) or not url:
+        return Pending("ended without a results_url")
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname or not parts.path.startswith("/v1/"):
+        return Pending("results_url is not an https URL of the API")
+    if len(answers) == 1:  # the driver sends the key only to a host this vendor serves
+        return Fetch(parts.path + (f"?{parts.query}" if parts.query else ""), host=parts.hostname,
+                     max_bytes=_RESULTS_MAX, headers=_VERSION)
+    return _results(call.object_id, answers[1], prices)
+
+
+def _results(batch: str, resp: ResponseView, prices: Prices) -> Cost | Pending:
+    multiplier = _llm.dec(_table(prices).get("batch_multiplier"), Decimal("0.5"))
+    total, billed = Decimal(0), 0
+    for n, raw in enumerate(resp.body.splitlines(), 1):
+        if not raw.strip():
+            continue
+        line = ResponseView(200, body=raw).json
+        result = line.get("result") if isinstance(line, dict) else None
+        if not isinstance(result, Mapping):
+            return Pending(f"results line {n} is not a batch result")
+        if result.get("type") != "succeeded":
+            continue  # errored, canceled, expired: not billed
+        message = result.get("message")
+        if not isinstance(message, Mapping) or not isinstance(usage := message.get("usage"), Mapping):
+            return Pending(f"results line {n} has no usage")
+        cost = _priced(usage, message.get("model"), prices)
+        if cost.usd is None or cost.status != "parsed":
+            return Pending(f"results line {n}: {cost.note}")
+        total += cost.usd * multiplier
+        billed += 1
+    note = f"{batch} ended: {billed} succeeded result{'s' if billed != 1 else ''} × {multiplier} (batch)"
+    return replace(Cost("parsed" if total else "zero", total, "USD", total, note), object_id=batch)
+
+
 VENDOR = Vendor(
     name="anthropic",
     hosts=("api.anthropic.com",),
@@ -265,4 +333,5 @@ VENDOR = Vendor(
     stream_meter=stream_meter,
     prices=load_prices("anthropic"),
     llm=ANTHROPIC,
+    reconciler=reconcile,
 )

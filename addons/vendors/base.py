@@ -192,6 +192,9 @@ class Cost:
     currency: str | None = None
     amount: Decimal | None = None
     note: str = ""
+    # The vendor's id of what the call created (a Twilio SM…/CA…, a Stripe pi_…, a batch), set when
+    # the cost is not final yet: ``spendgate reconcile`` asks the vendor about it later.
+    object_id: str | None = None
 
 
 class StreamMeter(Protocol):
@@ -200,6 +203,48 @@ class StreamMeter(Protocol):
     def feed(self, chunk: bytes) -> None: ...
 
     def finish(self) -> Cost: ...
+
+
+@dataclass(frozen=True)
+class LedgerCall:
+    """A ledger row whose cost was not final (``estimated`` or ``unknown``), as a vendor's
+    reconcile function sees it: plain values, no credential."""
+
+    id: int
+    vendor: str
+    method: str
+    host: str
+    path: str  # the request path as sent to the vendor (no query)
+    object_id: str  # what the call created (Cost.object_id at the time)
+    cost_status: str  # "estimated" | "unknown"
+    counted_usd: Decimal  # what the budgets counted: the cost, else the estimate
+    model: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """A read a reconcile function wants made, with the vendor's real credential: ``GET path``
+    (with its query) on the call's host, or on ``host`` when that is another host the vendor
+    serves (a result file); never elsewhere. Its answer (a :class:`ResponseView`, at most
+    ``max_bytes`` of body) is handed back on the next call."""
+
+    path: str
+    host: str | None = None
+    max_bytes: int = 1 << 20
+    headers: Mapping[str, str] = field(default_factory=dict)  # besides the credential (an API version)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Not final yet (or not knowable): the row stays as it is; ``why`` says so in the report."""
+
+    why: str
+
+
+# reconcile(call, answers so far, prices): the next Fetch, the final Cost (parsed or zero), or
+# Pending. Pure: the driver (addons/reconcile.py) does the HTTP, with the vendor's credential.
+Reconciler = Callable[[LedgerCall, list[ResponseView], Prices], Fetch | Cost | Pending]
 
 
 # No single call moves a billion dollars: a bigger number is a parsing accident.
@@ -271,6 +316,10 @@ class Vendor:
     # A GET only shows what earlier calls billed (the meter counts it $0, and it is free without
     # being listed). Declared vendors say False: a search API bills the GET itself.
     reads_free: bool = True
+    # Costs that arrive later: asks the vendor for the final figure of a call recorded
+    # ``estimated``/``unknown`` (see :class:`LedgerCall`, :meth:`reconcile`). None: this vendor's
+    # costs are final when the call is made (or cannot be asked for later).
+    reconciler: Reconciler | None = None
 
     @cached_property
     def _free(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
@@ -326,6 +375,26 @@ class Vendor:
             # Never $0 for an endpoint nobody priced: the hold (the policy's default) stands.
             return Cost("unknown", None, note=f"{self._unpriced_basis(req)}; counted at the estimate")
         return cost
+
+    def reconcile(self, call: LedgerCall, answers: list[ResponseView], prices: Prices) -> Fetch | Cost | Pending:
+        """The next step of settling ``call`` later. Never raises; a non-2xx answer, a cost that is
+        not final (estimated, unknown) or not plausible (negative, absurd) leaves the row as it is."""
+        if self.reconciler is None:
+            return Pending(f"{self.name} costs are not reconciled")
+        if answers and not answers[-1].ok:
+            last = answers[-1]
+            return Pending(f"HTTP {last.status}: {last.error_label() if last.status >= 400 else 'no answer'}")
+        try:
+            out = self.reconciler(call, answers, prices)
+        except Exception as e:  # a reconcile function must never break the run
+            return Pending(f"reconcile error: {type(e).__name__}")
+        if isinstance(out, Cost):
+            out = plausible(out)
+            if out.status not in ("parsed", "zero") or out.usd is None:
+                return Pending(out.note or f"still {out.status}")
+        if not isinstance(out, Fetch | Cost | Pending):
+            return Pending(f"reconcile returned {type(out).__name__}")
+        return out
 
     def serves(self, host: str) -> bool:
         host = normalize(host)

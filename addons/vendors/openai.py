@@ -21,6 +21,12 @@ Prices come from ``prices/openai.yaml`` (policy ``prices: {openai: …}`` overri
 - Endpoints billed otherwise (video, fine-tuning, batches, containers, thread runs,
   realtime) are estimated as "moves money, amount unknown" (the policy default
   applies) and priced "unknown" unless their response carries token usage.
+- Reconcile (``spendgate reconcile``): a batch (``POST /v1/batches``, recorded unknown at the
+  policy's default) names its id. GET ``/v1/batches/{id}``: still validating, in progress,
+  finalizing or cancelling → stays as it is; ``failed`` (never ran) → zero; completed, expired
+  or cancelled → its ``usage`` × the model's rates at the batch tier (½), or, for batches
+  without ``usage`` (created before September 2025), the sum of the ``usage`` of every line
+  of its output file (GET ``/v1/files/{output_file_id}/content``), at the batch tier.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from .base import (
     NO_COST,
     Cost,
     Estimate,
+    Fetch,
+    LedgerCall,
+    Pending,
     Prices,
     RequestView,
     ResponseView,
@@ -286,7 +295,9 @@ def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estima
     if kind is None:
         return Cost("zero", Decimal(0), note="endpoint not billed")
     if kind == "other":
-        return Cost("unknown", None, note="billed endpoint without token usage in the response")
+        batch = obj.get("id") if obj.get("object") == "batch" else None
+        return Cost("unknown", None, note="billed endpoint without token usage in the response",
+                    object_id=batch if isinstance(batch, str) and _BATCH_ID.fullmatch(batch) else None)
     state = src.get("status") or obj.get("type") or "no usage"
     return _fallback(req, prices, estimate, f"usage missing from response ({state})")
 
@@ -383,6 +394,74 @@ def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> Stream
     return _Meter(req, prices, estimate)
 
 
+# --- reconcile ------------------------------------------------------------------------------
+
+_BATCH_ID = re.compile(r"batch_[A-Za-z0-9]{1,200}")
+_FILE_ID = re.compile(r"file-[A-Za-z0-9_-]{1,200}")
+_RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
+_OUTPUT_MAX = 64 << 20  # bytes of a batch's output file read (OpenAI's input limit is 200 MB)
+
+
+def reconcile(call: LedgerCall, answers: list[ResponseView], prices: Prices) -> Fetch | Cost | Pending:
+    """A batch: its final usage, from the batch object or its output file, at the batch tier."""
+    if not _BATCH_ID.fullmatch(call.object_id) or call.path.rstrip("/") != "/v1/batches":
+        return Pending("not an OpenAI batch")
+    if not answers:
+        return Fetch(f"/v1/batches/{call.object_id}")
+    batch = answers[0].json
+    if not isinstance(batch, dict) or batch.get("id") != call.object_id:
+        return Pending(f"the answer is not {call.object_id}")
+    status = batch.get("status")
+    if status in _RUNNING:
+        return Pending(f"batch {status}")
+    if status == "failed":
+        return Cost("zero", Decimal(0), note=f"{call.object_id} failed validation: nothing ran",
+                    object_id=call.object_id)
+    if status not in ("completed", "expired", "cancelled"):
+        return Pending(f"batch status {status!r}")
+    if isinstance(usage := batch.get("usage"), Mapping) and batch.get("model"):
+        cost = _priced(usage, batch.get("model"), prices, tier="batch")
+        return replace(cost, note=f"{call.object_id} {status}: {cost.note}", object_id=call.object_id)
+    out = batch.get("output_file_id")
+    if out is None:
+        return Cost("zero", Decimal(0), note=f"{call.object_id} {status}: no request completed",
+                    object_id=call.object_id)
+    if not isinstance(out, str) or not _FILE_ID.fullmatch(out):
+        return Pending("output_file_id not readable")
+    if len(answers) == 1:
+        return Fetch(f"/v1/files/{out}/content", max_bytes=_OUTPUT_MAX)
+    return _output_file(call.object_id, str(status), answers[1], prices)
+
+
+def _output_file(batch: str, status: str, resp: ResponseView, prices: Prices) -> Cost | Pending:
+    """Every line of a batch's output file ({"custom_id", "response": {"status_code", "body"}}) at
+    the batch tier; a line that failed bills nothing; a line that cannot be read leaves it pending."""
+    total, lines, flagged = Decimal(0), 0, ""
+    for n, raw in enumerate(resp.body.splitlines(), 1):
+        if not raw.strip():
+            continue
+        line = ResponseView(200, body=raw).json
+        response = line.get("response") if isinstance(line, dict) else None
+        if not isinstance(response, Mapping):
+            return Pending(f"output line {n} is not a batch result")
+        body = response.get("body")
+        if response.get("status_code") != 200:
+            continue  # an error line: not billed
+        if not isinstance(body, Mapping) or not isinstance(usage := body.get("usage"), Mapping):
+            return Pending(f"output line {n} has no usage")
+        cost = _priced(usage, body.get("model"), prices, src=body, tier="batch")
+        if cost.usd is None:
+            return Pending(f"output line {n}: {cost.note}")
+        if cost.status != "parsed" and not flagged:
+            flagged = cost.note
+        total += cost.usd
+        lines += 1
+    if flagged:
+        return Pending(f"{batch}: {flagged}")
+    note = f"{batch} {status}: {lines} result{'s' if lines != 1 else ''} at the batch tier"
+    return Cost("parsed" if total else "zero", total, "USD", total, note, object_id=batch)
+
+
 VENDOR = Vendor(
     name="openai",
     hosts=("api.openai.com",),
@@ -395,4 +474,5 @@ VENDOR = Vendor(
     stream_meter=stream_meter,
     prices=load_prices("openai"),
     llm=openai_shape(),
+    reconciler=reconcile,
 )

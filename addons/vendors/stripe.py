@@ -49,18 +49,38 @@ code alone:
   subscription updates that may invoice at once…) moves money for an amount it cannot
   tell: the policy's default estimate is held and the cost is unknown.
 - Money in a currency with no ``fx`` rate → unknown (cost never raises).
+
+Reconcile (``spendgate reconcile``): a PaymentIntent left ``processing`` (an ACH or SEPA
+debit) was counted "estimated" at its ``amount`` and names its id (``object_id``). GET
+``/v1/payment_intents/{id}`` with the real key: ``succeeded`` → ``amount_received``
+(parsed); failed back to ``requires_payment_method`` or ``canceled`` → zero; still
+``processing`` → stays estimated.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qs
 
 from ..money import Unpriceable, from_minor, to_usd
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Vendor, bearer, load_prices
+from .base import (
+    NO_COST,
+    Cost,
+    Estimate,
+    Fetch,
+    LedgerCall,
+    Pending,
+    Prices,
+    RequestView,
+    ResponseView,
+    Vendor,
+    bearer,
+    load_prices,
+)
 
 # (path pattern, amount parameter or None, currency parameter or None when the request has none)
 _ENDPOINTS: tuple[tuple[re.Pattern[str], str | None, str | None, str], ...] = tuple(
@@ -200,7 +220,14 @@ def _payment_intent(pi: Mapping[str, Any], prices: Prices) -> Cost:
             held = pi.get("amount")
         return _money(held, cur, prices, "payment intent authorised (hold)")
     if status == "processing":
-        return _money(pi.get("amount"), cur, prices, "payment intent processing (committed)")
+        # Committed (SPEC §7) but not final: it may still fail. Counted at its amount, "estimated"
+        # until spendgate reconcile sees it succeed (or fail: then it is given back).
+        moved = _money(pi.get("amount"), cur, prices, "payment intent processing (committed, not final)")
+        pid = pi.get("id")
+        if moved.status == "parsed":
+            moved = replace(moved, status="estimated",
+                            object_id=pid if isinstance(pid, str) and _PI_ID.fullmatch(pid) else None)
+        return moved
     if isinstance(status, str):
         return _zero(pi, f"payment intent {status}: no money moved")
     return Cost("unknown", None, note="payment intent without a status")
@@ -310,6 +337,26 @@ def _is_object_path(path: str) -> bool:
     return len(segments) >= 3 and segments[0] == "v1" and (len(segments) - 1) % 2 == 0
 
 
+# --- reconcile ------------------------------------------------------------------------------
+
+_PI_ID = re.compile(r"pi_[A-Za-z0-9]{1,200}")
+
+
+def reconcile(call: LedgerCall, answers: list[ResponseView], prices: Prices) -> Fetch | Cost | Pending:
+    """A PaymentIntent that was ``processing``: fetch it; succeeded or failed is final."""
+    if not _PI_ID.fullmatch(call.object_id):
+        return Pending("not a Stripe PaymentIntent")
+    if not answers:
+        return Fetch(f"/v1/payment_intents/{call.object_id}")
+    pi = answers[-1].json
+    if not isinstance(pi, dict) or pi.get("object") != "payment_intent" or pi.get("id") != call.object_id:
+        return Pending(f"the answer is not {call.object_id}")
+    if pi.get("status") == "processing":
+        return Pending(f"{call.object_id} still processing")
+    cost = _payment_intent(pi, prices)
+    return replace(cost, note=f"{call.object_id} {pi.get('status')}: {cost.note}", object_id=call.object_id)
+
+
 VENDOR = Vendor(
     name="stripe",
     hosts=("api.stripe.com", "files.stripe.com"),
@@ -321,4 +368,5 @@ VENDOR = Vendor(
     free=FREE,
     server_error_unknown="Stripe says the request may or may not have succeeded",
     prices=load_prices("stripe"),
+    reconciler=reconcile,
 )

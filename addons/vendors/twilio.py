@@ -43,6 +43,12 @@ Cost (after), from the response:
 - Errors (``{"code", "message", "status"}``, HTTP 4xx/5xx) → zero.
 - Another POST with an unrecognised response → unknown (Twilio has paid
   products this module does not price); other reads → zero.
+
+Reconcile (``spendgate reconcile``): a message or call recorded "estimated" (its price was
+null) names its SID (``object_id``); GET ``…/Messages/{Sid}.json`` (``Calls/{Sid}.json``) with
+the real credential shows the price once Twilio has set it: parsed (or zero when canceled,
+failed, or priced 0). Still null → stays estimated. Verify prices are never shown by the
+Verify API: they stay estimated.
 """
 
 from __future__ import annotations
@@ -51,12 +57,24 @@ import base64
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from ..money import Unpriceable, parse_decimal, to_usd
-from .base import NO_COST, Cost, Estimate, Prices, RequestView, ResponseView, Vendor, load_prices
+from .base import (
+    NO_COST,
+    Cost,
+    Estimate,
+    Fetch,
+    LedgerCall,
+    Pending,
+    Prices,
+    RequestView,
+    ResponseView,
+    Vendor,
+    load_prices,
+)
 
 _ACCOUNT_PATH = re.compile(r"^(/\d{4}-\d{2}-\d{2}/Accounts/)([^/]+)")
 _MESSAGES = re.compile(r"^/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/Messages(\.json)?$")
@@ -321,7 +339,11 @@ def _cost(req: RequestView, resp: ResponseView, prices: Prices, estimate: Estima
             items = [_item(i, req, prices) for i in page if isinstance(i, Mapping)]
             return _combine(items, f"{len(items)} {key} on this page")
     if "price" in obj:
-        return _combine([_item(obj, req, prices)], "call" if _looks_like_call(obj) else "message")
+        cost = _combine([_item(obj, req, prices)], "call" if _looks_like_call(obj) else "message")
+        sid = obj.get("sid")
+        if cost.status in ("estimated", "unknown") and isinstance(sid, str) and _SID.fullmatch(sid):
+            cost = replace(cost, object_id=sid)  # its price is set later: spendgate reconcile asks
+        return cost
     if is_post:
         return Cost("unknown", None, note="no price in the response (a Twilio product not priced here)")
     return Cost("zero", Decimal(0), note="read: not billed")
@@ -355,6 +377,31 @@ def _looks_like_call(obj: Mapping[str, Any]) -> bool:
     return str(obj.get("sid") or "").startswith("CA") or "duration" in obj
 
 
+# --- reconcile ------------------------------------------------------------------------------
+
+_SID = re.compile(r"(SM|MM|CA)[0-9a-fA-F]{32}")
+_CREATED = re.compile(r"^(/\d{4}-\d{2}-\d{2}/Accounts/[^/]+/)(Messages|Calls)(\.json)?$")
+
+
+def reconcile(call: LedgerCall, answers: list[ResponseView], prices: Prices) -> Fetch | Cost | Pending:
+    """An estimated message or call: fetch it; its price, once Twilio has set it, is final."""
+    created = _CREATED.match(call.path.rstrip("/"))
+    if created is None or not _SID.fullmatch(call.object_id) \
+            or call.object_id.startswith("CA") != (created[2] == "Calls"):
+        return Pending("not a Twilio message or call")
+    path = f"{created[1]}{created[2]}/{call.object_id}.json"
+    if not answers:
+        return Fetch(path)
+    obj = answers[-1].json
+    if not isinstance(obj, dict) or obj.get("sid") != call.object_id:
+        return Pending(f"the answer is not {call.object_id}")
+    item = _item(obj, RequestView("GET", path), prices)
+    if item.usd is None or item.status == "estimated":
+        return Pending(item.note if item.usd is None else f"{call.object_id} {obj.get('status')}: price not set yet")
+    return Cost(item.status, item.usd, item.currency if item.amount else None, item.amount, item.note,  # type: ignore[arg-type]
+                object_id=call.object_id)
+
+
 VENDOR = Vendor(
     name="twilio",
     hosts=("api.twilio.com", "*.twilio.com"),
@@ -368,4 +415,5 @@ VENDOR = Vendor(
     parser=_cost,
     free=FREE,
     prices=load_prices("twilio"),
+    reconciler=reconcile,
 )
