@@ -144,11 +144,13 @@ def main() -> None:
               help="This gateway's name in a fleet (default: the hostname).")
 @click.option("--lease", default=None, type=float,
               help="Seconds a silent gateway's holds are kept before another one recovers them (default 30).")
+@click.option("--reconcile-every", "reconcile_every", default=None, type=click.IntRange(min=0),
+              help="Seconds between the gateway's own `spendgate reconcile` runs (default 0: off).")
 @click.argument("mitmproxy_args", nargs=-1, type=click.UNPROCESSED)
 def run(config: str | None, db: str | None, port: int, listen_host: str, web: bool,
         web_port: int, admin_port: int | None, log_format: str, capture: str | None, capture_no_bodies: bool,
         capture_redact: tuple[str, ...], capture_max_size: str, capture_max_age: str, capture_keep: int,
-        replica: str | None, lease: float | None,
+        replica: str | None, lease: float | None, reconcile_every: int | None,
         mitmproxy_args: tuple[str, ...]) -> None:
     """Run the gateway (mitmdump, or mitmweb with --web). Extra args go to mitmproxy.
 
@@ -202,6 +204,8 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
         args += ["--set", f"spendgate_replica={replica}"]
     if lease is not None:
         args += ["--set", f"spendgate_lease={lease:g}"]
+    if reconcile_every:
+        args += ["--set", f"spendgate_reconcile_every={reconcile_every}"]
     if web:
         args += ["--set", "web_open_browser=false", "--set", f"web_port={web_port}",
                  "--set", "web_host=127.0.0.1"]

@@ -42,6 +42,7 @@ from spendgate.admin import Admin  # noqa: E402
 from spendgate.capture import Capture  # noqa: E402
 from spendgate.console import Console, ReplayGuard  # noqa: E402
 from spendgate.metrics import Metrics  # noqa: E402
+from spendgate.reconcile_task import ReconcileTask  # noqa: E402
 from spendgate.runtime import Runtime  # noqa: E402
 from spendgate.stages.approve import Approve  # noqa: E402
 from spendgate.stages.authorize import Authorize  # noqa: E402
@@ -171,6 +172,7 @@ def make_addons() -> list[object]:
         Chain(
             metrics,
             Admin(runtime, metrics),
+            ReconcileTask(runtime),  # off the event loop: costs settled later, the drift on /metrics
             Egress(runtime),
             ReplayGuard(runtime),
             QueryKeyIn(),

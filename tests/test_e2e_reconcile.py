@@ -160,3 +160,45 @@ def test_reconcile_refuses_without_the_policys_credentials(gw: Gateway) -> None:
     out = subprocess.run([str(BIN / "spendgate"), "reconcile", "--db", gw.db, "--config", str(gw.config)],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 1 and "STRIPE_SECRET_KEY" in out.stderr
+
+
+def test_the_gateways_own_reconcile_settles_in_the_background_and_metrics_show_the_drift(
+        tmp_path: Path, fakes: FakeVendors, certs: Path) -> None:
+    import time
+
+    import httpx
+
+    admin = free_port()
+    (tmp_path / "admin-token").write_text("admin-token-000000000000000000000000\n")
+    gw = start_gateway(tmp_path, fakes, certs, policy=POLICY.format(up=fakes.url, stripe=fakes.url), extra=(
+        "--set", "spendgate_reconcile_every=1", "--set", f"spendgate_admin_listen=127.0.0.1:{admin}",
+        "--set", f"spendgate_admin_token=file:{tmp_path / 'admin-token'}"))
+    try:
+        deadline = time.monotonic() + 10
+        while "admin API listening" not in gw.log.read_text():
+            assert time.monotonic() < deadline, gw.log.read_text()
+            time.sleep(0.05)
+        _, token = gw.issue("agent")
+        before = len(gw.calls())
+        with gw.client() as c:
+            for _ in range(2):  # two SMS: $0.0083 each in the table, $0.0079 each once priced
+                assert c.post(MESSAGES, auth=("AC" + "0" * 32, token), data={
+                    "To": "+15551230000", "From": "+15559870000", "Body": "hi"}).status_code == 201
+        rows = gw.calls(at_least=before + 2)[before:]
+        deadline = time.monotonic() + 15
+        while any(row(gw, r["id"])["cost_status"] != "parsed" for r in rows):
+            assert time.monotonic() < deadline, gw.log.read_text()[-3000:]
+            time.sleep(0.2)
+        deadline = time.monotonic() + 15
+        while True:  # the drift is read in the same worker thread, after the run
+            text = httpx.get(f"http://127.0.0.1:{admin}/metrics", trust_env=False, timeout=10).text
+            if 'spendgate_reconciled_calls_total{vendor="twilio"} 2' in text:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        assert 'spendgate_estimate_drift_usd{vendor="twilio"} -0.0008' in text
+        assert "reconciled estimated $0.0083 → parsed $0.0079" in gw.log.read_text()
+        for secret in SECRET_VALUES:
+            assert secret not in gw.log.read_text()
+    finally:
+        gw.stop()

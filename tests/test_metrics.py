@@ -163,6 +163,8 @@ def test_metrics_is_prometheus_text(env: Env) -> None:
         "spendgate_approval_wait_seconds": "histogram",
         "spendgate_ledger_queue_depth": "gauge",
         "spendgate_circuit_open": "gauge",
+        "spendgate_reconciled_calls_total": "counter",
+        "spendgate_estimate_drift_usd": "gauge",
         "spendgate_store_up": "gauge",
         "spendgate_store_outages_total": "counter",
     }
