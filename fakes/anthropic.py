@@ -1,7 +1,10 @@
-"""Fake Anthropic: messages (streamed or not) and count_tokens."""
+"""Fake Anthropic: messages (streamed or not), count_tokens, and message batches (create, retrieve,
+results: the shapes of anthropic-sdk-python's ``MessageBatch`` and ``MessageBatchIndividualResponse``)."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fakes.base import (
@@ -112,6 +115,70 @@ VENDOR = "anthropic"
 ERROR = anthropic_error
 
 
+def _iso(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def anthropic_create_batch(req: Request) -> Response:
+    """POST /v1/messages/batches: in_progress; ended at the next retrieve (``X-Fake-Ready-After: N``:
+    after N). Each request is answered as /v1/messages would (same token counts)."""
+    body = req.json()
+    requests = body.get("requests") if isinstance(body, dict) else None
+    if not isinstance(requests, list) or not requests:
+        raise BadRequest(400, "requests: Field required")
+    results = []
+    for item in requests:
+        params = item.get("params") if isinstance(item, dict) else None
+        if not isinstance(params, dict) or "messages" not in params or "model" not in params:
+            raise BadRequest(400, "requests.params: model and messages are required")
+        out = completion_tokens(params.get("max_tokens"))
+        model = ANTHROPIC_ALIASES.get(str(params["model"]), str(params["model"]))
+        results.append({"custom_id": item.get("custom_id"), "result": {"type": "succeeded", "message": {
+            "id": f"msg_{rand(24)}", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "".join(reply_pieces(out))}],
+            "stop_reason": "end_turn" if out == DEFAULT_COMPLETION_TOKENS else "max_tokens", "stop_sequence": None,
+            "usage": anthropic_usage(prompt_tokens(params["messages"], params.get("system")), out)}}})  # fmt: skip
+    created = datetime.now(UTC)
+    batch = {
+        "id": f"msgbatch_{rand(24)}", "type": "message_batch", "processing_status": "in_progress",
+        "request_counts": {"processing": len(results), "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0},
+        "ended_at": None, "created_at": _iso(created), "expires_at": _iso(created + timedelta(hours=24)),
+        "archived_at": None, "cancel_initiated_at": None, "results_url": None,
+    }  # fmt: skip
+    try:
+        ready_after = max(0, int(req.headers.get("X-Fake-Ready-After") or 0))
+    except ValueError:
+        ready_after = 0
+    with req.state.lock:
+        req.state.anthropic_batches[batch["id"]] = {"batch": batch, "results": results, "ready_after": ready_after}
+    return json_response(batch)
+
+
+def anthropic_get_batch(req: Request) -> Response:
+    with req.state.lock:
+        entry = req.state.anthropic_batches.get(req.params["id"])
+        if entry is None:
+            raise BadRequest(404, f"Message batch {req.params['id']} not found")
+        batch = entry["batch"]
+        if entry["ready_after"] > 0:
+            entry["ready_after"] -= 1
+        elif batch["processing_status"] != "ended":
+            n = len(entry["results"])
+            batch.update(processing_status="ended", ended_at=_iso(datetime.now(UTC)),
+                         request_counts={"processing": 0, "succeeded": n, "errored": 0, "canceled": 0, "expired": 0},
+                         results_url=f"https://api.anthropic.com/v1/messages/batches/{batch['id']}/results")
+        return json_response(batch)
+
+
+def anthropic_batch_results(req: Request) -> Response:
+    with req.state.lock:
+        entry = req.state.anthropic_batches.get(req.params["id"])
+        if entry is None or entry["batch"]["processing_status"] != "ended":
+            raise BadRequest(404, f"Message batch {req.params['id']} has no results yet")
+        body = "".join(json.dumps(r) + "\n" for r in entry["results"]).encode()
+    return Response(200, body, content_type="application/binary")
+
+
 def request_id() -> tuple[str, str] | None:
     """The header this vendor names its request id in, with a fresh id."""
     return "request-id", f"req_011C{rand(20)}"
@@ -119,4 +186,7 @@ def request_id() -> tuple[str, str] | None:
 ROUTES: list[Route] = [
     route("POST", r"/v1/messages", VENDOR, anthropic_messages),
     route("POST", r"/v1/messages/count_tokens", VENDOR, anthropic_count_tokens),
+    route("POST", r"/v1/messages/batches", VENDOR, anthropic_create_batch),
+    route("GET", r"/v1/messages/batches/(?P<id>[^/]+)", VENDOR, anthropic_get_batch),
+    route("GET", r"/v1/messages/batches/(?P<id>[^/]+)/results", VENDOR, anthropic_batch_results),
 ]

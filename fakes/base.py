@@ -46,6 +46,7 @@ class State:
     twilio_calls: dict[str, JSON] = field(default_factory=dict)
     twilio_price_after: dict[str, int] = field(default_factory=dict)  # SID → fetches before its price is set
     openai_batches: dict[str, JSON] = field(default_factory=dict)
+    openai_files: dict[str, bytes] = field(default_factory=dict)
     anthropic_batches: dict[str, JSON] = field(default_factory=dict)
     counter: int = 0
 

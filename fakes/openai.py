@@ -4,6 +4,7 @@ Responses API and embeddings, with real-shaped usage blocks."""
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
 from email.parser import BytesParser
@@ -270,16 +271,81 @@ def openai_images(req: Request) -> Response:
     return json_response({"created": now(), "data": [{"url": f"https://fake.invalid/img-{rand(8)}.png"}] * n})
 
 
+# A fake batch ran two chat requests on this model (the fake keeps no input file to read).
+FAKE_BATCH_MODEL = "gpt-4o-mini-2024-07-18"
+FAKE_BATCH_REQUESTS = (("r1", 40), ("r2", 64))  # custom_id, prompt tokens; each answers 12 tokens
+
+
 def openai_batches(req: Request) -> Response:
+    """POST /v1/batches: validating. ``X-Fake-Ready-After: N`` keeps it in_progress for N fetches;
+    ``X-Fake-Batch-Usage: none`` answers like a batch created before OpenAI added ``usage`` and
+    ``model`` to the Batch object (September 2025): its cost is only in its output file."""
     body = req.json()
     if not isinstance(body, dict) or not body.get("input_file_id"):
         raise BadRequest(400, "Missing required parameter: 'input_file_id'.")
-    return json_response({
+    batch = {
         "id": f"batch_{rand(24)}", "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
         "input_file_id": body["input_file_id"], "completion_window": body.get("completion_window", "24h"),
         "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now(),
+        "in_progress_at": None, "expires_at": now() + 86400, "finalizing_at": None, "completed_at": None,
+        "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
         "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
-    })
+    }  # fmt: skip
+    with req.state.lock:
+        req.state.openai_batches[batch["id"]] = {
+            "batch": batch, "ready_after": _int_header(req, "X-Fake-Ready-After"),
+            "usage": req.headers.get("X-Fake-Batch-Usage", "").lower() != "none"}
+    return json_response(batch)
+
+
+def _int_header(req: Request, name: str) -> int:
+    try:
+        return max(0, int(req.headers.get(name) or 0))
+    except ValueError:
+        return 0
+
+
+def openai_get_batch(req: Request) -> Response:
+    """GET /v1/batches/{id}: in_progress, then completed with its output file (and usage, model)."""
+    with req.state.lock:
+        entry = req.state.openai_batches.get(req.params["id"])
+        if entry is None:
+            raise BadRequest(404, f"No batch found with id '{req.params['id']}'.")
+        batch = entry["batch"]
+        total = len(FAKE_BATCH_REQUESTS)
+        if entry["ready_after"] > 0:
+            entry["ready_after"] -= 1
+            batch.update(status="in_progress", in_progress_at=batch["in_progress_at"] or now(),
+                         request_counts={"total": total, "completed": 0, "failed": 0})
+        elif batch["status"] != "completed":
+            file_id = f"file-{rand(22)}"
+            lines = [{"id": f"batch_req_{rand(24)}", "custom_id": cid, "response": {
+                "status_code": 200, "request_id": f"req_{rand_hex(32)}", "body": {
+                    "id": f"chatcmpl-{rand(24)}", "object": "chat.completion", "created": now(),
+                    "model": FAKE_BATCH_MODEL, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                        "role": "assistant", "content": "".join(reply_pieces(DEFAULT_COMPLETION_TOKENS))}}],
+                    "usage": openai_usage(prompt, DEFAULT_COMPLETION_TOKENS)}}, "error": None}
+                for cid, prompt in FAKE_BATCH_REQUESTS]  # fmt: skip
+            req.state.openai_files[file_id] = "".join(json.dumps(line) + "\n" for line in lines).encode()
+            batch.update(status="completed", output_file_id=file_id, finalizing_at=now(), completed_at=now(),
+                         in_progress_at=batch["in_progress_at"] or now(),
+                         request_counts={"total": total, "completed": total, "failed": 0})
+            if entry["usage"]:
+                prompt = sum(p for _, p in FAKE_BATCH_REQUESTS)
+                batch.update(model=FAKE_BATCH_MODEL, usage={
+                    "input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": total * DEFAULT_COMPLETION_TOKENS,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": prompt + total * DEFAULT_COMPLETION_TOKENS})
+        return json_response(batch)
+
+
+def openai_file_content(req: Request) -> Response:
+    with req.state.lock:
+        content = req.state.openai_files.get(req.params["id"])
+    if content is None:
+        raise BadRequest(404, f"No such File object: {req.params['id']}")
+    return Response(200, content, content_type="application/jsonl")
 
 
 VENDOR = "openai"
@@ -298,4 +364,6 @@ ROUTES: list[Route] = [
     route("POST", r"/v1/audio/speech", VENDOR, openai_speech),
     route("POST", r"/v1/images/generations", VENDOR, openai_images),
     route("POST", r"/v1/batches", VENDOR, openai_batches),
+    route("GET", r"/v1/batches/(?P<id>[^/]+)", VENDOR, openai_get_batch),
+    route("GET", r"/v1/files/(?P<id>[^/]+)/content", VENDOR, openai_file_content),
 ]

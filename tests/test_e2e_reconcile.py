@@ -22,11 +22,15 @@ version: 1
 vendors:
   stripe:    {{secret: env:STRIPE_SECRET_KEY, upstream: "{stripe}"}}
   twilio:    {{account_sid: env:TWILIO_ACCOUNT_SID, secret: env:TWILIO_AUTH_TOKEN, upstream: "{up}"}}
+  openai:    {{secret: env:OPENAI_API_KEY, upstream: "{up}"}}
+  anthropic: {{secret: env:ANTHROPIC_API_KEY, upstream: "{up}"}}
 policies:
   agent:
     vendors:
       twilio: {{allow: ["POST /2010-04-01/Accounts/*/Messages.json", "POST /2010-04-01/Accounts/*/Calls.json"]}}
       stripe: {{allow: ["POST /v1/payment_intents"]}}
+      openai: {{allow: ["POST /v1/batches"], default_estimate_usd: 2}}
+      anthropic: {{allow: ["POST /v1/messages/batches"], default_estimate_usd: 3}}
     budget: {{key_usd: 500, key_daily_usd: 400, policy_monthly_usd: 1000}}
 """
 MESSAGES = "https://api.twilio.com/2010-04-01/Accounts/AC00000000000000000000000000000000/Messages.json"
@@ -202,3 +206,46 @@ def test_the_gateways_own_reconcile_settles_in_the_background_and_metrics_show_t
             assert secret not in gw.log.read_text()
     finally:
         gw.stop()
+
+
+def test_batches_held_at_the_default_are_settled_from_the_vendors_usage(
+        gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anthropic import Anthropic
+    from openai import OpenAI
+
+    monkeypatch.setenv("HTTPS_PROXY", gw.proxy)
+    monkeypatch.setenv("SSL_CERT_FILE", gw.ca)
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    key, token = gw.issue("agent")
+    before = len(gw.calls())
+    new = OpenAI(api_key=token, max_retries=0).batches.create(
+        input_file_id="file-abc123", endpoint="/v1/chat/completions", completion_window="24h")
+    old = OpenAI(api_key=token, max_retries=0, default_headers={"X-Fake-Batch-Usage": "none"}).batches.create(
+        input_file_id="file-abc123", endpoint="/v1/chat/completions", completion_window="24h")
+    msgs = Anthropic(api_key=token, max_retries=0, default_headers={"X-Fake-Ready-After": "1"}).messages.batches.create(
+        requests=[{"custom_id": f"r{i}", "params": {"model": "claude-sonnet-4-5", "max_tokens": 8,
+                                                   "messages": [{"role": "user", "content": "x" * 400}]}}
+                  for i in range(3)])
+    rows = gw.calls(at_least=before + 3)[before:]
+    assert [(r["vendor"], r["cost_status"], r["estimated_usd"], r["object_id"]) for r in rows] == [
+        ("openai", "unknown", "2", new.id), ("openai", "unknown", "2", old.id), ("anthropic", "unknown", "3", msgs.id)]
+    assert counters(gw)[f"key:{key}"] == 7 * 10**9
+
+    out = reconcile(gw, "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    got = {o["object_id"]: (o["result"], o["new_usd"]) for o in json.loads(out.stdout)["calls"]}
+    # gpt-4o-mini at the batch tier: (104 × $0.15 + 24 × $0.60) / 1M / 2, from the batch's usage or
+    # from the two lines of its output file; the Anthropic batch is still in progress
+    assert got[new.id] == got[old.id] == ("reconciled", "0.000015")
+    assert got[msgs.id][0] == "pending" and "in_progress" in json.dumps(json.loads(out.stdout)["calls"])
+    out = reconcile(gw, "--json")
+    got = {o["object_id"]: (o["result"], o["new_usd"]) for o in json.loads(out.stdout)["calls"]}
+    # Sonnet 4.5: 3 × (107 input × $3 + 8 output × $15) / 1M, half for a batch
+    assert list(got) == [msgs.id] and got[msgs.id][0] == "reconciled"
+    assert Decimal(got[msgs.id][1]) == Decimal(3 * (107 * 3 + 8 * 15)) / 10**6 / 2
+    assert counters(gw)[f"key:{key}"] == 2 * 15_000 + int(Decimal(got[msgs.id][1]) * 10**9)
+    anthropic_gets = [q for q in gw.fakes.requests() if q["method"] == "GET" and msgs.id in q["path"]]
+    assert [q["path"].endswith("/results") for q in anthropic_gets] == [False, False, True]
+    assert all({k.lower(): v for k, v in q["headers"]}["x-api-key"] == REAL_CREDENTIALS["ANTHROPIC_API_KEY"]
+               and {k.lower(): v for k, v in q["headers"]}["anthropic-version"] for q in anthropic_gets)

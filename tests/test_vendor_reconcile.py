@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vendor_fixtures import load_json, needs_fixtures, raw
 
 from spendgate import reconcile as driver
 from spendgate.store import open_store
@@ -231,6 +232,33 @@ def test_anthropic_batch() -> None:
         expect(step("anthropic", ABATCH, ended, ResponseView(200, body=bad)), ("pending", None))
     for url in ("http://api.anthropic.com/v1/x", "https://api.anthropic.com/results", None, 7):
         expect(step("anthropic", ABATCH, answer(message_batch(results_url=url))), ("pending", None))
+
+
+# --------------------------------------------------------------------------- the corpus (vendors' specs and SDKs)
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("vendor", "path", "answers", "want"), [
+    # twilio-oai fetch examples: the answers a reconcile of that message / call reads
+    ("twilio", "/Messages.json", ["message_fetch_sent_priced_usd.json"], ("parsed", "0.0075")),
+    ("twilio", "/Calls.json", ["call_fetch_completed_usd.json"], ("parsed", "0.2")),
+    # openai-openapi: a completed batch without usage → its output file; with usage → priced at once
+    ("openai", "/v1/batches", ["batch_retrieve_completed.json", "batch_output.derived.jsonl"], ("parsed", "0.105")),
+    ("openai", "/v1/batches", ["batch_retrieve_completed_usage.derived.json"], ("parsed", "0.21375")),
+    # anthropic-sdk MessageBatch, ended → its results
+    ("anthropic", "/v1/messages/batches", ["message_batch_ended.derived.json", "message_batch_results.derived.jsonl"],
+     ("parsed", "0.375")),
+])
+def test_the_corpus(vendor: str, path: str, answers: list[str], want: tuple[str, str]) -> None:
+    first = load_json(vendor, answers[0])
+    object_id = first.get("sid") or first["id"]
+    if vendor == "twilio":
+        path = f"/2010-04-01/Accounts/{first['account_sid']}{path}"
+    call = ledger_call(vendor, path, object_id, status="unknown")
+    views = [ResponseView(200, body=raw(vendor, name)) for name in answers]
+    for i in range(len(views)):  # each answer but the last asks for the next read
+        assert isinstance(step(vendor, call, *views[:i]), Fetch)
+    expect(step(vendor, call, *views), want)
 
 
 # --------------------------------------------------------------------------- every vendor: never raise, never negative
