@@ -23,6 +23,7 @@ from mitmproxy import ctx, exceptions
 from . import reconcile
 from .metrics import _escape, decimal_str
 from .runtime import Runtime
+from .store import StoreUnavailable
 
 log = logging.getLogger("spendgate")
 
@@ -65,6 +66,8 @@ class ReconcileTask:
                 await asyncio.sleep(every if every > 0 else DRIFT_EVERY)
             try:
                 await asyncio.to_thread(self.tick, every > 0 and not first)
+            except StoreUnavailable:
+                pass  # the store logs an outage once; the next tick retries
             except Exception:
                 log.exception("spendgate: background reconcile failed")
             first = False
