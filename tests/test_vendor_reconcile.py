@@ -309,9 +309,10 @@ def test_a_vendor_without_reconcile_and_a_reconciler_that_raises_leave_the_row()
 # --------------------------------------------------------------------------- the driver, on a real ledger
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> Any:
-    store = open_store(str(tmp_path / "ledger.db"))
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    url = str(tmp_path / "ledger.db") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    store = open_store(url)
     yield store
     store.close()
 
@@ -366,7 +367,8 @@ def test_the_driver_asks_only_the_vendors_hosts_and_goes_on_after_a_failure(ledg
     assert run.summary()["reconciled"] == 1 and run.summary()["error"] == 1
 
 
-def test_an_older_row_without_scopes_gets_them_from_its_key_and_policy(ledger: Any) -> None:
+def test_an_older_row_without_scopes_gets_them_from_its_key_and_policy(tmp_path: Path) -> None:
+    ledger = open_store(str(tmp_path / "old.db"))
     from spendgate.policy import parse_config
 
     cfg = parse_config("version: 1\nvendors:\n  twilio: {account_sid: env:A, secret: env:B}\npolicies:\n"
@@ -381,3 +383,4 @@ def test_an_older_row_without_scopes_gets_them_from_its_key_and_policy(ledger: A
     assert [(o.call_id, o.result) for o in run.outcomes] == [(cid, "reconciled")]
     assert ledger.used_by_scope([f"key:{key.id}", "policy:p:day:2026-11-30"]) == {
         f"key:{key.id}": 7_900_000, "policy:p:day:2026-11-30": 7_900_000}
+    ledger.close()
