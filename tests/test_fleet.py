@@ -182,7 +182,10 @@ def vendor_charges(fleet: Fleet, token_marker: str | None = None) -> int:
 
 
 def test_replicas_migrated_once(fleet: Fleet) -> None:
-    assert fleet.sql("SELECT version, count(*) FROM schema_version GROUP BY version") == [(1, 1)]
+    from spendgate.store.postgres import SCHEMA_VERSION
+
+    assert fleet.sql("SELECT version, count(*) FROM schema_version GROUP BY version ORDER BY version") == \
+        [(v, 1) for v in range(1, SCHEMA_VERSION + 1)]
     replicas = {r for (r,) in fleet.sql("SELECT replica FROM instances")}
     assert replicas >= {"a", "b", "c"}
 
