@@ -55,11 +55,15 @@ def test_cache_rates_follow_anthropic_multipliers() -> None:
     # Claude 3 Haiku is published rounded ($0.30 writes, $0.03 reads on $0.25 input).
     assert (MODELS["claude-3-haiku-20240307"]["cache_write"], MODELS["claude-3-haiku-20240307"]["cached_input"]) == (
         0.30, 0.03)
+    # Cache reads are 0.1x input, except where the pricing page publishes less: Fable/Mythos 5.1
+    # (0.025x) and Opus 5.5 (0.05x); writes stay 1.25x (5 minutes) and 2x (1 hour) everywhere.
+    reads = {"claude-fable-5-1": Decimal("0.025"), "claude-mythos-5-1": Decimal("0.025"),
+             "claude-opus-5-5": Decimal("0.05")}
     for name, m in MODELS.items():
         if name == "claude-3-haiku-20240307":
             continue
         inp = Decimal(repr(m["input"]))
-        assert Decimal(repr(m["cached_input"])) == inp / 10, name
+        assert Decimal(repr(m["cached_input"])) == inp * reads.get(name, Decimal("0.1")), name
         assert Decimal(repr(m["cache_write"])) == inp * Decimal("1.25"), name
         assert Decimal(repr(m["cache_write_1h"])) == inp * 2, name
 
