@@ -113,9 +113,9 @@ def test_make_addons_is_the_runtime_then_one_chain_of_every_stage() -> None:
     assert isinstance(addons[0], Runtime) and len(addons) == 2
     assert members(addons) == [addons[0], *addons[1]]
     names = [type(m).__name__ for m in addons[1]]
-    assert names == ["Metrics", "Admin", "Egress", "ReplayGuard", "QueryKeyIn", "Identify", "Authorize", "Models",
-                     "Tools", "Budget", "Approve", "Circuit", "Swap", "QueryKeyOut", "Meter", "Scrub", "Record", "Console",
-                     "Capture"]
+    assert names == ["Metrics", "Admin", "ReconcileTask", "Egress", "ReplayGuard", "QueryKeyIn", "Identify", "Authorize",
+                     "Models", "Tools", "Budget", "Approve", "Circuit", "Swap", "QueryKeyOut", "Meter", "Scrub", "Record",
+                     "Console", "Capture"]
     assert all(getattr(m, "runtime", addons[0]) is addons[0] for m in addons[1])
     assert {type(m).__name__ for m in addons[1]} >= set(gateway_stage_classes())
 
