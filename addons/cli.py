@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from . import reports
 from .keys import IssueError, key_spec, parse_labels
 from .paths import CA_CERT, absolute, ca_dir, config_path, db_path, home, home_source, no_ledger, no_policy
-from .policy import Config, ConfigError, load_config, resolve_credentials
+from .policy import Config, ConfigError, Problem, load_config, locate, read_secret, resolve_credentials
 from .store import (
     TOKEN_PREFIX,
     KeyRecord,
@@ -57,15 +58,46 @@ def _store(db: str | None, create: bool = False) -> Store:
         raise click.ClickException(str(e)) from None
 
 
+def _load(where: str, secrets: bool) -> Config:
+    """Load a policy file; with ``secrets``, also read every credential it references. On
+    failure every problem is in the one ConfigError: the file's own (fields, cross-references)
+    and, even then, each secret that does not resolve, in file order."""
+    try:
+        cfg = load_config(where)
+    except ConfigError as e:
+        problems = e.problems + [p for p in (_raw_secret_problems(where) if secrets else []) if p not in e.problems]
+        raise ConfigError(sorted(problems, key=lambda p: p.line or 0)) from None
+    if secrets:
+        resolve_credentials(cfg, where)
+    return cfg
+
+
+def _raw_secret_problems(where: str) -> list[Problem]:
+    """Each env:/file: reference directly under ``vendors.<name>`` that does not resolve, read
+    from the YAML as it is (for a file that does not load for other reasons)."""
+    try:
+        data = yaml.safe_load(Path(where).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return []
+    vendors = data.get("vendors") if isinstance(data, dict) else None
+    base = Path(where).resolve().parent
+    out = []
+    for name, vc in vendors.items() if isinstance(vendors, dict) else ():
+        for fld, ref in vc.items() if isinstance(vc, dict) else ():
+            if isinstance(ref, str) and ref.startswith(("env:", "file:")):
+                value, why = read_secret(ref, None, base)
+                if not value:
+                    out.append(Problem(where, locate(where, ("vendors", name, fld)), f"vendors.{name}.{fld}", why))
+    return out
+
+
 def _config(path: str | None, secrets: bool = False) -> tuple[Config, str]:
     """The policy file (and, with ``secrets``, proof that every credential resolves)."""
     where = config_path(path)
     if not Path(where).is_file():
         raise click.ClickException(no_policy(where, path))
     try:
-        cfg = load_config(where)
-        if secrets:
-            resolve_credentials(cfg, where)
+        cfg = _load(where, secrets)
     except ConfigError as e:
         raise click.ClickException(f"{where} cannot be used:\n{e}") from None
     return cfg, where
@@ -230,9 +262,7 @@ def check(file: str | None, secrets: bool) -> None:
         raise click.ClickException(no_policy(config_path(None), None))
     file = file or config_path(None)
     try:
-        cfg = load_config(file)
-        if secrets:
-            resolve_credentials(cfg, file)
+        cfg = _load(file, secrets)
     except ConfigError as e:
         for p in e.problems:
             click.echo(str(p), err=True)

@@ -30,6 +30,7 @@ stages call ``call.refuse`` for those.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -555,9 +556,7 @@ class Config(_Model):
             for vname, rules in pol.vendors.items():
                 vendor = self.vendor(vname)
                 if vendor is None and vname not in self.vendors:
-                    errors.append((("policies", pname, "vendors", vname),
-                                   f"unknown vendor {vname!r} (known: {known}, or one declared under vendors: "
-                                   "with hosts:)"))
+                    errors.append((("policies", pname, "vendors", vname), unknown_vendor(vname, self.vendors)))
                     continue
                 if vname not in self.vendors:
                     errors.append(
@@ -745,12 +744,21 @@ def _raw_cross_references(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], s
         for vname in pvendors if isinstance(pvendors, dict) else ():
             if isinstance(vname, str) and vname not in vendors:
                 out.append((("policies", pname, "vendors", vname),
-                            f"vendor {vname!r} has no credentials under the top-level vendors:"))
+                            f"vendor {vname!r} has no credentials under the top-level vendors:"
+                            if vname in REGISTRY else unknown_vendor(vname, vendors)))
     keys = data.get("keys") if isinstance(data.get("keys"), list) else []
     for i, key in enumerate(keys):
         if isinstance(key, dict) and isinstance(key.get("policy"), str) and key["policy"] not in policies:
             out.append((("keys", i, "policy"), f"no policy named {key['policy']!r}"))
     return out
+
+
+def unknown_vendor(name: str, declared: Mapping[str, Any]) -> str:
+    """A policy names a vendor that is neither built in nor declared: say so, with the likely one."""
+    names = sorted({*REGISTRY, *(n for n in declared if isinstance(n, str))})
+    close = difflib.get_close_matches(name, names, n=1)
+    return (f"unknown vendor {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f": known: {', '.join(sorted(REGISTRY))}, or one declared under vendors: with hosts:")
 
 
 def locate(filename: str, loc: tuple[Any, ...]) -> int | None:

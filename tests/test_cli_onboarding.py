@@ -113,12 +113,20 @@ def test_check_reports_every_problem_at_once_with_lines(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(BAD)
     out = sg("check", "p.yaml", cwd=tmp_path)
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr.splitlines() == [
+    assert out.stderr.splitlines() == [  # the secrets too, in the same pass, in file order
+        "p.yaml:3: vendors.stripe.secret: environment variable NOPE_STRIPE is not set",
+        "p.yaml:4: vendors.openai.secret: cannot read /nonexistent/openai-key: No such file or directory",
         "p.yaml:5: vendors.twilio.account_sid: twilio needs account_sid: env:NAME or file:PATH",
-        "p.yaml:10: policies.a.vendors.anthropic: vendor 'anthropic' has no credentials under the top-level vendors:",
+        "p.yaml:5: vendors.twilio.secret: environment variable NOPE_TWILIO is not set",
         "p.yaml:9: policies.a.vendors.stripe.allow[0]: 'FOO' is not an HTTP method or * "
         "(one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS)",
+        "p.yaml:10: policies.a.vendors.anthropic: vendor 'anthropic' has no credentials under the top-level vendors:",
     ]
+    (tmp_path / "typo.yaml").write_text(BAD.replace("anthropic:", "stripee:"))
+    typo = sg("check", "--no-secrets", "typo.yaml", cwd=tmp_path).stderr.splitlines()
+    assert typo[-1].startswith("typo.yaml:10: policies.a.vendors.stripee: unknown vendor 'stripee' "
+                               "(did you mean 'stripe'?): known: anthropic,"), typo
+    assert not any("NOPE_" in line for line in typo), "--no-secrets reads no secret"
     fixed = BAD.replace("FOO", "POST").replace("      anthropic: {allow: [\"POST /v1/messages\"]}\n", "")
     (tmp_path / "p.yaml").write_text(fixed.replace("  twilio: {secret: env:NOPE_TWILIO}\n", ""))
     out = sg("check", "p.yaml", cwd=tmp_path)
