@@ -175,7 +175,8 @@ def test_run_names_an_address_it_cannot_listen_on(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- what is missing, said plainly
 
 
-@pytest.mark.parametrize("args", [("keys", "issue", "--policy", "x"), ("check",), ("run",), ("replay", "cap/")])
+@pytest.mark.parametrize("args", [("keys", "issue", "--policy", "x"), ("check",), ("run",), ("replay", "cap/"),
+                                  ("reconcile",)])  # fmt: skip
 def test_commands_needing_a_policy_say_how_to_point_at_one(tmp_path: Path, args: tuple[str, ...]) -> None:
     out = sg(*args, cwd=tmp_path)
     assert out.returncode == 1 and "Traceback" not in out.stderr
@@ -198,6 +199,14 @@ def test_ledger_readers_never_create_an_empty_ledger(tmp_path: Path, args: tuple
     given = sg(*args, "--from" if args[0] == "migrate" else "--db", "elsewhere.db", cwd=tmp_path)
     assert given.returncode == 1 and f"no ledger at {tmp_path}/elsewhere.db:" in given.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_reconcile_with_a_policy_and_no_ledger_names_the_ledger(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "spendgate.yaml").write_text("version: 1\negress: {default: deny}\n")
+    out = sg("reconcile", cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.startswith(f"Error: no ledger at {tmp_path}/data/spendgate.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policies"]
 
 
 @pytest.mark.parametrize("token, ok", [
