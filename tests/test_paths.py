@@ -74,7 +74,7 @@ def test_every_subcommand_finds_the_same_files_from_any_directory(tmp_path: Path
                           env={**CLEAN_ENV, "SPENDGATE_HOME": str(home)}, stdout=log.open("w"),
                           stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while "proxy listening" not in log.read_text():
             assert gw.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
