@@ -191,6 +191,15 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
     policy, cfg = _config(config, secrets=True)
     if warning := _open_egress(policy, cfg):
         click.echo(warning, err=True)
+    if admin_port and not any("spendgate_admin_token" in a for a in mitmproxy_args):
+        from .admin import DEFAULT_TOKEN_ENV, MIN_TOKEN_LENGTH
+
+        token = os.environ.get(DEFAULT_TOKEN_ENV, "")
+        if len(token) < MIN_TOKEN_LENGTH:  # refused before anything listens, as the admin API would
+            raise click.ClickException(
+                f"--admin-port needs an admin token of at least {MIN_TOKEN_LENGTH} characters in "
+                f"{DEFAULT_TOKEN_ENV} ({f'it has {len(token)} characters' if token else 'it is not set'}; "
+                "e.g. export SPENDGATE_ADMIN_TOKEN=$(openssl rand -hex 32))")
     if admin_port is None and os.environ.get("SPENDGATE_ADMIN_TOKEN") and not any(
             "spendgate_admin_listen" in a for a in mitmproxy_args):
         admin_default = 8082  # the admin API listens there when a token is set (admin.py)

@@ -329,7 +329,16 @@ def test_an_admin_token_shorter_than_32_characters_is_refused(tmp_path: Path, to
     if starts:
         assert "admin API listening" in out, out
     else:
-        assert proc.returncode == 1 and "has 31 characters; at least 32 are required" in out, out
+        assert proc.returncode == 1 and "--admin-port needs an admin token of at least 32 characters in " \
+            "SPENDGATE_ADMIN_TOKEN (it has 31 characters;" in out, out
+        assert "listening" not in out, "refused before anything listens"
+
+
+def test_admin_port_without_a_token_is_refused_before_listening(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("version: 1\negress: {default: deny}\n")
+    out = sg("run", "--config", "p.yaml", "--port", str(free_port()), "--admin-port", str(free_port()), cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.startswith("Error: --admin-port needs an admin token")
+    assert "it is not set" in out.stderr and "listening" not in out.stdout + out.stderr
 
 
 def test_check_and_run_warn_when_a_policy_leaves_egress_open(tmp_path: Path) -> None:
