@@ -24,6 +24,10 @@ rules), measured in-process; report queries over a ledger of 1 000 000 ``calls``
 revoke-to-refusal latency against the running gateway; and the gateway's resident
 memory (VmRSS) after 0, N/2 and N requests.
 
+``--only soak`` is the memory soak: per kind of call (reads, payments, streams), a fresh
+gateway, 10 000 calls of warm-up, then ``--soak-calls`` more (default 50 000) with VmRSS
+every 10 000; flat means within 10% of the warm-up's last sample.
+
 ``--pg URL`` (or ``--only fleet --pg URL``) adds fleet mode: the same gateway on a
 PostgreSQL ledger (a throwaway schema in that database) against the SQLite ledger, for
 reads (GET) and money-moving calls (a priced POST: loop breaker, hold, settle), at each
@@ -76,6 +80,7 @@ TARGETS = {
     "pg_over_sqlite_min": 0.85,  # fleet mode req/s ÷ SQLite mode req/s (reads and money calls)
     "replay_flows_per_s_min": 2000,  # spendgate replay, 100 000 flows (CPU time: the machine is shared)
     "replay_rss_growth_mib_max": 30.0,  # RSS after 100 000 flows − after 10 000 ("memory flat")
+    "soak_growth_pct_max": 10.0,  # soak: peak RSS after the warm-up ÷ RSS at its end − 1 (reads, payments, streams)
 }
 
 
@@ -1417,6 +1422,48 @@ def part_memory(b: Bench, gw: Proxy, bare: Proxy | None, requests: int, concurre
     return out
 
 
+SOAK_CHUNK = 10_000  # calls between two RSS samples
+
+
+def part_soak(b: Bench, scenarios: list[Scenario], calls: int, concurrency: int,
+              chunk: int = SOAK_CHUNK) -> dict[str, Any]:
+    """Memory under a long run, per kind of call: a fresh gateway per scenario, ``chunk`` calls
+    of warm-up (caches, pools, the ledger's pages, TLS), then ``calls`` more, VmRSS sampled
+    every ``chunk``. Flat: no sample after the warm-up more than ``soak_growth_pct_max`` above
+    the one that ended it. Every payment has a distinct body, so the loop breaker keeps one
+    fingerprint per call (its window, 10 minutes, is longer than the run): what grows if it is
+    not compact."""
+    out: dict[str, Any] = {"calls": calls, "chunk": chunk, "concurrency": concurrency}
+    for sc in scenarios:
+        gw = b.gateway(db=str(b.tmp / f"soak-{sc.name}.db"), name=f"soak-{sc.name}")
+        try:
+            _, token = b.issue(sc.policy, db=str(b.tmp / f"soak-{sc.name}.db"))
+            target = b.target("spendgate", gw, token, sc)
+            samples = [{"after": 0, "rss_mib": round(gw.rss_kib() / 1024, 1)}]
+            done, statuses, t0 = 0, Counter(), time.perf_counter()
+            cpu0 = gw.cpu_seconds()
+            for _ in range(-(-(calls + chunk) // chunk)):
+                res = asyncio.run(run_load(target, concurrency, requests=chunk))
+                done += res.requests
+                statuses.update(res.statuses)
+                samples.append({"after": done, "rss_mib": round(gw.rss_kib() / 1024, 1)})
+                log(f"soak {sc.name}: {samples[-1]['rss_mib']} MiB after {done:,} calls "
+                    f"({done / (time.perf_counter() - t0):.0f} calls/s) statuses={dict(res.statuses)}")
+            warm = samples[1]["rss_mib"]
+            peak = max(x["rss_mib"] for x in samples[1:])
+            out[sc.name] = {
+                "samples": samples, "warm_mib": warm, "peak_mib": peak,
+                "growth_pct": round((peak - warm) / warm * 100, 1),
+                "calls_per_s": round(done / (time.perf_counter() - t0)),
+                "cpu_us_per_call": round((gw.cpu_seconds() - cpu0) / max(done, 1) * 1e6),
+                "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            }
+        finally:
+            gw.stop()
+            b.procs.remove(gw)
+    return out
+
+
 def part_profile(b: Bench, gw: Proxy, seconds: float, concurrency: int, outdir: Path) -> dict[str, Any]:
     """py-spy on the running gateway under load: the top functions by own time."""
     pyspy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
@@ -1541,6 +1588,10 @@ def check_targets(res: dict[str, Any]) -> dict[str, Any]:
             rp["flows_per_s_cpu"], rp["flows_per_s_cpu"] >= TARGETS["replay_flows_per_s_min"])
         checks[f"replay memory flat (RSS growth ≤ {TARGETS['replay_rss_growth_mib_max']} MiB)"] = (
             rp["rss_growth_mib"], rp["rss_growth_mib"] <= TARGETS["replay_rss_growth_mib_max"])
+    for name, row in res.get("soak", {}).items():
+        if isinstance(row, dict):
+            checks[f"soak {name}: RSS flat after the warm-up (≤ {TARGETS['soak_growth_pct_max']:.0f}% growth)"] = (
+                row["growth_pct"], row["growth_pct"] <= TARGETS["soak_growth_pct_max"])
     if "revoke" in res:
         m = res["revoke"]["max_ms"]
         checks[f"revoke effective < {TARGETS['revoke_ms_max']:.0f} ms (max)"] = (m, m < TARGETS["revoke_ms_max"])
@@ -1668,6 +1719,17 @@ def render(res: dict[str, Any]) -> str:
                            + f" requests (growth over the last {s[-1]['after'] - s[1]['after']:,}: "
                              f"{mem[mode]['growth_mib']} MiB)")
         out.append("")
+    soak = res.get("soak")
+    if soak:
+        out.append(f"soak (a fresh gateway per kind of call, {soak['chunk']:,} calls of warm-up, then "
+                   f"{soak['calls']:,}; concurrency {soak['concurrency']}): VmRSS every {soak['chunk']:,} calls")
+        for name, row in soak.items():
+            if isinstance(row, dict):
+                out.append(f"  {name}: " + ", ".join(f"{x['rss_mib']}" for x in row["samples"])
+                           + f" MiB; after the warm-up {row['warm_mib']} → peak {row['peak_mib']} MiB "
+                             f"({row['growth_pct']:+.1f}%); {row['calls_per_s']} calls/s, "
+                             f"{row['cpu_us_per_call']} µs CPU per call; statuses {row['statuses']}")
+        out.append("")
     if res.get("targets"):
         out += ["targets:"] + [f"  [{'ok' if v['ok'] else 'MISSED'}] {k}: {v['value']}"
                                for k, v in res["targets"].items()]
@@ -1720,9 +1782,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-bare", action="store_true", help="also measure the bare mitmdump's memory")
     ap.add_argument("--ledger-rows", type=int, help="calls rows for the report timing (default 1000000, smoke 10000)")
     ap.add_argument("--keys", type=int, help="the larger key count (default 100000, smoke 2000)")
+    ap.add_argument("--soak-calls", type=int,
+                    help="calls per kind of call in the soak, after a 10 000-call warm-up "
+                         "(--only soak; default 50000, smoke 2000)")
     ap.add_argument("--only", default="pipeline,replay,throughput,lookup,ledger,revoke,memory",
                     help="comma-separated parts to run (pipeline,replay,throughput,lookup,ledger,revoke,memory,profile,instructions,"
-                         "replay_instructions)")
+                         "replay_instructions,soak)")
     ap.add_argument("--instructions", action="store_true",
                     help="also count instructions per request in-process under valgrind (slow: minutes a scenario)")
     ap.add_argument("--flows", type=int, help="flows for the replay part (default 100000, smoke 2000)")
@@ -1778,7 +1843,7 @@ def main(argv: list[str] | None = None) -> int:
             res["lookup"] = part_lookup(tmp, [10, big_keys], [10, 1000], 500 if smoke else 20_000)
         if "ledger" in parts:
             res["ledger"] = part_ledger(tmp, ledger_rows)
-        if parts & {"throughput", "revoke", "memory", "profile", "fleet"}:
+        if parts & {"throughput", "revoke", "memory", "profile", "fleet", "soak"}:
             with bench_env(tmp) as b:
                 if "fleet" in parts:
                     with pg_schema(args.pg) as url:
@@ -1787,6 +1852,9 @@ def main(argv: list[str] | None = None) -> int:
                 if "throughput" in parts:
                     res["throughput"] = part_throughput(b, scenarios, concurrencies, seconds, rounds,
                                                         warmup=20 if smoke else 200)
+                if "soak" in parts:
+                    res["soak"] = part_soak(b, scenarios, args.soak_calls or (2000 if smoke else 50_000), 20,
+                                            chunk=500 if smoke else SOAK_CHUNK)
                 if parts & {"revoke", "profile", "memory"}:
                     gw = next((p for p in b.procs if p.name == "spendgate"), None) or b.gateway()
                 bare = next((p for p in b.procs if p.name == "bare"), None)
@@ -1835,6 +1903,9 @@ def broken(res: dict[str, Any]) -> list[str]:
                 if not s["requests"] or set(s["statuses"]) != {"200"} or s["errors"]:
                     problems.append(f"{name} c={c} {mode}: {s['requests']} requests, statuses {s['statuses']}, "
                                     f"errors {s['errors']}")
+    for name, row in res.get("soak", {}).items():
+        if isinstance(row, dict) and set(row["statuses"]) != {"200"}:
+            problems.append(f"soak {name} answered {row['statuses']}, not only 200")
     mem = res.get("memory", {})
     for mode in ("spendgate", "bare"):
         if mode in mem and mem[mode]["samples"][-1]["after"] < mem["requests"]:

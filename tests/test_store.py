@@ -135,7 +135,22 @@ def test_the_loop_breaker_keeps_a_bounded_compact_memory() -> None:
     for i in range(1000):  # 1 000 distinct priced requests: only the 100 most recent are kept
         assert not lb.repeated(fingerprint(str(i).encode()), None, 3, 600, now=float(i))
     assert len(lb) == 100
-    assert all(len(k) == 16 for k in lb._seen)  # a 16-byte digest each, not the request
+    assert all(isinstance(k, int) and k < 2**64 for k in lb._seen)  # an 8-byte digest each, not the request
+    assert all(isinstance(v, float) for v in lb._seen.values())  # seen once, no Idempotency-Key: one float
     recent = fingerprint(b"999")
     assert [lb.repeated(recent, None, 3, 600, now=1000.0) for _ in range(3)] == [False, False, True]
-    assert max(len(v) for v in lb._seen.values()) <= 3  # at most `repeats` timestamps per fingerprint
+    assert max(len(v) for v in lb._seen.values() if isinstance(v, tuple)) <= 2 * 3  # at most `repeats` sightings
+    assert [lb.repeated(fingerprint(b"int"), None, 2, 600, now=1001) for _ in range(3)] == [False, False, True]
+    import tracemalloc
+
+    from spendgate.store.limits import MAX_FINGERPRINTS
+
+    tracemalloc.start()
+    try:  # the documented bound: MAX_FINGERPRINTS fingerprints seen once each take ~11 MB in all
+        big, before = LoopBreaker(), tracemalloc.get_traced_memory()[0]
+        for i in range(MAX_FINGERPRINTS + 1000):
+            big.repeated(fingerprint(b"pay", str(i).encode()), None, 3, 600, now=i / 1000)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(big) == MAX_FINGERPRINTS and used < 12 * 2**20, f"{used / 2**20:.1f} MiB"
