@@ -90,6 +90,7 @@ class Runtime:
         self._side_pool: ThreadPoolExecutor | None = None  # the admin API and approvals (Runtime.offload)
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
+        self._running = False  # mitmproxy's running hook was called (start-up is over)
         self.inflate_limit = DEFAULT_INFLATE_LIMIT  # spendgate_inflate_limit, parsed (bytes)
 
     def policy(self, name: str) -> Policy | None:
@@ -138,8 +139,8 @@ class Runtime:
                 if self.state is None:
                     # No policy at all: never run as a plain proxy without the pipeline.
                     # (mitmproxy's errorcheck exits with status 1 on errors logged at start-up.)
-                    log.critical("spendgate: invalid policy, not starting\n%s", e)
-                    raise exceptions.OptionsError(f"spendgate: invalid policy\n{e}") from None
+                    self._cannot_start(f"spendgate: invalid policy, not starting\n{e}")
+                    return
                 log.error("spendgate: %s rejected, keeping the last good policy:\n%s", path, e)
         if "spendgate_db" in updated or self.store is None:
             db = db_path(ctx.options.spendgate_db)
@@ -160,8 +161,8 @@ class Runtime:
                                        lease=lease)
                     store.check_writable()
                 except (SchemaError, StoreUnavailable) as e:
-                    log.critical("spendgate: %s, not starting", e)
-                    raise exceptions.OptionsError(f"spendgate: {e}") from None
+                    self._cannot_start(f"spendgate: {e}, not starting")
+                    return
                 self.store, self._db = store, db
                 log.info("spendgate: ledger %s (replica %s)", redact_url(db), store.replica)
                 self.tend()  # register this gateway, recover the holds of dead ones
@@ -192,6 +193,16 @@ class Runtime:
                     ctx.options.stream_large_bodies = None
                 finally:
                     self._taking_stream_option = False
+
+    def _cannot_start(self, message: str) -> None:
+        """No policy or no ledger: log why, in one line a user can act on, and stop. Under
+        mitmdump at start-up the error alone stops it (its errorcheck exits with status 1 on any
+        error logged before it runs; raising would add mitmproxy's "error in script" traceback);
+        otherwise (mitmweb, an option changed at run time, the in-process pipeline) the option is
+        refused with OptionsError."""
+        log.critical("%s", message)
+        if self._running or ctx.master.addons.get("errorcheck") is None:
+            raise exceptions.OptionsError(message)
 
     def _log_format(self, as_json: bool) -> None:
         """JSON mode: every printed line is JSON (jsonlog.py); mitmdump's per-flow lines are off.
@@ -229,6 +240,7 @@ class Runtime:
         )
 
     def running(self) -> None:
+        self._running = True
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_policy())
         if self._tend is None:

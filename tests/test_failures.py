@@ -390,6 +390,8 @@ def test_silent_upstream_is_cut_after_tcp_timeout_and_counted_at_the_estimate(fg
     assert (row["cost_status"], row["cost_usd"], row["flagged"]) == ("unknown", None, 1)
     assert usage(fgw, key_id) == (ESTIMATE, 0, 0)
     assert len([r for r in hostile.seen if r["mode"].startswith("slow")]) == 1, "never retried"
+    print(f"\nsilent vendor: the agent's connection closed {elapsed:.2f} s after the request "
+          f"(tcp_timeout={TCP_TIMEOUT}); 504 upstream_timeout row, $20 counted at the estimate")
 
 
 def test_agent_giving_up_first_is_recorded_and_counted_at_the_estimate(fgw: Gateway, hostile: Hostile) -> None:
@@ -945,6 +947,9 @@ def test_kill_9_under_load_loses_no_row_of_an_answered_call(tmp_path: Path, fake
             flagged = conn.execute("SELECT count(*) FROM calls WHERE cost_status = 'unknown' AND flagged = 1 "
                                    "AND note LIKE '%stopped before the answer%'").fetchone()[0]
         assert flagged == n_flight
+        print(f"\nkill -9 under load with the write lock held elsewhere: {len(answered)} answered calls, "
+              f"0 without a row, integrity ok; {n_flight} forwarded hold(s) counted at the estimate "
+              f"(flagged) and 1 never-sent hold released by the next gateway at start-up")
     finally:
         gw2.stop()
 
@@ -1030,6 +1035,44 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(a writable directory, the same directory through a read-only bind mount): needs mount
+    rights (root in CI); as root, a file's mode alone does not stop a write."""
+    src, ro = tmp_path / "rw", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    done = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({done.stderr.decode().strip()}): read-only not simulated")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True, capture_output=True)
+        yield src, ro
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def test_a_read_only_ledger_at_start_up_is_a_clean_error_naming_the_path_and_the_problem(
+        read_only_dir: tuple[Path, Path], tmp_path: Path, fakes: FakeVendors, certs: Path, hostile: Hostile,
+        refused_url: str) -> None:
+    """A ledger on a read-only filesystem: the gateway does not start, and says which file and
+    why in one line (no traceback); the ledger is left as it was."""
+    src, ro = read_only_dir
+    SQLiteStore(str(src / "ledger.db")).close()
+    before = (src / "ledger.db").read_bytes()
+    try:  # (mitmdump prints "proxy listening" before its errorcheck stops it)
+        gw = start_gateway(tmp_path / "gw", fakes, certs, db=str(ro / "ledger.db"),
+                           policy=failure_policy(hostile.url, refused_url, fakes.url))
+        assert gw.proc is not None and gw.proc.wait(20) == 1
+        log = read_log(gw)
+    except RuntimeError as e:  # it exited before
+        log = str(e)
+    assert f"cannot open the ledger {ro / 'ledger.db'}: unable to open database file (the filesystem of " \
+           f"{ro} is mounted read-only), not starting" in log, log
+    assert "Traceback" not in log
+    assert (src / "ledger.db").read_bytes() == before
 
 
 def fill(path: Path) -> None:
@@ -1148,6 +1191,8 @@ def test_kill_9_mid_stream_leaves_a_row_at_the_estimate(tmp_path: Path, fakes: F
         assert (row["key_id"], row["vendor"], row["cost_status"], row["flagged"], row["estimated_nanos"]) == (
             key_id, "anthropic", "unknown", 1, held)
         assert usage(gw2, key_id)[:2] == (held, 0)
+        print(f"\nkill -9 mid-stream: the next gateway wrote the row at its estimate "
+              f"${held / NANOS:g} (unknown, flagged) at start-up")
     finally:
         gw2.stop()
 

@@ -128,6 +128,36 @@ def test_an_unwritable_ledger_is_a_clean_error_naming_it(tmp_path: Path) -> None
         os.chmod(path, 0o644)
 
 
+def test_a_ledger_that_turns_read_only_keeps_its_rows_logs_twice_and_recovers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The writer's connection sees the ledger read-only (SQLITE_READONLY, as on a filesystem
+    remounted read-only): batches are kept, not dropped; one log line when writes start failing,
+    none per retry, one when they work again, and every kept row is then committed."""
+    import logging
+    import sqlite3
+
+    from spendgate.store import CallRow
+
+    path = str(tmp_path / "l.db")
+    store = SQLiteStore(path)
+    ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    rw = sqlite3.connect(path, isolation_level=None)
+    committed: list[int] = []
+    batch = [(CallRow({"flow_id": f"f{i}", "status": 200}), lambda i=i: committed.append(i)) for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="spendgate"):
+        for _ in range(5):
+            assert store._write_batch(ro, batch) is False  # kept for a retry
+        assert not store.available and store.outages == 1 and committed == []
+        assert store._write_batch(rw, batch) is True
+    assert store.available and committed == [0, 1, 2]
+    assert [r[0] for r in rw.execute("SELECT flow_id FROM calls ORDER BY id")] == ["f0", "f1", "f2"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "readonly" in lines[0] and "writable again" in lines[1], lines
+    ro.close()
+    rw.close()
+    store.close()
+
+
 def test_the_loop_breaker_keeps_a_bounded_compact_memory() -> None:
     from spendgate.store.limits import LoopBreaker, fingerprint
 

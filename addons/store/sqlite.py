@@ -106,6 +106,20 @@ def _key_record(row: tuple) -> KeyRecord:
     )
 
 
+def _why_unwritable(path: str) -> str:
+    """What SQLite's "unable to open database file" leaves out: a read-only filesystem or
+    directory (a WAL ledger needs to create its -wal and -shm files next to it)."""
+    where = Path(path).resolve().parent
+    try:
+        if os.statvfs(where).f_flag & os.ST_RDONLY:
+            return f" (the filesystem of {where} is mounted read-only)"
+    except OSError:
+        return ""
+    if not os.access(where, os.W_OK):
+        return f" ({where} is not writable by this user)"
+    return ""
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                            check_same_thread=False)
@@ -220,7 +234,7 @@ class SQLiteStore:
             ensure_schema(self.conn)
         except sqlite3.Error as e:
             self.close_connections()
-            raise SchemaError(f"cannot open the ledger {path}: {e}") from None
+            raise SchemaError(f"cannot open the ledger {path}: {e}{_why_unwritable(path)}") from None
         self._queue: queue.SimpleQueue[tuple[LedgerItem, Callable[[], None] | None]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._stop = threading.Event()
