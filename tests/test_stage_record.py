@@ -118,3 +118,23 @@ def test_rows_hold_no_secret_and_no_body(pipeline: Callable[..., Pipeline]) -> N
     text = json.dumps(ledger(p))
     assert token not in text and "vk_" not in text and "PRIVATE-BODY" not in text
     assert not any(s in text for s in SECRET_VALUES)
+
+
+def test_how_long_an_answer_waits_for_its_row() -> None:
+    """README "Failure behaviour": an answer that may have moved money waits up to 60 s for its row
+    (through a ledger outage: held, never delivered unrecorded); any other answer up to 5 s, and not
+    at all while the ledger is known down or when it was refused because of it."""
+    from spendgate.call import Call
+    from spendgate.stages.record import COMMIT_WAIT, MONEY_COMMIT_WAIT, commit_wait
+    from spendgate.vendors.base import Cost
+
+    assert (MONEY_COMMIT_WAIT, COMMIT_WAIT) == (60.0, 5.0)
+    paid = Call(decision="allow", estimated_nanos=20 * 10**9)
+    assert commit_wait(paid, True) == commit_wait(paid, False) == 60.0  # through an outage
+    billed = Call(decision="allow", cost=Cost("parsed", Decimal("0.002")))  # an LLM call: priced after
+    assert commit_wait(billed, False) == 60.0
+    read = Call(decision="allow")
+    assert (commit_wait(read, True), commit_wait(read, False)) == (5.0, 0.0)
+    refused = Call(decision="deny", reason="store_unavailable", estimated_nanos=20 * 10**9)
+    assert commit_wait(refused, True) == 0.0  # nothing moved: never held for a stuck ledger
+    assert commit_wait(Call(decision="deny", reason="cap_exhausted", estimated_nanos=1), True) == 5.0
