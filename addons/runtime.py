@@ -91,6 +91,7 @@ class Runtime:
         self.stream_responses_over: int | None = None  # stream_large_bodies, applied to responses only
         self._taking_stream_option = False
         self._running = False  # mitmproxy's running hook was called (start-up is over)
+        self._static_unsynced = False  # a reload's static keys are not in the ledger yet (retried by tend)
         self.inflate_limit = DEFAULT_INFLATE_LIMIT  # spendgate_inflate_limit, parsed (bytes)
 
     def policy(self, name: str) -> Policy | None:
@@ -233,11 +234,29 @@ class Runtime:
         install_declared(state.config.declared_vendors)  # vendors the file declares (hosts:)
         self.state = state
         if self.store is not None:
-            self.store.sync_static_keys(static_keys(state.config))
+            if self._running:  # a reload: the ledger write (a lock may hold it) off the event loop
+                self.submit(self._sync_static_keys)
+            else:
+                self.store.sync_static_keys(static_keys(state.config))
         log.info(
             "spendgate: policy %s loaded (%d policies, vendors: %s)",
             state.path, len(state.config.policies), ", ".join(state.config.vendors) or "none",
         )
+
+    def _sync_static_keys(self) -> None:
+        """The policy file's static keys into the ledger, from the policy in force when it runs
+        (so two quick reloads cannot apply an older file last)."""
+        store, state = self.store, self.state
+        if store is None or state is None:
+            return
+        try:
+            store.sync_static_keys(static_keys(state.config))
+            self._static_unsynced = False
+        except Exception as e:  # a lock held past the busy timeout, an outage: the heartbeat retries
+            if not self._static_unsynced:
+                log.warning("spendgate: the policy's static keys could not be written to the ledger "
+                            "(%s); retrying with the heartbeat", e)
+            self._static_unsynced = True
 
     def running(self) -> None:
         self._running = True
@@ -252,6 +271,8 @@ class Runtime:
         store = self.store
         if store is None:
             return
+        if self._static_unsynced:
+            self._sync_static_keys()
         try:
             store.heartbeat()
             counted, released = store.recover_holds()

@@ -1307,6 +1307,8 @@ def test_a_ledger_lock_fails_approvals_and_admin_writes_closed_without_stalling_
             timed(results, "decide", admin_call, admin, "POST", f"/v1/approvals/{pending[0]['id']}/approve"),
             timed(results, "list", admin_call, admin, "GET", "/v1/keys"),
             timed(results, "fresh", agent_get, gw, fresh_token, "/v1/payment_intents/fresh"),
+            # a policy reload writes the file's static keys to the ledger: not on the event loop either
+            timed(results, "reload", gw.write_policy, gw.config.read_text() + "# edited\n"),
         ]
         time.sleep(3)
         conn.execute("ROLLBACK")
@@ -1333,6 +1335,7 @@ def test_a_ledger_lock_fails_approvals_and_admin_writes_closed_without_stalling_
         assert fresh_s >= released - 0.5  # looked up at once; answered once its row could be committed
         assert max(connects) < 0.5, connects  # the loop never waited for the lock
         assert len(connects) >= 20
+        assert results["reload"][1] is None and results["reload"][0] < 2.0, results["reload"]
 
         # The lock is gone: the approve that was answered 503 still lands (its UPDATE was waiting; a
         # retry says so), the held call is forwarded; the key issued too late was revoked at once.
