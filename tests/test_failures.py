@@ -13,7 +13,13 @@ The documented decisions under test (README, "Failure behaviour"):
 - a body that cannot be priced: passed through untouched, cost unknown, flagged;
 - requests to vendors are never streamed before the checks ran (``stream_large_bodies``
   applies to responses); a streamed response is recorded with cost unknown;
-- a ``kill -9`` under load loses no row of a response that reached the client.
+- a ``kill -9`` under load loses no row of a response that reached the client; holds in flight
+  (a kill mid-stream too) become rows at their estimate when the next gateway opens the ledger;
+- no ledger wait on the event loop: another process holding the ledger's lock delays only the
+  calls that need it (a hold, an approval, an admin write; on PostgreSQL a key not cached), which
+  are refused 503 ``store_unavailable`` after ``STORE_WAIT`` while a CONNECT is answered at once;
+- a full disk holds money answers until recorded and logs once per state; a read-only ledger at
+  start-up is one clean line.
 """
 
 from __future__ import annotations
