@@ -158,6 +158,38 @@ def test_a_ledger_that_turns_read_only_keeps_its_rows_logs_twice_and_recovers(
     store.close()
 
 
+def test_the_loop_breaker_and_the_rate_limiter_are_safe_across_threads() -> None:
+    """Budget checks run on the runtime's worker threads, on one per-process LoopBreaker and Gcra:
+    sweeps racing additions must neither raise ("dictionary changed size during iteration", seen
+    in the soak as a 503 internal_error) nor lose a sighting."""
+    import threading
+
+    from spendgate.store.limits import Gcra, LoopBreaker, fingerprint
+
+    lb, gcra, errors = LoopBreaker(), Gcra(), []
+    lb.PRUNE_EVERY = 7  # sweep often, while other threads add
+    shared = fingerprint(b"the same request")
+    repeated = []
+
+    def hammer(t: int) -> None:
+        try:
+            for i in range(3000):
+                lb.repeated(fingerprint(f"{t}-{i}".encode()), None, 3, 0.0005 if i % 2 else 600)
+                gcra.hit(f"{t}-{i % 500}", 10**9, 1.0)
+            repeated.append(lb.repeated(shared, None, 8, 600))
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert repeated.count(False) == 8  # 8 sightings of one request from 8 threads: all counted
+    assert lb.repeated(shared, None, 8, 600)  # the 9th is a repeat
+
+
 def test_the_loop_breaker_keeps_a_bounded_compact_memory() -> None:
     from spendgate.store.limits import LoopBreaker, fingerprint
 

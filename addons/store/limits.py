@@ -15,6 +15,7 @@ within seconds, so it stays near the recent end).
 from __future__ import annotations
 
 import hashlib
+import threading
 
 from .. import clock
 
@@ -33,9 +34,14 @@ class Gcra:
 
     def __init__(self) -> None:
         self._tat: dict[str, float] = {}  # name → theoretical arrival time
+        self._lock = threading.Lock()  # callers run on the runtime's worker threads
 
     def hit(self, name: str, limit: int, period: float, now: float | None = None) -> float:
         """0 if allowed (and counted), else the seconds to wait."""
+        with self._lock:
+            return self._hit(name, limit, period, now)
+
+    def _hit(self, name: str, limit: int, period: float, now: float | None) -> float:
         now = clock.monotonic() if now is None else now
         interval = period / limit
         tat = max(self._tat.get(name, now), now)
@@ -67,6 +73,10 @@ class LoopBreaker:
         self._max = max_fingerprints
         self._longest_window = 0.0
         self._since_prune = 0
+        # Budget checks run on the runtime's worker threads: one at a time here (a sweep iterating
+        # the dict while another thread adds to it raised "dictionary changed size", and two
+        # threads reading then re-inserting one fingerprint could each miss the other's sighting).
+        self._lock = threading.Lock()
 
     def repeated(self, fp: bytes | str, idem: str | None, repeats: int, window: float,
                  now: float | None = None) -> bool:
@@ -74,6 +84,10 @@ class LoopBreaker:
             fp = fingerprint(fp.encode())
         key = int.from_bytes(fp[:8], "little")
         now = float(clock.monotonic() if now is None else now)  # (an injected clock may give an int)
+        with self._lock:
+            return self._repeated(key, idem, repeats, window, now)
+
+    def _repeated(self, key: int, idem: str | None, repeats: int, window: float, now: float) -> bool:
         self._prune(now, window)
         old = self._seen.pop(key, None)
         flat: tuple[float, ...] = () if old is None else (old, 0) if isinstance(old, float) else old
