@@ -20,6 +20,7 @@ from spendgate import reports
 from spendgate.store import (
     CapExceeded,
     KeyRecord,
+    LoopCheck,
     Reconciliation,
     Reservation,
     Store,
@@ -285,6 +286,36 @@ def test_loop_breaker(store: Store) -> None:
     assert store.loop_hit(short, None, 2, 0.2) is False  # the window passed
 
 
+def test_admit_is_the_loop_breaker_then_the_hold(store: Store) -> None:
+    """``admit`` answers as ``loop_hit`` then ``reserve`` (or the room left) would, in that order."""
+    fp = fingerprint(b"k", b"POST", b"/v1/charges", b"amount=1")
+    caps = {"key:adm": 100, "policy:adm:day": 60}
+    loop = LoopCheck(fp, None, 2, 60)
+    first = store.admit(20, caps, {"key_id": "adm"}, loop=loop)
+    assert not first.looped and first.refused is None and first.reservation is not None
+    assert first.left_nanos == first.reservation.left_nanos == 40
+    assert store.admit(20, caps, loop=loop).left_nanos == 20
+    third = store.admit(20, caps, loop=loop)  # enforce: the repeat is refused, nothing is held
+    assert third.looped and third.reservation is None and third.refused is None
+    assert store.used_by_scope(caps) == {"key:adm": 40, "policy:adm:day": 40}
+    report = store.admit(20, caps, loop=loop, hold_if_looped=True)  # report mode: still held
+    assert report.looped and report.reservation is not None and report.left_nanos == 0
+    over = store.admit(1, caps, loop=LoopCheck(fingerprint(b"other"), None, 2, 60))
+    assert not over.looped and over.reservation is None and over.left_nanos == 0
+    assert over.refused is not None and over.refused.scope == "policy:adm:day"
+    assert (over.refused.cap_nanos, over.refused.used_nanos) == (60, 60)
+    # nothing to hold: the room left in the tightest cap, a scope never used counting 0
+    assert store.admit(0, {"key:adm": 100, "never": 50}).left_nanos == 40
+    assert store.admit(0, {"key:adm": 100, "never": 5}).left_nanos == 5
+    assert store.admit(0, {}).left_nanos is None
+    assert store.admit(0, {"never": 5}, loop=LoopCheck(fingerprint(b"free"), "i", 1, 60)).looped is False
+    assert store.used_by_scope(caps) == {"key:adm": 60, "policy:adm:day": 60}
+    for res in (first.reservation, report.reservation):
+        store.settle(res, 5)
+    store.flush()
+    assert store.used_by_scope(caps) == {"key:adm": 30, "policy:adm:day": 30}
+
+
 # --------------------------------------------------------------------------- approvals
 
 
@@ -430,6 +461,15 @@ def test_replicas_starting_together_migrate_once(pg_url: str) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+def test_postgres_writes_every_calls_column() -> None:
+    """spendgate_write names the columns it inserts: a column added to CALL_COLUMNS needs a
+    migration that adds it to the table and redefines the function (then update ROW_COLUMNS)."""
+    from spendgate.store import CALL_COLUMNS
+    from spendgate.store.postgres import ROW_COLUMNS
+
+    assert tuple(k for k in CALL_COLUMNS if k != "id") == ROW_COLUMNS
 
 
 def test_a_newer_postgres_schema_is_refused(pg_url: str) -> None:

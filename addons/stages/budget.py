@@ -12,7 +12,7 @@ more than ``loop.repeats`` times within ``loop.window``, unless it repeats an
 Idempotency-Key already seen (the vendor dedupes those, so they cost nothing).
 
 Both the loop breaker and the holds live in the store: per process on SQLite, across the fleet
-on PostgreSQL (``store.loop_hit``, ``store.reserve``).
+on PostgreSQL, asked in one call (``store.admit``: one round trip on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
 from ..policy import Config, Deny, Policy, VendorRules
 from ..runtime import Runtime
-from ..store import CapExceeded, KeyRecord
+from ..store import KeyRecord, LoopCheck
 from ..store.limits import LoopBreaker, fingerprint  # noqa: F401  (LoopBreaker: re-exported)
 from ..vendors import REGISTRY
 from ..vendors.base import Estimate, Prices, RequestView
@@ -214,21 +214,16 @@ class Budget:
                        f"estimated {fmt_usd(estimate.usd)} is over max_request_usd {fmt_usd(cap)}",
                        f"max_request_usd: {cap}")
 
+        loop = None
         if view.method != "GET" and (estimate.moves_money or nanos > 0):
-            fp = fingerprint(call.key.id.encode(), view.method.encode(),
-                             view.path.encode(errors="surrogateescape"), view.body)
-            idem = view.headers.get("idempotency-key")
-            store = self.runtime.store
-            assert store is not None
-            if store.loop_hit(fp, idem, policy.loop.repeats, policy.loop.window):
-                yield Deny("loop_detected",
-                           f"the same request was sent {policy.loop.repeats} times within "
-                           f"{policy.loop.window}s; send an Idempotency-Key to retry safely",
-                           f"loop: {policy.loop.repeats} in {policy.loop.window}s")
+            loop = LoopCheck(fingerprint(call.key.id.encode(), view.method.encode(),
+                                         view.path.encode(errors="surrogateescape"), view.body),
+                             view.headers.get("idempotency-key"), policy.loop.repeats, policy.loop.window)
+        yield from self.admit(call, policy, nanos, flow, loop)
 
-        yield self.hold(call, policy, nanos, flow)
-
-    def hold(self, call: Call, policy: Policy, nanos: int, flow: http.HTTPFlow) -> Deny | None:
+    def admit(self, call: Call, policy: Policy, nanos: int, flow: http.HTTPFlow,
+              loop: LoopCheck | None) -> Iterator[Deny | None]:
+        """The loop breaker, then the hold: one store call (one round trip on PostgreSQL)."""
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
         assert store is not None
@@ -236,7 +231,7 @@ class Budget:
         zone = state.config.timezone if state else UTC
         caps = budget_caps(call.policy, policy, call.key, clock.now().astimezone(zone),  # days in the file's zone
                            label_periods(state.config if state else None))
-        call.scopes = list(caps)
+        hold = None
         if nanos > 0:
             req = flow.request
             hold = {  # what a recovered hold's ledger row says, should this gateway die mid-call
@@ -245,25 +240,33 @@ class Budget:
                 "host": call.host or req.host, "path": req.path.split("?", 1)[0][:2000],
                 "currency": call.estimate.currency if call.estimate else None,
             }
-            try:
-                # A call waiting for an approval is not forwarded yet: if this gateway dies before
-                # the approval, its hold is released, not counted.
-                call.reservation = store.reserve(nanos, caps, hold,
-                                                 forwarded=call.approval_rule is None or call.mode == "report")
-            except CapExceeded as e:
-                left = max(0, e.cap_nanos - e.used_nanos)
-                call.budget_left_nanos = left
-                # In report-only mode the call goes on without a hold; its cost is still
-                # counted when it is settled.
-                return Deny("cap_exhausted",
-                            f"estimated {fmt_usd(from_nanos(nanos))} does not fit in {e.scope}: "
-                            f"{fmt_usd(from_nanos(left))} left of {fmt_usd(from_nanos(e.cap_nanos))}",
-                            e.scope)
-        if call.reservation is not None:
-            call.budget_left_nanos = call.reservation.left_nanos  # read inside the hold's transaction
-        elif caps:
-            used = store.used_by_scope(caps)
-            call.budget_left_nanos = min(cap - used[scope] for scope, cap in caps.items())
+        report = call.mode == "report"
+        # A call waiting for an approval is not forwarded yet: if this gateway dies before the
+        # approval, its hold is released, not counted. In report mode a loop still holds.
+        adm = store.admit(nanos, caps, hold, forwarded=call.approval_rule is None or report,
+                          loop=loop, hold_if_looped=report)
+        if adm.reservation is not None:
+            call.reservation = adm.reservation
+        if adm.looped:
+            assert loop is not None
+            yield Deny("loop_detected",
+                       f"the same request was sent {loop.repeats} times within "
+                       f"{loop.window}s; send an Idempotency-Key to retry safely",
+                       f"loop: {loop.repeats} in {loop.window}s")
+            if not report:
+                return
+        call.scopes = list(caps)
+        call.budget_left_nanos = adm.left_nanos
         if call.budget_left_nanos is not None and call.budget_left_nanos > UNCAPPED // 2:
             call.budget_left_nanos = None  # only uncapped label totals apply: no budget to show
-        return None
+        if adm.refused is not None:
+            e = adm.refused
+            # In report-only mode the call goes on without a hold; its cost is still counted
+            # when it is settled.
+            yield Deny("cap_exhausted",
+                       f"estimated {fmt_usd(from_nanos(nanos))} does not fit in {e.scope}: "
+                       f"{fmt_usd(from_nanos(max(0, e.cap_nanos - e.used_nanos)))} left of "
+                       f"{fmt_usd(from_nanos(e.cap_nanos))}",
+                       e.scope)
+            return
+        yield None

@@ -178,6 +178,27 @@ def reconciled_note(fix: Reconciliation) -> str:
     return clean_text(f"reconciled from {fix.from_status} {fmt_usd(from_nanos(fix.old_nanos))}: {fix.note}")[:500]
 
 
+@dataclass(frozen=True)
+class LoopCheck:
+    """The loop breaker's question for one priced request (see :meth:`BudgetStore.loop_hit`)."""
+
+    fingerprint: bytes
+    idem: str | None
+    repeats: int
+    window: float
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What :meth:`BudgetStore.admit` decided: the loop breaker's answer, then the hold (or the
+    scope that refused it), and the tightest scope's room as the same transaction saw it."""
+
+    looped: bool = False
+    reservation: Reservation | None = None
+    refused: CapExceeded | None = None
+    left_nanos: int | None = None  # after the hold; None when no scope applies (or nothing was checked)
+
+
 class StoreUnavailable(Exception):
     """The ledger database cannot be reached (or answered too late): the call fails closed with
     503 ``store_unavailable``."""
@@ -325,6 +346,14 @@ class BudgetStore(Protocol):
         """Has this priced request been seen ``repeats`` times within ``window`` seconds? (A retry
         with an Idempotency-Key already seen is not a repeat.) Counts it if not."""
         ...
+    def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+              forwarded: bool = True, loop: LoopCheck | None = None,
+              hold_if_looped: bool = False) -> Admission:
+        """The budget stage's database work for one request, in one round trip where the backend
+        has round trips: ``loop_hit`` (if ``loop``); unless it looped (and not ``hold_if_looped``:
+        report mode goes on), ``reserve(nanos, caps, …)`` if ``nanos`` > 0, else the room left in
+        ``caps`` (for the remaining-budget header). The same answers as those calls in that order."""
+        ...
 
 
 class ApprovalStore(Protocol):
@@ -368,6 +397,26 @@ class Store(KeyStore, BudgetStore, ApprovalStore, Ledger, Protocol):
 
     replica: str
     lease: float
+
+
+def admit_stepwise(store: BudgetStore, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                   forwarded: bool = True, loop: LoopCheck | None = None,
+                   hold_if_looped: bool = False) -> Admission:
+    """:meth:`BudgetStore.admit` as its steps, for a backend whose steps cost no round trip (the
+    loop breaker in memory, a local SQLite file)."""
+    looped = loop is not None and store.loop_hit(loop.fingerprint, loop.idem, loop.repeats, loop.window)
+    if looped and not hold_if_looped:
+        return Admission(looped=True)
+    if nanos > 0:
+        try:
+            res = store.reserve(nanos, caps, hold, forwarded)
+        except CapExceeded as e:
+            return Admission(looped, refused=e, left_nanos=max(0, e.cap_nanos - e.used_nanos))
+        return Admission(looped, res, left_nanos=res.left_nanos)
+    if not caps:
+        return Admission(looped)
+    used = store.used_by_scope(caps)
+    return Admission(looped, left_nanos=min(cap - used[scope] for scope, cap in caps.items()))
 
 
 def is_postgres(url: str) -> bool:

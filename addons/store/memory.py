@@ -21,10 +21,13 @@ from typing import Any
 from . import (
     DEFAULT_LEASE,
     RECONCILIATION_COLUMNS,
+    Admission,
     CapExceeded,
     KeyRecord,
+    LoopCheck,
     Reconciliation,
     Reservation,
+    admit_stepwise,
     default_replica,
     hash_token,
     iso,
@@ -172,6 +175,11 @@ class MemoryStore:
 
     def loop_hit(self, fingerprint: bytes, idem: str | None, repeats: int, window: float) -> bool:
         return self._loops.repeated(fingerprint, idem, repeats, window)
+
+    def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+              forwarded: bool = True, loop: LoopCheck | None = None,
+              hold_if_looped: bool = False) -> Admission:
+        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped)
 
     # approvals
     def add_approval(self, row: dict[str, Any]) -> None:

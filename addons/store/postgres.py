@@ -50,10 +50,12 @@ from . import (
     DEFAULT_LEASE,
     HOLD_FIELDS,
     RECONCILIATION_COLUMNS,
+    Admission,
     CallRow,
     CapExceeded,
     KeyRecord,
     LedgerItem,
+    LoopCheck,
     Reconciliation,
     Reservation,
     SchemaError,
@@ -82,6 +84,13 @@ PROBE_EVERY = 0.5  # during an outage, one call in this many seconds tries the d
 STATEMENT_TIMEOUT_MS = 5000  # a lock wait or a slow query fails the call, not the gateway
 FLUSH_INTERVAL = 0.05
 CHANNEL = "spendgate_keys"
+
+# The ``calls`` columns spendgate_write inserts (every one but ``id``), as of the latest migration
+# that (re)defines it; tests/test_store_contract.py checks they are CALL_COLUMNS' own.
+ROW_COLUMNS = ("ts", "flow_id", "key_id", "policy", "labels", "vendor", "method", "host", "path", "status",
+               "decision", "reason", "estimated_usd", "estimated_nanos", "cost_usd", "cost_nanos", "cost_status",
+               "flagged", "note", "currency", "amount", "request_id", "latency_ms", "model", "tool", "object_id",
+               "scopes", "reconciled_at")
 
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -212,6 +221,75 @@ MIGRATIONS: dict[int, list[str]] = {
            old_nanos bigint, new_usd text, new_nanos bigint, delta_usd text, delta_nanos bigint, source text,
            reconciled_by text, note text)""",
         "CREATE INDEX reconciliations_call_id ON reconciliations (call_id)",
+    ],
+    3: [
+        # A money call's database work in one round trip: the loop breaker, then (unless it looped
+        # and p_hold_if_looped is false) the hold, or, with nothing to hold, the room left in the
+        # caps. One transaction: the fingerprint's advisory lock, then the counters in scope order.
+        """CREATE FUNCTION spendgate_admit(p_fp bytea, p_idem bytea, p_repeats int, p_window double precision,
+                                          p_hold_if_looped boolean, p_id text, p_nanos bigint, p_scopes text[],
+                                          p_caps bigint[], p_instance text, p_forwarded boolean, p_meta text)
+           RETURNS TABLE (looped boolean, ok boolean, scope text, cap bigint, used bigint, left_nanos bigint)
+           LANGUAGE plpgsql AS $$
+           DECLARE
+             hit boolean := false;
+             r record;
+           BEGIN
+             IF p_fp IS NOT NULL THEN
+               hit := spendgate_loop_hit(p_fp, p_idem, p_repeats, p_window);
+               IF hit AND NOT p_hold_if_looped THEN
+                 RETURN QUERY SELECT true, NULL::boolean, NULL::text, NULL::bigint, NULL::bigint, NULL::bigint;
+                 RETURN;
+               END IF;
+             END IF;
+             IF p_nanos > 0 THEN
+               SELECT * INTO r FROM spendgate_reserve(p_id, p_nanos, p_scopes, p_caps, p_instance, p_forwarded, p_meta);
+               RETURN QUERY SELECT hit, r.ok, r.scope, r.cap, r.used, r.left_nanos;
+               RETURN;
+             END IF;
+             RETURN QUERY SELECT hit, true, NULL::text, NULL::bigint, NULL::bigint,
+               (SELECT min(x.cp - coalesce(c.used_nanos + c.reserved_nanos, 0))::bigint
+                  FROM unnest(p_scopes, p_caps) AS x(sc, cp) LEFT JOIN counters c ON c.scope = x.sc);
+           END $$""",
+        # Settlements find their holds through the primary key (a join on unnest() was planned as a
+        # sequential scan of ``reservations``, whose dead rows pile up between autovacuums).
+        """CREATE OR REPLACE FUNCTION spendgate_apply(p_ids text[], p_actuals bigint[], p_uscopes text[],
+                                                     p_unanos bigint[])
+           RETURNS void LANGUAGE plpgsql AS $$
+           DECLARE
+             sc text[];
+             rels bigint[];
+             acts bigint[];
+             i int;
+           BEGIN
+             WITH d AS (
+               DELETE FROM reservations h WHERE h.id = ANY(p_ids)
+               RETURNING h.nanos, p_actuals[array_position(p_ids, h.id)] AS actual, h.scopes),
+             deltas AS (
+               SELECT s AS scope, d.nanos AS rel, d.actual AS act FROM d, unnest(d.scopes) s
+               UNION ALL SELECT u.s, 0, u.n FROM unnest(p_uscopes, p_unanos) AS u(s, n))
+             SELECT array_agg(scope ORDER BY scope), array_agg(r ORDER BY scope), array_agg(a ORDER BY scope)
+               INTO sc, rels, acts
+               FROM (SELECT scope, sum(rel)::bigint AS r, sum(act)::bigint AS a FROM deltas GROUP BY scope) g;
+             FOR i IN 1 .. coalesce(cardinality(sc), 0) LOOP
+               INSERT INTO counters AS c (scope, used_nanos, reserved_nanos) VALUES (sc[i], acts[i], 0)
+                 ON CONFLICT (scope) DO UPDATE SET
+                   reserved_nanos = greatest(0, c.reserved_nanos - rels[i]),
+                   used_nanos = c.used_nanos + acts[i], updated_at = now();
+             END LOOP;
+           END $$""",
+        # The writer's batch in one round trip: its settlements and unheld usage, then its rows (a
+        # JSON array of objects). A column added to ``calls`` later redefines this function too.
+        f"""CREATE FUNCTION spendgate_write(p_ids text[], p_actuals bigint[], p_uscopes text[], p_unanos bigint[],
+                                           p_rows json)
+           RETURNS void LANGUAGE plpgsql AS $$
+           BEGIN
+             IF cardinality(p_ids) > 0 OR cardinality(p_uscopes) > 0 THEN
+               PERFORM spendgate_apply(p_ids, p_actuals, p_uscopes, p_unanos);
+             END IF;
+             INSERT INTO calls ({', '.join(ROW_COLUMNS)})
+               SELECT {', '.join(ROW_COLUMNS)} FROM json_populate_recordset(NULL::calls, p_rows);
+           END $$""",
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -501,6 +579,34 @@ class PostgresStore:
             raise CapExceeded(scope, cap, used)
         return Reservation(rid, nanos, tuple(caps), left_nanos=left)
 
+    def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+              forwarded: bool = True, loop: LoopCheck | None = None,
+              hold_if_looped: bool = False) -> Admission:
+        """The loop breaker and the hold (or the room left) in one round trip (``spendgate_admit``)."""
+        if not self._registered and nanos > 0:
+            self.heartbeat()
+        if loop is not None:
+            self._longest_window = max(self._longest_window, loop.window)
+            idem = hashlib.blake2b(loop.idem.encode(), digest_size=16).digest() if loop.idem is not None else None
+            fp, repeats, window = loop.fingerprint, loop.repeats, loop.window
+        else:
+            fp = idem = None
+            repeats, window = 0, 0.0
+        rid = "res_" + secrets.token_hex(8)
+        meta = json.dumps({k: (hold or {}).get(k) for k in HOLD_FIELDS}) if nanos > 0 else None
+        looped, ok, scope, cap, used, left = self._run(lambda c: c.execute(
+            "SELECT * FROM spendgate_admit(%s, %s, %s, %s, %s, %s, %s, %s::text[], %s::bigint[], %s, %s, %s)",
+            (fp, idem, repeats, window, hold_if_looped, rid, nanos, list(caps), list(caps.values()),
+             self.instance, forwarded, meta),
+        ).fetchone())
+        if ok is None:  # looped, nothing held
+            return Admission(looped=True)
+        if not ok:
+            return Admission(looped, refused=CapExceeded(scope, cap, used), left_nanos=max(0, cap - used))
+        if nanos > 0:
+            return Admission(looped, Reservation(rid, nanos, tuple(caps), left_nanos=left), left_nanos=left)
+        return Admission(looped, left_nanos=left)
+
     def mark_forwarded(self, reservation: Reservation) -> None:
         self._run(lambda c: c.execute("UPDATE reservations SET forwarded = true WHERE id = %s", (reservation.id,)))
 
@@ -595,8 +701,8 @@ class PostgresStore:
                     self._copy_calls(c, rows)
                 if dead:
                     c.execute("DELETE FROM instances WHERE id = ANY(%s)", (list(dead),))
-                if self._longest_window:
-                    c.execute("DELETE FROM loops WHERE ts < now() - %s", (timedelta(seconds=self._longest_window),))
+            if self._longest_window:  # its own transaction: spendgate_admit locks loops rows, then counters
+                c.execute("DELETE FROM loops WHERE ts < now() - %s", (timedelta(seconds=self._longest_window),))
             return counted, released
 
         return self._run(go)
@@ -662,17 +768,17 @@ class PostgresStore:
                 copy.write_row([clean_text(r.get(k)) for k in cols])
 
     def _write_batch(self, c: psycopg.Connection, batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> None:
-        calls = [item.row for item, _ in batch if isinstance(item, CallRow)]
+        """One statement, so one round trip and one transaction (autocommit): the batch's
+        settlements and usage, then its rows."""
+        cols = ROW_COLUMNS
+        rows = [dict(zip(cols, map(clean_text, map(item.row.get, cols)), strict=True))
+                for item, _ in batch if isinstance(item, CallRow)]
         settles = [item for item, _ in batch if isinstance(item, Settle)]
         usage = [item for item, _ in batch if isinstance(item, Usage)]
-        with c.transaction():
-            if settles or usage:
-                c.execute("SELECT spendgate_apply(%s::text[], %s::bigint[], %s::text[], %s::bigint[])", (
-                    [s.reservation.id for s in settles], [s.actual_nanos for s in settles],
-                    [scope for u in usage for scope in u.scopes],
-                    [u.nanos for u in usage for _ in u.scopes]))
-            if calls:
-                self._copy_calls(c, calls)
+        c.execute("SELECT spendgate_write(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::json)", (
+            [s.reservation.id for s in settles], [s.actual_nanos for s in settles],
+            [scope for u in usage for scope in u.scopes], [u.nanos for u in usage for _ in u.scopes],
+            json.dumps(rows, ensure_ascii=False, allow_nan=False)))
 
     def _write_loop(self) -> None:
         conn: psycopg.Connection | None = None

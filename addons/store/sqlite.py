@@ -39,10 +39,12 @@ from . import (
     DEFAULT_LEASE,
     HOLD_FIELDS,
     RECONCILIATION_COLUMNS,
+    Admission,
     CallRow,
     CapExceeded,
     KeyRecord,
     LedgerItem,
+    LoopCheck,
     Reconciliation,
     Reservation,
     SchemaError,
@@ -50,6 +52,7 @@ from . import (
     StoreUnavailable,
     Usage,
     WouldBlock,
+    admit_stepwise,
     clean_text,
     default_replica,
     hash_token,
@@ -569,6 +572,11 @@ class SQLiteStore:
 
     def loop_hit(self, fingerprint: bytes, idem: str | None, repeats: int, window: float) -> bool:
         return self._loops.repeated(fingerprint, idem, repeats, window)
+
+    def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+              forwarded: bool = True, loop: LoopCheck | None = None,
+              hold_if_looped: bool = False) -> Admission:
+        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped)
 
     # ------------------------------------------------------------------ approvals
 
