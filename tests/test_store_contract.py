@@ -316,6 +316,35 @@ def test_admit_is_the_loop_breaker_then_the_hold(store: Store) -> None:
     assert store.used_by_scope(caps) == {"key:adm": 30, "policy:adm:day": 30}
 
 
+def test_admit_now_answers_at_once_or_does_nothing(store: Store) -> None:
+    """SQLite answers on the calling thread while its write lock is free; while another connection
+    holds it, ``admit_now`` does nothing (no hold, no loop count) and ``admit`` must run instead.
+    PostgreSQL never answers at once (a round trip)."""
+    store.heartbeat()
+    caps = {"now": 100}
+    first = store.admit_now(10, caps, loop=LoopCheck(fingerprint(b"now"), None, 2, 60))
+    if store.dialect == "postgres":
+        assert first is None and store.admit_now(0, caps) is None
+        return
+    assert first is not None and first.reservation is not None and first.left_nanos == 90
+    import sqlite3
+
+    other = sqlite3.connect(store.url, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.monotonic()
+        assert store.admit_now(10, caps, loop=LoopCheck(fingerprint(b"now"), None, 2, 60)) is None
+        assert time.monotonic() - t0 < 1  # did not wait for the lock
+        read = store.admit_now(0, caps)  # a read never waits for a writer
+        assert read is not None and read.left_nanos == 90
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    again = store.admit_now(10, caps, loop=LoopCheck(fingerprint(b"now"), None, 2, 60))
+    assert again is not None and not again.looped  # the refused attempt was not counted
+    assert store.used("now") == 20
+
+
 # --------------------------------------------------------------------------- approvals
 
 

@@ -137,6 +137,10 @@ def until_denied(call: Call, verdicts: Iterator[Deny | None]) -> list[Deny | Non
     return out
 
 
+class _WouldWait(Exception):
+    """The store cannot answer without waiting: run the checks on the pool instead."""
+
+
 class Budget:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -153,6 +157,17 @@ class Budget:
         except RuntimeError:  # no event loop (in-process tests): run them here
             apply_verdicts(flow, call, self.verdicts(flow, call))
             return None
+        store = self.runtime.store
+        if store is not None and store.dialect != "postgres" and not self.runtime.offload_inline:
+            # SQLite: answered here when its write lock is free this instant (a worker thread's hop
+            # costs more than the hold); else everything runs again on the pool, where it may wait.
+            try:
+                verdicts = self.verdicts(flow, call, at_once=True)
+            except _WouldWait:
+                pass
+            else:
+                apply_verdicts(flow, call, verdicts)
+                return None
         return self.request_offloaded(flow)
 
     @fail_closed
@@ -162,13 +177,15 @@ class Budget:
         verdicts = await self.runtime.offload(self.verdicts, flow, call, late=lambda: self.release_late(call))
         apply_verdicts(flow, call, verdicts)
 
-    def verdicts(self, flow: http.HTTPFlow, call: Call) -> list[Deny | None]:
+    def verdicts(self, flow: http.HTTPFlow, call: Call, at_once: bool = False) -> list[Deny | None]:
+        """The checks' verdicts; ``at_once``: raise :class:`_WouldWait` (nothing held, nothing
+        counted) rather than wait for the store."""
         assert call.key is not None
         state = self.runtime.state
         policy = self.runtime.policy(call.key.policy)
         if state is None or policy is None:
             return []
-        return until_denied(call, self.checks(flow, call, state.prices, policy))
+        return until_denied(call, self.checks(flow, call, state.prices, policy, at_once))
 
     def release_late(self, call: Call) -> None:
         """A hold made after its call was refused for taking too long: give it back."""
@@ -176,7 +193,8 @@ class Budget:
         if res is not None and self.runtime.store is not None:
             self.runtime.store.settle(res, 0)
 
-    def checks(self, flow: http.HTTPFlow, call: Call, prices: Prices, policy: Policy) -> Iterator[Deny | None]:
+    def checks(self, flow: http.HTTPFlow, call: Call, prices: Prices, policy: Policy,
+               at_once: bool = False) -> Iterator[Deny | None]:
         """Price, per-request limit, loop breaker, then the hold (verdicts; see ``call.apply_verdicts``)."""
         assert call.key is not None
         vendor = REGISTRY[call.vendor or ""]
@@ -219,10 +237,10 @@ class Budget:
             loop = LoopCheck(fingerprint(call.key.id.encode(), view.method.encode(),
                                          view.path.encode(errors="surrogateescape"), view.body),
                              view.headers.get("idempotency-key"), policy.loop.repeats, policy.loop.window)
-        yield from self.admit(call, policy, nanos, flow, loop)
+        yield from self.admit(call, policy, nanos, flow, loop, at_once)
 
     def admit(self, call: Call, policy: Policy, nanos: int, flow: http.HTTPFlow,
-              loop: LoopCheck | None) -> Iterator[Deny | None]:
+              loop: LoopCheck | None, at_once: bool = False) -> Iterator[Deny | None]:
         """The loop breaker, then the hold: one store call (one round trip on PostgreSQL)."""
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
@@ -243,8 +261,13 @@ class Budget:
         report = call.mode == "report"
         # A call waiting for an approval is not forwarded yet: if this gateway dies before the
         # approval, its hold is released, not counted. In report mode a loop still holds.
-        adm = store.admit(nanos, caps, hold, forwarded=call.approval_rule is None or report,
-                          loop=loop, hold_if_looped=report)
+        forwarded = call.approval_rule is None or report
+        if at_once:
+            adm = store.admit_now(nanos, caps, hold, forwarded, loop=loop, hold_if_looped=report)
+            if adm is None:
+                raise _WouldWait
+        else:
+            adm = store.admit(nanos, caps, hold, forwarded, loop=loop, hold_if_looped=report)
         if adm.reservation is not None:
             call.reservation = adm.reservation
         if adm.looped:

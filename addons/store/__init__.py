@@ -354,6 +354,12 @@ class BudgetStore(Protocol):
         report mode goes on), ``reserve(nanos, caps, …)`` if ``nanos`` > 0, else the room left in
         ``caps`` (for the remaining-budget header). The same answers as those calls in that order."""
         ...
+    def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                  forwarded: bool = True, loop: LoopCheck | None = None,
+                  hold_if_looped: bool = False) -> Admission | None:
+        """:meth:`admit` if it can be answered at once, without waiting for a lock or the network
+        (it then runs on the event loop); else None, having done nothing."""
+        ...
 
 
 class ApprovalStore(Protocol):

@@ -181,6 +181,11 @@ class MemoryStore:
               hold_if_looped: bool = False) -> Admission:
         return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped)
 
+    def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                  forwarded: bool = True, loop: LoopCheck | None = None,
+                  hold_if_looped: bool = False) -> Admission | None:
+        return self.admit(nanos, caps, hold, forwarded, loop, hold_if_looped)  # never waits
+
     # approvals
     def add_approval(self, row: dict[str, Any]) -> None:
         self.approvals[row["id"]] = {**row, "status": "pending", "created_at": iso(now()),

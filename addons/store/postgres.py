@@ -607,6 +607,11 @@ class PostgresStore:
             return Admission(looped, Reservation(rid, nanos, tuple(caps), left_nanos=left), left_nanos=left)
         return Admission(looped, left_nanos=left)
 
+    def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                  forwarded: bool = True, loop: LoopCheck | None = None,
+                  hold_if_looped: bool = False) -> Admission | None:
+        return None  # every answer is a round trip: never on the event loop
+
     def mark_forwarded(self, reservation: Reservation) -> None:
         self._run(lambda c: c.execute("UPDATE reservations SET forwarded = true WHERE id = %s", (reservation.id,)))
 

@@ -85,6 +85,11 @@ def _notify(batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> None:
                 log.exception("ledger: commit callback failed")
 
 
+def _busy(e: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock (not a broken ledger)."""
+    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -261,11 +266,14 @@ class SQLiteStore:
 
     @property
     def _nowait_conn(self) -> sqlite3.Connection:
-        """This thread's connection that answers SQLITE_BUSY at once instead of waiting."""
+        """This thread's connection that never waits: SQLITE_BUSY at once instead of waiting for a
+        lock, and no automatic checkpoint (a commit here, a budget hold on the event loop, never
+        runs one: the writer thread's commits do)."""
         conn = getattr(self._local, "nowait", None)
         if conn is None:
-            conn = self._local.nowait = sqlite3.connect(self.path, timeout=0, isolation_level=None,
-                                                        check_same_thread=False)
+            conn = self._local.nowait = _connect(self.path)
+            conn.execute("PRAGMA busy_timeout=0")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             self._conns.append(conn)
         return conn
 
@@ -388,29 +396,10 @@ class SQLiteStore:
         """
         if not self._registered:
             self.heartbeat()
-        ts = iso(now())
-        meta = json.dumps({k: (hold or {}).get(k) for k in HOLD_FIELDS})
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            used = self._used(conn, caps)
-            for scope, cap in caps.items():
-                if used[scope] + nanos > cap:
-                    raise CapExceeded(scope, cap, used[scope])
-            res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps),
-                              left_nanos=min((cap - used[scope] - nanos for scope, cap in caps.items()),
-                                             default=None))
-            conn.executemany(
-                "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
-                "VALUES (?, 0, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
-                "reserved_nanos = reserved_nanos + excluded.reserved_nanos, updated_at = excluded.updated_at",
-                [(scope, nanos, ts) for scope in caps],
-            )
-            conn.execute(
-                "INSERT INTO reservations (id, nanos, scopes, created_at, instance, forwarded, meta) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (res.id, nanos, json.dumps(res.scopes), ts, self.instance, int(forwarded), meta),
-            )
+            res = self._hold(conn, nanos, caps, hold, forwarded)
             conn.execute("COMMIT")
         except sqlite3.OperationalError as e:
             if conn.in_transaction:
@@ -422,6 +411,79 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
         return res
+
+    def _hold(self, conn: sqlite3.Connection, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None,
+              forwarded: bool) -> Reservation:
+        """The hold's statements, inside a ``BEGIN IMMEDIATE`` the caller opened (and commits)."""
+        ts = iso(now())
+        used = self._used(conn, caps)
+        for scope, cap in caps.items():
+            if used[scope] + nanos > cap:
+                raise CapExceeded(scope, cap, used[scope])
+        res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps),
+                          left_nanos=min((cap - used[scope] - nanos for scope, cap in caps.items()), default=None))
+        conn.executemany(
+            "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
+            "VALUES (?, 0, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
+            "reserved_nanos = reserved_nanos + excluded.reserved_nanos, updated_at = excluded.updated_at",
+            [(scope, nanos, ts) for scope in caps],
+        )
+        conn.execute(
+            "INSERT INTO reservations (id, nanos, scopes, created_at, instance, forwarded, meta) VALUES (?,?,?,?,?,?,?)",
+            (res.id, nanos, json.dumps(res.scopes), ts, self.instance, int(forwarded),
+             json.dumps({k: (hold or {}).get(k) for k in HOLD_FIELDS})),
+        )
+        return res
+
+    def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                  forwarded: bool = True, loop: LoopCheck | None = None,
+                  hold_if_looped: bool = False) -> Admission | None:
+        """:meth:`admit` on the calling thread if SQLite's write lock is free this instant (a hold is
+        then a few statements on a local file, ~50 µs, cheaper than a hop to a worker thread);
+        None, having done nothing, if it is taken (the writer's commit, another process): then
+        :meth:`admit` must run where it may wait."""
+        conn = self._nowait_conn
+        if nanos <= 0:  # a read: WAL readers never wait for writers (rare exceptions are SQLITE_BUSY)
+            try:
+                used = self._used(conn, caps) if caps else {}
+            except sqlite3.OperationalError as e:
+                if _busy(e):
+                    return None
+                raise
+            looped = loop is not None and self.loop_hit(loop.fingerprint, loop.idem, loop.repeats, loop.window)
+            if looped and not hold_if_looped:
+                return Admission(looped=True)
+            return Admission(looped, left_nanos=min((cap - used[s] for s, cap in caps.items()), default=None))
+        if not self._registered:
+            return None  # the first hold registers this gateway first, off the loop
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if _busy(e):
+                return None
+            self._outage(e)
+            raise StoreUnavailable(f"the ledger {self.path} cannot take a budget hold: {e}") from None
+        try:
+            looped = loop is not None and self.loop_hit(loop.fingerprint, loop.idem, loop.repeats, loop.window)
+            if looped and not hold_if_looped:
+                conn.execute("ROLLBACK")
+                return Admission(looped=True)
+            try:
+                res = self._hold(conn, nanos, caps, hold, forwarded)
+            except CapExceeded as e:
+                conn.execute("ROLLBACK")
+                return Admission(looped, refused=e, left_nanos=max(0, e.cap_nanos - e.used_nanos))
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._outage(e)
+            raise StoreUnavailable(f"the ledger {self.path} cannot take a budget hold: {e}") from None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return Admission(looped, res, left_nanos=res.left_nanos)
 
     def mark_forwarded(self, reservation: Reservation) -> None:
         self.conn.execute("UPDATE reservations SET forwarded = 1 WHERE id = ?", (reservation.id,))
