@@ -6,8 +6,9 @@ differs is how each promise is kept across machines:
 - **Caps never overshoot across replicas.** A reservation is one call of the server-side function
   ``spendgate_reserve``: it locks the counters of every scope *in scope order* (``SELECT … ORDER
   BY scope FOR UPDATE``; one lock order, so replicas never deadlock), checks every cap, and adds
-  the hold, in one transaction and one round trip. Settlements are applied by the writer thread
-  in batches, also in scope order.
+  the hold, in one transaction and one round trip. The budget stage asks the loop breaker and the
+  hold together (``spendgate_admit``: still one round trip). Settlements are applied by the writer
+  thread in batches, also in scope order.
 - **Revoke on the next request everywhere.** Keys are cached by token hash in each replica. A
   trigger on ``keys`` sends ``NOTIFY spendgate_keys`` on every change (CLI, admin API, another
   replica, psql); a listener thread drops the entry at once. While the listener is disconnected
@@ -15,9 +16,10 @@ differs is how each promise is kept across machines:
   revoked key alive.
 - **Rate limits and the loop breaker are fleet-wide**: ``spendgate_rate_hit`` (GCRA on one row
   per key, the database's clock) and ``spendgate_loop_hit`` (recent fingerprints in ``loops``).
-- **``calls`` rows are batched off the event loop**: a writer thread COPYs them with the queued
-  settlements in one transaction per batch; ``on_commit`` runs after the COMMIT, so an answer
-  still leaves only once its row is committed.
+- **``calls`` rows are batched off the event loop**: a writer thread sends them with the queued
+  settlements in one statement per batch (``spendgate_write``: one round trip, one transaction);
+  ``on_commit`` runs after it returns (committed), so an answer still leaves only once its row is
+  committed. (Recovered holds still use ``COPY``.)
 - **Schema**: ``schema_version``; migrations run under a transaction-scoped advisory lock
   (replicas starting at once migrate once); a newer schema is refused.
 - **Unreachable database**: every operation raises :class:`StoreUnavailable` (the call is refused
