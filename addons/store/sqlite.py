@@ -27,7 +27,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from hmac import compare_digest
@@ -398,9 +398,17 @@ class SQLiteStore:
             self.heartbeat()
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._hold_transaction(conn):
             res = self._hold(conn, nanos, caps, hold, forwarded)
             conn.execute("COMMIT")
+        return res
+
+    @contextlib.contextmanager
+    def _hold_transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """The body of a hold's open transaction: any failure rolls it back, and a SQLite error
+        is an outage (logged once per state change) raised as the hold's StoreUnavailable."""
+        try:
+            yield
         except sqlite3.OperationalError as e:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -410,7 +418,6 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return res
 
     def _hold(self, conn: sqlite3.Connection, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None,
               forwarded: bool) -> Reservation:
@@ -463,7 +470,7 @@ class SQLiteStore:
                 return None
             self._outage(e)
             raise StoreUnavailable(f"the ledger {self.path} cannot take a budget hold: {e}") from None
-        try:
+        with self._hold_transaction(conn):
             looped = loop is not None and self.loop_hit(loop.fingerprint, loop.idem, loop.repeats, loop.window)
             if looped and not hold_if_looped:
                 conn.execute("ROLLBACK")
@@ -474,15 +481,6 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
                 return Admission(looped, refused=e, left_nanos=max(0, e.cap_nanos - e.used_nanos))
             conn.execute("COMMIT")
-        except sqlite3.OperationalError as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self._outage(e)
-            raise StoreUnavailable(f"the ledger {self.path} cannot take a budget hold: {e}") from None
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return Admission(looped, res, left_nanos=res.left_nanos)
 
     def mark_forwarded(self, reservation: Reservation) -> None:
