@@ -152,6 +152,9 @@ class Budget:
         call = keyed_call(flow)
         if call is None:
             return None
+        if self.runtime.offload_inline:  # (replay's in-memory ledger never waits: no coroutine)
+            apply_verdicts(flow, call, self.verdicts(flow, call))
+            return None
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no event loop (in-process tests): run them here
