@@ -31,7 +31,6 @@ which ``--capture`` turns on); without it, it is counted at the estimate, flagge
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import itertools
 import os
@@ -363,24 +362,52 @@ def streamed_note(resp: http.Response) -> str:
 
 
 def prepare(captured: http.HTTPFlow, host: str, token: str) -> http.HTTPFlow:
-    """A live flow of the captured request inside a tunnel to ``host``, carrying ``token``."""
-    req = copy.copy(captured.request)
-    req.data = copy.copy(captured.request.data)
+    """A live flow of the captured request inside a tunnel to ``host``, carrying ``token``: the
+    request as copying it and setting ``scheme``, ``port``, ``host`` (which updates the Host header
+    and the authority), ``X-Vault-Key`` and, for HTTP/1 without one, ``Host`` through mitmproxy's
+    setters gives it (``tests/test_replay.py`` compares the two), built in one pass over the
+    headers instead of a scan per setter."""
+    src = captured.request
+    data = _shallow(src.data)
     slots = key_headers()
-    req.data.headers = http.Headers(tuple(
-        (k, v) for k, v in captured.request.headers.fields
-        if k.decode("latin-1").lower() not in slots and not v.startswith(b"spendgate:")))
-    req.headers["X-Vault-Key"] = token
-    req.scheme, req.port = "https", 443
-    req.host = host  # (updates the Host header / :authority, as a request to the vendor has it)
-    if req.is_http2 or req.is_http3:
-        req.authority = host
-    elif "host" not in req.headers:
-        req.headers.insert(0, "Host", host)
+    host_value = host.encode("utf-8", "surrogateescape")  # (as Headers encodes a str value)
+    fields: list[tuple[bytes, bytes]] = []
+    has_host = False
+    for k, v in src.data.headers.fields:
+        if k.decode("latin-1").lower() in slots or v.startswith(b"spendgate:"):
+            continue
+        if k.lower() == b"host":  # the first Host header gets the tunnel's host; repeats are dropped
+            if has_host:
+                continue
+            has_host, v = True, host_value
+        fields.append((k, v))
+    fields.append((b"X-Vault-Key", token.encode("utf-8", "surrogateescape")))
+    h2 = data.http_version in (b"HTTP/2.0", b"HTTP/3")
+    if not h2 and not has_host:
+        fields.insert(0, (b"Host", host_value))
+    headers = object.__new__(http.Headers)
+    headers.fields = tuple(fields)
+    data.headers = headers
+    data.scheme, data.port, data.host = b"https", 443, host
+    if h2 or data.authority:
+        try:
+            data.authority = host.encode("idna", "strict")
+        except UnicodeError:
+            data.authority = host.encode("utf8", "surrogateescape")
+    req = _shallow(src)
+    req.data = data
     client, server = _tunnels.get(host) or _tunnel(host)
-    flow = http.HTTPFlow(copy.copy(client), copy.copy(server))  # (as requests on one kept-alive tunnel)
+    flow = http.HTTPFlow(_shallow(client), _shallow(server))  # (as requests on one kept-alive tunnel)
     flow.request = req
     return flow
+
+
+def _shallow[T](obj: T) -> T:
+    """``copy.copy`` of a plain object (no ``__copy__``, no ``__reduce__`` of its own), without
+    the copy module's dispatch."""
+    out = object.__new__(type(obj))
+    out.__dict__.update(obj.__dict__)
+    return out
 
 
 _tunnels: dict[str, tuple[Any, Any]] = {}

@@ -11,6 +11,7 @@ status and note must be the same.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from mitmproxy import exceptions, http, io
 
 from spendgate.gateway import make_addons
 from spendgate.pipeline import Pipeline, response, vendor_flow
-from spendgate.replay import Replay, replay_config
+from spendgate.replay import Replay, key_headers, prepare, replay_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "tests" / "flows" / "demo.mitm"
@@ -249,3 +250,49 @@ def test_a_replay_that_cannot_start_leaves_nothing_open(tmp_path: Path, monkeypa
         Replay(good, old=bad)  # the candidate's side is up when the old policy fails
     assert loops and all(loop.is_closed() for loop in loops)
     assert dirs and not any(Path(d.name).exists() for d in dirs)
+
+
+def prepare_by_setters(captured: http.HTTPFlow, host: str, token: str) -> http.Request:
+    """What replay's ``prepare`` must give: the captured request copied, its key headers dropped,
+    then mitmproxy's own setters (the code ``prepare`` replaced, which did exactly this)."""
+    req = copy.copy(captured.request)
+    req.data = copy.copy(captured.request.data)
+    req.data.headers = http.Headers(tuple(
+        (k, v) for k, v in captured.request.headers.fields
+        if k.decode("latin-1").lower() not in key_headers() and not v.startswith(b"spendgate:")))
+    req.headers["X-Vault-Key"] = token
+    req.scheme, req.port = "https", 443
+    req.host = host
+    if req.is_http2 or req.is_http3:
+        req.authority = host
+    elif "host" not in req.headers:
+        req.headers.insert(0, "Host", host)
+    return req
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/2.0", "HTTP/3", "HTTP/1.0"])
+@pytest.mark.parametrize("headers", [
+    [],
+    [("Host", "api.stripe.com")],
+    [("host", "evil.example:8443"), ("Accept", "*/*"), ("HOST", "again.example")],
+    [("Authorization", "Bearer spendgate:key_1:0"), ("X-Vault-Key", "vk_x"), ("Content-Type", "application/json"),
+     ("X-Api-Key", "sk-real"), ("X-Other", "spendgate:key_2:0"), ("x-goog-api-key", "g"), ("Accept", "a")],
+    [("X-Vault-Key", "vk_1"), ("Host", "api.openai.com"), ("X-Vault-Key", "vk_2"), ("Ünïcode", "välue")],
+])
+@pytest.mark.parametrize("authority", ["", "api.stripe.com:443"])
+@pytest.mark.parametrize("host", ["api.stripe.com", "bücher.example"])
+def test_prepare_gives_the_request_mitmproxys_setters_give(version: str, headers: list[tuple[str, str]],
+                                                          authority: str, host: str) -> None:
+    req = http.Request.make("POST", "http://127.0.0.1:8080/v1/x?q=1", b"body")
+    req.http_version = version
+    req.authority = authority
+    req.headers.fields = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+    captured = http.HTTPFlow(vendor_flow("GET", "https://x.example/").client_conn,
+                             vendor_flow("GET", "https://x.example/").server_conn)
+    captured.request = req
+    before = captured.request.get_state()
+    flow = prepare(captured, host, "vk_replay_token")
+    assert flow.request.get_state() == prepare_by_setters(captured, host, "vk_replay_token").get_state()
+    assert captured.request.get_state() == before  # the captured flow is not changed
+    assert flow.client_conn.sni == host and flow.server_conn.address == (host, 443)
+    assert flow.client_conn is not prepare(captured, host, "t").client_conn  # each its own copy
