@@ -389,7 +389,7 @@ def _detached[M: (http.Request, http.Response)](message: M) -> M:
     ``message.copy()``, which re-validates every field)."""
     out = copy.copy(message)
     out.data = copy.copy(message.data)
-    out.data.headers = http.Headers(message.headers.fields)
+    out.data.headers = type(message.headers)(message.headers.fields)  # (of the same class)
     return out
 
 

@@ -46,7 +46,7 @@ import yaml
 from mitmproxy import http
 
 from . import clock
-from .captures import Entry, Problem, Reader
+from .captures import Entry, Problem, Reader, ReadHeaders
 from .gateway import members
 from .pipeline import Outcome, Pipeline
 from .policy import Config
@@ -385,7 +385,7 @@ def prepare(captured: http.HTTPFlow, host: str, token: str) -> http.HTTPFlow:
     h2 = data.http_version in (b"HTTP/2.0", b"HTTP/3")
     if not h2 and not has_host:
         fields.insert(0, (b"Host", host_value))
-    headers = object.__new__(http.Headers)
+    headers = object.__new__(ReadHeaders)
     headers.fields = tuple(fields)
     data.headers = headers
     data.scheme, data.port, data.host = b"https", 443, host

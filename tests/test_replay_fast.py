@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from mitmproxy import exceptions, http, io
 
+from spendgate.captures import ReadHeaders
 from spendgate.gateway import make_addons
 from spendgate.pipeline import Pipeline, response, vendor_flow
 from spendgate.replay import Replay, key_headers, prepare, replay_config
@@ -296,3 +297,26 @@ def test_prepare_gives_the_request_mitmproxys_setters_give(version: str, headers
     assert captured.request.get_state() == before  # the captured flow is not changed
     assert flow.client_conn.sni == host and flow.server_conn.address == (host, 443)
     assert flow.client_conn is not prepare(captured, host, "t").client_conn  # each its own copy
+
+
+@pytest.mark.parametrize("fields", [
+    (),
+    ((b"Host", b"a"), (b"content-type", b"application/json"), (b"X-A", b"1"), (b"x-a", b"2"), (b"X-\xc3\xa9", b"\xff\xfe")),
+    ((b"CONTENT-ENCODING", b"gzip"), (b"Connection", b"keep-alive, Upgrade"), (b"Upgrade", b"")),
+])
+def test_read_headers_look_up_as_mitmproxys_headers_do(fields: tuple[tuple[bytes, bytes], ...]) -> None:
+    fast, ref = ReadHeaders(fields), http.Headers(fields)
+    assert isinstance(fast, http.Headers)
+    for name in ["host", "HOST", b"host", "content-type", "x-a", b"X-A", "x-é", "X-\udcc3\udca9",
+                 "content-encoding", "connection", "upgrade", "missing", b"missing", ""]:
+        assert (name in fast) == (name in ref), name
+        assert fast.get(name) == ref.get(name) and fast.get(name, "d") == ref.get(name, "d"), name
+        assert fast.get_all(name) == ref.get_all(name), name
+        got = [fast[name]] if name in ref else []
+        assert got == ([ref[name]] if name in ref else []), name
+        if name not in ref:
+            with pytest.raises(KeyError):
+                fast[name]
+    fast["X-New"] = "v"
+    ref["X-New"] = "v"
+    assert fast.fields == ref.fields and fast.get("x-new") == "v"
