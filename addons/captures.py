@@ -293,7 +293,10 @@ class CapturedFlow(http.HTTPFlow):
     FORMAT = 21  # the flow format version this reads without migrating (mitmproxy 12)
 
     def __init__(self, client_conn: bytes, server_conn: bytes) -> None:
-        super().__init__(_LAZY_CLIENT, _LAZY_SERVER)
+        # Flow.__init__'s fields without its uuid4 id (set_state sets them all from the capture)
+        self.__dict__.update(id="", client_conn=_LAZY_CLIENT, server_conn=_LAZY_SERVER, live=False,
+                             timestamp_created=0.0, intercepted=False, _resume_event=None, _backup=None,
+                             marked="", is_replay=None, metadata={}, comment="")
         self._conn_states: dict[str, bytes] = {"client_conn": client_conn, "server_conn": server_conn}
 
     def _conn(self, name: str) -> Any:

@@ -34,7 +34,6 @@ at a time per thread (mitmproxy's ``ctx`` is global).
 from __future__ import annotations
 
 import asyncio
-import copy
 import inspect
 import logging
 import time
@@ -387,9 +386,12 @@ def connect_flow(flow: http.HTTPFlow) -> http.HTTPFlow:
 def _detached[M: (http.Request, http.Response)](message: M) -> M:
     """A copy whose head and body can change without changing ``message`` (a tenth of the cost of
     ``message.copy()``, which re-validates every field)."""
-    out = copy.copy(message)
-    out.data = copy.copy(message.data)
-    out.data.headers = type(message.headers)(message.headers.fields)  # (of the same class)
+    out = object.__new__(type(message))  # (copy.copy of these plain objects, without its dispatch)
+    out.__dict__.update(message.__dict__)
+    out.data = data = object.__new__(type(message.data))
+    data.__dict__.update(message.data.__dict__)
+    data.headers = headers = object.__new__(type(message.headers))  # (its class: the fields are checked)
+    headers.__dict__.update(message.headers.__dict__)
     return out
 
 

@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import os
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -396,8 +397,14 @@ def prepare(captured: http.HTTPFlow, host: str, token: str) -> http.HTTPFlow:
             data.authority = host.encode("utf8", "surrogateescape")
     req = _shallow(src)
     req.data = data
-    client, server = _tunnels.get(host) or _tunnel(host)
-    flow = http.HTTPFlow(_shallow(client), _shallow(server))  # (as requests on one kept-alive tunnel)
+    client, server, blank = _tunnels.get(host) or _tunnel(host)
+    # HTTPFlow(copy of client, copy of server) (as requests on one kept-alive tunnel), with an id
+    # from a counter instead of a uuid4 (unique in the process, which is all its users need)
+    flow = _shallow(blank)
+    flow.id = f"replay-{next(_flow_ids)}"
+    flow.timestamp_created = time.time()
+    flow.metadata = {}
+    flow.client_conn, flow.server_conn = _shallow(client), _shallow(server)
     flow.request = req
     return flow
 
@@ -410,11 +417,13 @@ def _shallow[T](obj: T) -> T:
     return out
 
 
-_tunnels: dict[str, tuple[Any, Any]] = {}
+_tunnels: dict[str, tuple[Any, Any, http.HTTPFlow]] = {}
+_flow_ids = itertools.count(1)
 
 
-def _tunnel(host: str) -> tuple[Any, Any]:
-    """The connections of a TLS tunnel to ``host`` (the agent's, SNI the host; the vendor's)."""
+def _tunnel(host: str) -> tuple[Any, Any, http.HTTPFlow]:
+    """The connections of a TLS tunnel to ``host`` (the agent's, SNI the host; the vendor's), and
+    a flow of them as ``HTTPFlow(client, server)`` makes it (each replayed flow is a copy)."""
     from mitmproxy.test import tflow
 
     c = tflow.tclient_conn()
@@ -423,8 +432,8 @@ def _tunnel(host: str) -> tuple[Any, Any]:
     s.address = (host, 443)
     if len(_tunnels) > 1000:
         _tunnels.clear()
-    _tunnels[host] = c, s
-    return c, s
+    _tunnels[host] = c, s, http.HTTPFlow(c, s)
+    return _tunnels[host]
 
 
 def decision_of(out: Outcome, note: str = "") -> Decision:

@@ -196,6 +196,7 @@ def test_the_reader_reads_what_mitmproxy_reads(tmp_path: Path) -> None:
     ours[2].server_conn = theirs[2].server_conn  # set before ever read: the captured bytes are dropped
     assert ours[2].server_conn is theirs[2].server_conn and "server_conn" not in ours[2]._conn_states
     assert [fl.get_state() for fl in ours] == [fl.get_state() for fl in theirs]  # (parses them)
+    assert [set(fl.__dict__) - {"_conn_states"} for fl in ours] == [set(fl.__dict__) for fl in theirs]  # every field
     assert ours[0].client_conn is ours[0].client_conn and not ours[0]._conn_states
     copies = [fl.copy() for fl in ours]  # (a copy has new ids: mitmproxy's Serializable.copy)
     assert [type(c) for c in copies] == [type(fl) for fl in theirs]
@@ -296,7 +297,12 @@ def test_prepare_gives_the_request_mitmproxys_setters_give(version: str, headers
     assert flow.request.get_state() == prepare_by_setters(captured, host, "vk_replay_token").get_state()
     assert captured.request.get_state() == before  # the captured flow is not changed
     assert flow.client_conn.sni == host and flow.server_conn.address == (host, 443)
-    assert flow.client_conn is not prepare(captured, host, "t").client_conn  # each its own copy
+    again = prepare(captured, host, "t")
+    assert flow.client_conn is not again.client_conn and flow.id != again.id  # each its own copy and id
+    made = http.HTTPFlow(flow.client_conn, flow.server_conn)  # what it stands for
+    made.request = flow.request
+    assert set(flow.__dict__) == set(made.__dict__) and not flow.metadata and flow.metadata is not again.metadata
+    assert _no_ids(flow.get_state()) == _no_ids({**made.get_state(), "timestamp_created": flow.timestamp_created})
 
 
 @pytest.mark.parametrize("fields", [
