@@ -175,7 +175,29 @@ def lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal,
     Missing cache rates are derived from ``input`` (``cache_read_x`` × for reads,
     1.25× / 2× for 5-minute / 1-hour writes), so a policy override may give only
     ``input`` and ``output``.
+
+    Remembered per (the table's ``models``, ``aliases`` and ``fallback`` objects, model, the
+    multipliers): they are all the rates depend on, and price tables are never changed in place
+    (a policy's ``prices:`` makes new ones, which are looked up afresh).
     """
+    if not isinstance(model, str):
+        return _lookup(table, model, cache_read_x, cache_write_x)
+    parts = (table.get("models"), table.get("aliases"), table.get("fallback"))
+    key = (id(parts[0]), id(parts[1]), id(parts[2]), model, cache_read_x, cache_write_x)
+    hit = _looked_up.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], parts, strict=True)):
+        return hit[1]
+    rates = _lookup(table, model, cache_read_x, cache_write_x)
+    if len(_looked_up) >= 4096:
+        _looked_up.clear()
+    _looked_up[key] = (parts, rates)  # (holding the objects: their ids are not reused while here)
+    return rates
+
+
+_looked_up: dict[tuple[Any, ...], tuple[tuple[Any, ...], Rates]] = {}
+
+
+def _lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal, cache_write_x: Decimal) -> Rates:
     models = table.get("models")
     models = models if isinstance(models, Mapping) else {}
     aliases = table.get("aliases")
