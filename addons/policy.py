@@ -865,7 +865,29 @@ def decide(config: Config, policy: str, vendor: str, method: str, path: str) -> 
     ``path`` is the request path as sent (a query is ignored); it is matched decoded (see
     :func:`path_segments`) and an ambiguous path is refused. Deny wins over approve and allow;
     a request no rule matches is refused.
+
+    Remembered per config object (a reloaded or another policy file is another object) and
+    (policy, vendor, method, path): the verdict depends on nothing else.
     """
+    memo = _decided.get(id(config))
+    if memo is None or memo[0] is not config:
+        if len(_decided) >= 8:
+            _decided.clear()
+        memo = _decided[id(config)] = (config, {})  # (holding the config: its id is not reused while here)
+    key = (policy, vendor, method, path.split("?", 1)[0])
+    verdict = memo[1].get(key)
+    if verdict is None:
+        verdict = _decide(config, policy, vendor, method, path)
+        if len(memo[1]) >= 4096:
+            memo[1].clear()
+        memo[1][key] = verdict
+    return verdict
+
+
+_decided: dict[int, tuple[Config, dict[tuple[str, str, str, str], Verdict]]] = {}
+
+
+def _decide(config: Config, policy: str, vendor: str, method: str, path: str) -> Verdict:
     pol = config.policies.get(policy)
     if pol is None:
         return Deny("vendor_not_allowed", f"policy {policy!r} no longer exists")

@@ -326,3 +326,44 @@ def test_read_headers_look_up_as_mitmproxys_headers_do(fields: tuple[tuple[bytes
     fast["X-New"] = "v"
     ref["X-New"] = "v"
     assert fast.fields == ref.fields and fast.get("x-new") == "v"
+
+
+def test_price_lookups_are_remembered_per_table() -> None:
+    from decimal import Decimal
+
+    from spendgate.vendors import _llm
+    from spendgate.vendors.base import Prices
+    from spendgate.vendors.openai import VENDOR
+
+    shipped = Prices().table(VENDOR)
+    model = next(iter(shipped["models"]))
+    x = Decimal(1)
+    first = _llm.lookup(shipped, model, x, x)
+    assert _llm.lookup(Prices().table(VENDOR), model, x, x) is first  # (a new merge, the same rows)
+    assert _llm.lookup(shipped, model, x, x) == _llm._lookup(shipped, model, x, x)
+    assert _llm.lookup(shipped, model, x, Decimal(3)) == _llm._lookup(shipped, model, x, Decimal(3)) != first
+    # a policy's prices: override: its own rates, never the shipped ones remembered
+    over = Prices(overrides={"openai": {"models": {model: {"input": 123, "output": 456}}}}).table(VENDOR)
+    rates = _llm.lookup(over, model, x, x)
+    assert (rates.input, rates.output) == (Decimal(123), Decimal(456)) and rates == _llm._lookup(over, model, x, x)
+    fallback = Prices(overrides={"openai": {"fallback": {"input": 9999, "output": 9999}}}).table(VENDOR)
+    unknown = _llm.lookup(fallback, "no-such-model", x, x)
+    assert unknown.input == Decimal(9999) and unknown != _llm.lookup(shipped, "no-such-model", x, x)
+    assert _llm.lookup(shipped, None, x, x) == _llm._lookup(shipped, None, x, x)
+
+
+def test_endpoint_decisions_are_remembered_per_config(tmp_path: Path) -> None:
+    from spendgate.policy import _decide, decide, load_config
+
+    loose = load_config(tmp_path.joinpath("a.yaml").write_text(EXAMPLE) and tmp_path / "a.yaml")
+    tight_text = EXAMPLE.replace('"POST /v1/payment_intents",', "").replace('"POST /v1/payment_intents", ', "")
+    assert tight_text != EXAMPLE
+    tight = load_config(tmp_path.joinpath("b.yaml").write_text(tight_text) and tmp_path / "b.yaml")
+    cases = [("billing-agent", "stripe", m, p) for m in ("POST", "GET", "post", "DELETE")
+             for p in ("/v1/payment_intents", "/v1/payment_intents?x=1", "/v1/payment_intents/pi_1",
+                       "/v1/%70ayment_methods/pm_1", "/v1/../v1/refunds", "/v1/refunds")]
+    cases += [("no-such-policy", "stripe", "GET", "/"), ("billing-agent", "no-such-vendor", "GET", "/")]
+    for _ in range(2):  # (the second time from memory)
+        for config in (loose, tight):
+            assert [decide(config, *c) for c in cases] == [_decide(config, *c) for c in cases]
+    assert decide(loose, *cases[0]) != decide(tight, *cases[0])  # the same request, each config's own verdict
