@@ -367,7 +367,7 @@ def _message[M: (http.Request, http.Response)](cls: type[M], data_cls: type, sta
             or any(type(state[k]) not in t for k, t in types.items())):
         return cls.from_state(state)
     fields = {name: state[name] for name in data_cls.__dataclass_fields__}  # (in the dataclass's order)
-    fields["headers"] = ReadHeaders(state["headers"])  # (checks that every name and value is bytes)
+    fields["headers"] = _headers(state["headers"])
     if state["trailers"] is not None:
         fields["trailers"] = http.Headers(state["trailers"])
     data = object.__new__(data_cls)
@@ -375,6 +375,19 @@ def _message[M: (http.Request, http.Response)](cls: type[M], data_cls: type, sta
     message = object.__new__(cls)
     message.data = data
     return message
+
+
+def _headers(items: list[Any]) -> ReadHeaders:
+    """``ReadHeaders(items)``: the same fields, checked the same way (every field a name and a
+    value, both bytes; anything else is left to mitmproxy's constructor, which raises), without
+    the constructor's generic keyword handling."""
+    fields = tuple(tuple(i) for i in items)  # (as MultiDict's constructor)
+    for f in fields:
+        if len(f) != 2 or type(f[0]) is not bytes or type(f[1]) is not bytes:
+            return ReadHeaders(items)
+    headers = object.__new__(ReadHeaders)
+    headers.fields = fields
+    return headers
 
 
 class ReadHeaders(http.Headers):
