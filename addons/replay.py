@@ -291,15 +291,17 @@ class Side:
         if token is None:
             return Decision("-", None, note="no policy for this key: pass --policy NAME")
         flow = prepare(captured, who.host, token)
-        denied_then = (captured_meta(captured) or {}).get("reason") in ("approval_denied", "approval_timeout")
-        self.pipeline.on_hold = lambda _flow, _call: not denied_then  # answered as it was then
-        vendor_resp = vendor_response(captured)
+        meta = captured_meta(captured)
+        denied_then = (meta or {}).get("reason") in ("approval_denied", "approval_timeout")
+        self.pipeline.on_hold = _deny if denied_then else _approve  # answered as it was then
+        refused_then = captured_refused(captured, meta)
+        vendor_resp = None if refused_then else captured.response  # the vendor's answer, if captured
         if vendor_resp is not None:
             out = await self.pipeline.arun(flow, vendor_resp, chunk=65536, connect=False)
             note = streamed_note(vendor_resp)
         else:
             # Nothing to price: counted at the estimate if it would go out now (flagged).
-            why = NOT_FORWARDED if captured_refused(captured) else NO_RESPONSE
+            why = NOT_FORWARDED if refused_then else NO_RESPONSE
             out = await self.pipeline.arun(flow, error=why, sent=True, connect=False)
             note = why
         decided = decision_of(out, note if out.forwarded is not None else "")
@@ -341,8 +343,21 @@ def captured_meta(flow: http.HTTPFlow) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and "decision" in meta else None
 
 
-def captured_refused(flow: http.HTTPFlow) -> bool:
-    meta = captured_meta(flow)
+def _approve(_flow: http.HTTPFlow, _call: object) -> bool:
+    return True
+
+
+def _deny(_flow: http.HTTPFlow, _call: object) -> bool:
+    return False
+
+
+_NO_META: Any = object()
+
+
+def captured_refused(flow: http.HTTPFlow, meta: dict[str, Any] | None = _NO_META) -> bool:
+    """Did spendgate refuse it then? (``meta``: its :func:`captured_meta`, if already read.)"""
+    if meta is _NO_META:
+        meta = captured_meta(flow)
     if meta is not None:
         return meta.get("decision") == "deny"
     return flow.response is not None and "X-Spendgate-Reason" in flow.response.headers
@@ -357,7 +372,7 @@ def vendor_response(flow: http.HTTPFlow) -> http.Response | None:
 
 
 def streamed_note(resp: http.Response) -> str:
-    if "text/event-stream" in resp.headers.get("content-type", "") and not resp.raw_content:
+    if not resp.raw_content and "text/event-stream" in resp.headers.get("content-type", ""):
         return "streamed body not captured (store_streamed_bodies was off): counted at the estimate"
     return ""
 
