@@ -367,3 +367,21 @@ def test_endpoint_decisions_are_remembered_per_config(tmp_path: Path) -> None:
         for config in (loose, tight):
             assert [decide(config, *c) for c in cases] == [_decide(config, *c) for c in cases]
     assert decide(loose, *cases[0]) != decide(tight, *cases[0])  # the same request, each config's own verdict
+
+
+@pytest.mark.parametrize("status", [400, 402, 403, 429, 503, 599])
+@pytest.mark.parametrize("headers", [
+    {"Content-Type": "application/json", "X-Spendgate-Reason": "cap_exhausted"},
+    {"Content-Type": "application/json", "X-Spendgate-Reason": "rate_limited", "Retry-After": "3", "X-Ü": "välue"},
+    {"Content-Type": "application/json", "Content-Length": "1"},  # (these go through Response.make itself)
+    {"transfer-encoding": "chunked"},
+    {"Content-Encoding": "gzip"},
+])
+def test_a_refusal_is_the_response_mitmproxy_makes(status: int, headers: dict[str, str]) -> None:
+    from spendgate.call import refusal
+
+    body = '{"error": {"message": "nö"}}'.encode()
+    ours, theirs = refusal(status, body, headers).get_state(), http.Response.make(status, body, headers).get_state()
+    assert {k: v for k, v in ours.items() if not k.startswith("timestamp")} == \
+        {k: v for k, v in theirs.items() if not k.startswith("timestamp")}
+    assert list(ours) == list(theirs) and all(isinstance(ours[k], float) for k in ("timestamp_start", "timestamp_end"))
