@@ -650,7 +650,7 @@ def report(by: str, since: str | None, db: str | None, fmt: str | None) -> None:
 @click.option("--to", "dst", default=None,
               help="The fleet's ledger, postgresql://user@host:5432/db (default: $SPENDGATE_DB).")
 def migrate(src: str | None, dst: str | None) -> None:
-    """Copy a SQLite ledger (keys, counters, approvals, calls) into PostgreSQL; idempotent."""
+    """Copy a SQLite ledger (keys, counters, approvals, calls, reconciliations) into PostgreSQL; idempotent."""
     from .store.transfer import migrate as copy_ledger
 
     env_db = os.environ.get("SPENDGATE_DB") or ""
@@ -679,7 +679,8 @@ def migrate(src: str | None, dst: str | None) -> None:
         if bar is not None:
             bar.__exit__(None, None, None)
     click.echo(f"migrated {src} → {redact_url(dst)}: {out['keys']} keys, {out['approvals']} approvals, "
-               f"{out['calls']} new calls rows, ${out['counter_nanos_added'] / 1e9:g} of budget counters added")
+               f"{out['calls']} new calls rows, {out['reconciliations']} reconciliations, "
+               f"${out['counter_nanos_added'] / 1e9:g} of budget counters added")
 
 if __name__ == "__main__":
     main()

@@ -443,7 +443,7 @@ def test_migrate_sqlite_into_postgres_is_idempotent(tmp_path: Path, pg_url: str)
     box.close()
     seen: list[tuple[int, int]] = []
     assert migrate(str(tmp_path / "box.db"), pg_url, lambda done, total: seen.append((done, total))) == {
-        "keys": 2, "approvals": 1, "calls": 12, "counter_nanos_added": 20}
+        "keys": 2, "approvals": 1, "calls": 12, "reconciliations": 0, "counter_nanos_added": 20}
     assert seen[0] == (0, 12) and seen[-1] == (12, 12)
     fleet = open_store(pg_url, replica="fleet")
     try:
@@ -458,12 +458,55 @@ def test_migrate_sqlite_into_postgres_is_idempotent(tmp_path: Path, pg_url: str)
         box.close()
         assert migrate(str(tmp_path / "box.db"), pg_url)["calls"] == 1
         assert migrate(str(tmp_path / "box.db"), pg_url) == {"keys": 2, "approvals": 1, "calls": 0,
-                                                            "counter_nanos_added": 0}
+                                                            "reconciliations": 0, "counter_nanos_added": 0}
         assert fleet.used(f"key:{a.id}") == 25 and count(fleet, "SELECT count(*) FROM calls") == 13
     finally:
         fleet.close()
     with pytest.raises(ValueError, match="postgresql://"):
         migrate(str(tmp_path / "box.db"), str(tmp_path / "other.db"))
+
+
+def test_migrate_carries_reconciliations_to_the_calls_new_ids(tmp_path: Path, pg_url: str) -> None:
+    from spendgate.store import Reconciliation
+    from spendgate.store.transfer import migrate
+
+    def fix(call_id: int, object_id: str, old: int, new: int) -> Reconciliation:
+        return Reconciliation(call_id=call_id, vendor="twilio", object_id=object_id, from_status="estimated",
+                              to_status="parsed", old_nanos=old, new_nanos=new, new_usd=str(new / 1e9),
+                              currency="USD", amount=None, note="", scopes=("key:k1",),
+                              source=f"GET /Messages/{object_id}.json")
+
+    fleet = open_store(pg_url, replica="fleet")
+    box = open_store(str(tmp_path / "box.db"), replica="box")
+    try:
+        fleet.record_call(row(0, key_id="other", path="/already-here"))  # the fleet's ids differ from the box's
+        fleet.flush()
+        for i, sid in enumerate(["SM1", "SM2", "SM3"]):
+            box.record_call(row(i, key_id="k1", vendor="twilio", method="POST", host="api.twilio.com",
+                                path="/Messages.json", object_id=sid, cost_status="estimated",
+                                estimated_nanos=8_300_000, cost_nanos=8_300_000, cost_usd="0.0083"))
+        box.flush()
+        ids = {sid: i for i, sid in box.read("SELECT id, object_id FROM calls")}
+        assert box.reconcile_call(fix(ids["SM2"], "SM2", 8_300_000, 7_900_000))
+        assert migrate(str(tmp_path / "box.db"), pg_url)["reconciliations"] == 1
+
+        def fleet_row(sid: str) -> tuple:
+            return tuple(fleet.read("SELECT id, cost_status, cost_nanos FROM calls WHERE object_id = ?", (sid,))[0])
+
+        sm2 = fleet_row("SM2")
+        assert sm2[1:] == ("parsed", 7_900_000) and sm2[0] != ids["SM2"]
+        assert fleet.read("SELECT call_id, from_status, to_status, delta_nanos FROM reconciliations") == [
+            (sm2[0], "estimated", "parsed", -400_000)]
+        # the box reconciles a call it had already copied: the next run brings the fleet's row up to date
+        assert box.reconcile_call(fix(ids["SM3"], "SM3", 8_300_000, 7_000_000))
+        assert migrate(str(tmp_path / "box.db"), pg_url)["reconciliations"] == 1
+        assert fleet_row("SM3")[1:] == ("parsed", 7_000_000) and fleet_row("SM1")[1:] == ("estimated", 8_300_000)
+        assert [r[0] for r in fleet.read("SELECT call_id FROM reconciliations ORDER BY id")] == [
+            sm2[0], fleet_row("SM3")[0]]
+        assert migrate(str(tmp_path / "box.db"), pg_url)["reconciliations"] == 0
+    finally:
+        box.close()
+        fleet.close()
 
 
 def test_replicas_starting_together_migrate_once(pg_url: str) -> None:

@@ -2,7 +2,9 @@
 into the fleet's database.
 
 What moves: keys (hash only; a key revoked on either side stays revoked), approvals, budget
-counters, and every ``calls`` row. Stop the single-box gateway first: a hold it still has
+counters, every ``calls`` row, and the ``reconciliations`` record (costs settled later, each
+pointing at its call's new id; a call the box reconciled after it was copied is brought up to
+date too). Stop the single-box gateway first: a hold it still has
 open counts as spend (the conservative side, as for any gateway that stopped mid-call).
 
 **Idempotent**, and safe to interrupt: the destination remembers, per source (the file's real
@@ -17,7 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import CALL_COLUMNS, is_postgres
+from . import CALL_COLUMNS, RECONCILIATION_COLUMNS, is_postgres
 from .postgres import PostgresStore
 from .sqlite import SQLiteStore
 
@@ -107,4 +109,54 @@ def _copy(src: SQLiteStore, dst: PostgresStore, source: str,
         if progress:
             progress(copied, total)
     out["calls"] = copied
+    out["reconciliations"] = _copy_reconciliations(src, dst, source)
     return out
+
+
+# What a reconcile changes on a ``calls`` row (``SQLiteStore.reconcile_call``).
+_RECONCILED_COLS = ("cost_status", "cost_usd", "cost_nanos", "currency", "amount", "note", "flagged", "reconciled_at")
+
+
+def _copy_reconciliations(src: SQLiteStore, dst: PostgresStore, source: str) -> int:
+    """Copy the ``reconciliations`` records written since the last run. Calls get new ids in the
+    fleet, so each record finds its call by what the call was (ts, vendor, method, host, path,
+    object id), and that call's cost columns are set from the box's row: a call reconciled on the
+    box after it was copied carries the settled cost in the fleet too. A record whose call is not
+    in the fleet (it was never copied) keeps ``call_id`` NULL rather than pointing at another row."""
+    if not src.read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'reconciliations'"):
+        return 0
+    last = dst._run(lambda c: c.execute("SELECT value FROM imported WHERE source = %s AND what = 'reconciliations'",
+                                        (source,)).fetchone())
+    last_id = last[0] if last else 0
+    cols = ", ".join(RECONCILIATION_COLUMNS)
+    rows = src.read(f"SELECT id, {cols} FROM reconciliations WHERE id > ? ORDER BY id", (last_id,))
+    if not rows:
+        return 0
+    call_ix = RECONCILIATION_COLUMNS.index("call_id")
+    calls = {r[0]: r[1:] for r in src.read(
+        f"SELECT id, ts, vendor, method, host, path, object_id, {', '.join(_RECONCILED_COLS)} FROM calls "
+        f"WHERE id IN ({','.join('?' * len({r[1 + call_ix] for r in rows}))})",
+        tuple({r[1 + call_ix] for r in rows}))}
+
+    def write(c: Any) -> None:
+        with c.transaction():
+            for r in rows:
+                rec = list(r[1:])
+                call = calls.get(rec[call_ix])
+                new_id = None
+                if call is not None:
+                    found = c.execute(
+                        "SELECT id FROM calls WHERE ts = %s AND vendor IS NOT DISTINCT FROM %s AND method = %s "
+                        "AND host = %s AND path = %s AND object_id IS NOT DISTINCT FROM %s ORDER BY id LIMIT 1",
+                        call[:6]).fetchone()
+                    if found:
+                        new_id = found[0]
+                        c.execute(f"UPDATE calls SET {', '.join(f'{k} = %s' for k in _RECONCILED_COLS)} "
+                                  "WHERE id = %s", (*call[6:], new_id))
+                rec[call_ix] = new_id
+                c.execute(f"INSERT INTO reconciliations ({cols}) VALUES ({', '.join(['%s'] * len(rec))})", rec)
+            c.execute("INSERT INTO imported (source, what, value) VALUES (%s, 'reconciliations', %s) "
+                      "ON CONFLICT (source, what) DO UPDATE SET value = excluded.value", (source, rows[-1][0]))
+
+    dst._run(write)
+    return len(rows)
