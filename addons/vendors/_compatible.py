@@ -27,7 +27,7 @@ from typing import Any
 
 from . import openai as _openai
 from ._models import openai_shape
-from ._sse import Event, SSEParser
+from ._sse import NULL, Event, SSEParser, forms_of, quiet
 from .base import Cost, Estimate, Prices, RequestView, ResponseView, StreamMeter, Vendor, bearer, plausible
 
 
@@ -96,7 +96,16 @@ class _StreamMeter:
         for event in self._parser.feed(bytes(chunk)):
             self._on(event)
 
+    def _quiet(self, event: Event) -> bool:
+        """Whether parsing this event could change nothing kept here (usage null, the model as it
+        is): the content chunks, which repeat the model and often ``"usage":null``."""
+        model = self._model
+        forms = NULL + forms_of(model) if isinstance(model, str) else NULL
+        return not event.truncated and quiet(event.raw, (b"\\u",), ((b'"usage"', NULL), (b'"model"', forms)))
+
     def _on(self, event: Event) -> None:
+        if self._quiet(event):
+            return
         obj = event.json()
         if isinstance(obj, dict):
             if isinstance(usage := obj.get("usage"), Mapping):

@@ -207,7 +207,19 @@ class _Meter(EventMeter):
         self._stopped = False
         self._error: str | None = None
 
+    @staticmethod
+    def _quiet(event: Event) -> bool:
+        """Only message_start, message_delta, message_stop and error events change anything: an
+        event whose name and data name none of them (the content_block_* deltas, pings) need not
+        be parsed. A type written with a \\u escape could be any of them: parsed."""
+        if event.name in _KEPT:
+            return False
+        raw = event.raw  # `"message_` covers the three message_* types
+        return raw.find(b'"message_') < 0 and raw.find(b'"error"') < 0 and raw.find(b"\\u") < 0
+
     def _on(self, event: Event) -> None:
+        if self._quiet(event):
+            return
         obj = event.json()
         if not isinstance(obj, dict):
             return
@@ -260,6 +272,9 @@ class _Meter(EventMeter):
         note = (f"{_llm.describe(rates, model)}: {usage.summary()}; {why}: "
                 f"input known, output counted at the estimate's worst case")
         return Cost("estimated", usd, "USD", usd, note)
+
+
+_KEPT = ("message_start", "message_delta", "message_stop", "error")
 
 
 def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:

@@ -23,6 +23,7 @@ Prices come from ``prices/gemini.yaml`` (policy ``prices: {gemini: …}`` overri
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from decimal import Decimal
@@ -30,7 +31,7 @@ from typing import Any
 
 from . import _llm
 from ._models import GEMINI, gemini_target
-from ._sse import Event, EventMeter
+from ._sse import NULL, Event, EventMeter, Keys, forms_of, quiet
 from .base import (
     NO_COST,
     Cost,
@@ -179,8 +180,20 @@ class _Meter(EventMeter):
         self._model: object = None
         self._error: str | None = None
         self._chunks = 0
+        self._keys = _keys(None)
+
+    def _quiet(self, event: Event) -> bool:
+        """Whether parsing this event could change nothing ``_on`` keeps: no usageMetadata, no
+        error, ``modelVersion`` only as it already is. The first JSON chunk is always parsed
+        (``_chunks`` tells an error before any output). Gemini may send usageMetadata in every
+        chunk: those are all parsed (the latest counts)."""
+        if event.truncated or self._chunks == 0:
+            return False
+        return quiet(event.raw, (b"\\u", b'"usageMetadata"'), self._keys)
 
     def _on(self, event: Event) -> None:
+        if self._quiet(event):
+            return
         obj = event.json()
         if not isinstance(obj, dict):
             return
@@ -190,8 +203,9 @@ class _Meter(EventMeter):
         self._chunks += 1
         if isinstance(usage := obj.get("usageMetadata"), Mapping):
             self._usage = usage
-        if isinstance(version := obj.get("modelVersion"), str) and version:
+        if isinstance(version := obj.get("modelVersion"), str) and version and version != self._model:
             self._model = version
+            self._keys = _keys(version)
 
     def _finish(self) -> Cost:
         model = self._model or _model(self._req)
@@ -202,6 +216,13 @@ class _Meter(EventMeter):
             return Cost("zero", Decimal(0), note=f"stream error before any output: {self._error}")
         why = f"stream meter failed ({self._broken})" if self._broken else "no usageMetadata in stream"
         return _fallback(self._req, self._prices, self._estimate, why)
+
+
+@functools.lru_cache(maxsize=64)
+def _keys(version: str | None) -> Keys:
+    """The keys a chunk may hold without being parsed: error null, modelVersion null, "" or the
+    one already seen. (A \\u escape or usageMetadata: parsed.)"""
+    return ((b'"error"', NULL), (b'"modelVersion"', (*NULL, *forms_of(""), *(forms_of(version) if version else ()))))
 
 
 def stream_meter(req: RequestView, prices: Prices, estimate: Estimate) -> StreamMeter | None:

@@ -31,6 +31,7 @@ Prices come from ``prices/openai.yaml`` (policy ``prices: {openai: …}`` overri
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ from typing import Any
 
 from . import _llm, _openai_media
 from ._models import openai_shape
-from ._sse import Event, EventMeter, find_object
+from ._sse import NULL, Event, EventMeter, Keys, find_object, forms_of, quiet
 from .base import (
     NO_COST,
     Cost,
@@ -321,8 +322,25 @@ class _Meter(EventMeter):
         self._tier: str | None = None
         self._tools: dict[str, int] = {}
         self._containers: set[str] = set()
+        self._keys = _keys(None, None)
+
+    def _quiet(self, event: Event) -> bool:
+        """Whether parsing this event could change nothing ``_on`` keeps: no usage, error, terminal
+        or tool event, and ``model``/``service_tier`` only as they already are (a chat stream
+        repeats both in every chunk, with ``"usage":null``). The first JSON event is always parsed
+        (``_events`` tells an error before any output from one after it)."""
+        if event.truncated or (self._events == 0 and self._error is None):
+            return False
+        raw = event.raw
+        if raw.find(b'"response.') >= 0:
+            for loud in _LOUD:
+                if raw.find(loud) >= 0:
+                    return False
+        return quiet(raw, (b"\\u",), self._keys)
 
     def _on(self, event: Event) -> None:
+        if self._quiet(event):
+            return
         obj = event.json()
         if not isinstance(obj, dict):
             if event.truncated and (usage := find_object(event.data, "usage")) is not None:
@@ -330,12 +348,14 @@ class _Meter(EventMeter):
             return
         typ = obj.get("type")
         src = obj.get("response") if isinstance(obj.get("response"), dict) else obj
-        if isinstance(model := src.get("model"), str) and model:
+        if isinstance(model := src.get("model"), str) and model and model != self._model:
             self._model = model
+            self._keys = _keys(model, self._tier)
         if isinstance(usage := src.get("usage"), dict):
             self._usage = usage
-        if isinstance(tier := src.get("service_tier"), str):
+        if isinstance(tier := src.get("service_tier"), str) and tier != self._tier:
             self._tier = tier
+            self._keys = _keys(self._model, tier)
         if typ == "response.output_item.done" and isinstance(item := obj.get("item"), dict):
             kind = item.get("type")
             if kind == "code_interpreter_call":
@@ -371,6 +391,19 @@ class _Meter(EventMeter):
         else:
             why = "usage missing from stream (request stream_options.include_usage)"
         return _fallback(self._req, self._prices, self._estimate, why)
+
+
+# Any of these in an event's data: parse it (the events that end a response or count a tool).
+_LOUD = (b'"response.output_item.done"', b'"response.completed"', b'"response.incomplete"',
+         b'"response.failed"')
+
+
+@functools.lru_cache(maxsize=256)
+def _keys(model: str | None, tier: str | None) -> Keys:
+    """The keys whose values an event may hold without being parsed: usage and error null, model
+    null, "" or the one already seen, service_tier null or the one already seen."""
+    return ((b'"usage"', NULL), (b'"model"', (*NULL, *forms_of(""), *(forms_of(model) if model else ()))),
+            (b'"service_tier"', NULL + (forms_of(tier) if tier is not None else ())), (b'"error"', NULL))
 
 
 def _stream_error(obj: Mapping[str, Any], typ: object) -> object:
