@@ -52,6 +52,16 @@ SECRET_FIELDS: dict[str, tuple[str, ...]] = {
     "twilio": ("secret",),  # POST /Keys.json answers with the new key's secret
     "postmark": ("ApiTokens",),  # GET/POST /servers list the server tokens
 }
+# For each of PATTERNS: strings one of which every match contains. A streamed chunk holding none of
+# them, nor any credential value, cannot match: the regex is not run (tests/test_stream_scrub.py
+# checks every pattern against generated matches).
+PATTERN_LITERALS: dict[str, tuple[bytes, ...]] = {
+    "stripe": (b"k_live_", b"k_test_"),
+    "openai": (b"sk-",),
+    "anthropic": (b"sk-ant-",),
+    "resend": (b"re_",),
+    "shopify": (b"shp",),
+}
 # Endpoints that mint credentials: refused unless the policy names them exactly.
 KEY_MINTING: dict[str, tuple[str, ...]] = {
     "openai": ("POST /v1/organization/admin_api_keys", "POST /v1/organization/projects/*/service_accounts"),
@@ -77,6 +87,19 @@ def secret_pattern(vendor: str, credentials: dict[str, dict[str, str]]) -> re.Pa
     return re.compile(b"|".join(alts) or b"(?!)")
 
 
+def secret_literals(vendor: str, credentials: dict[str, dict[str, str]]) -> tuple[bytes, ...] | None:
+    """Strings one of which is in any text ``secret_pattern(vendor, credentials)`` matches in (the
+    credential values, each pattern's literals, each secret field's name); None if unknown."""
+    out = [v.encode() for creds in credentials.values() for f, v in creds.items()
+           if f != "account_sid" and len(v) >= 8]
+    if vendor in PATTERNS:
+        if vendor not in PATTERN_LITERALS:
+            return None
+        out += PATTERN_LITERALS[vendor]
+    out += [b'"' + name.encode() + b'":' for name in SECRET_FIELDS.get(vendor, ())]
+    return tuple(out)
+
+
 def scrub(data: bytes, pattern: re.Pattern[bytes]) -> tuple[bytes, int]:
     return pattern.subn(lambda m: b'"' + MARK + b'"' if m.group(0).lstrip()[:1] in (b'"', b"[") else MARK, data)
 
@@ -85,8 +108,10 @@ class StreamScrubber:
     """A ``response.stream`` callable: decodes (if needed), scrubs, cuts at line ends."""
 
     def __init__(self, pattern: re.Pattern[bytes], encoding: str | None,
-                 inner: Callable[[bytes], bytes] | None, call: Call | None) -> None:
+                 inner: Callable[[bytes], bytes] | None, call: Call | None,
+                 literals: tuple[bytes, ...] | None = None) -> None:
         self.pattern, self.inner, self.call = pattern, inner, call
+        self.literals = literals  # see secret_literals: none in the buffer, no match possible
         self.buffer = b""
         self.count = 0
         enc = (encoding or "").strip().lower()
@@ -137,17 +162,30 @@ class StreamScrubber:
         else:
             nl = buf.rfind(b"\n") + 1
             cut = nl if nl > len(buf) - HOLD else max(nl, len(buf) - HOLD)
-        for m in self.pattern.finditer(buf):
-            if m.start() < cut < m.end():
-                cut = m.start()
-                break
-        if cut <= 0:
+        if self._may_match(buf):
+            for m in self.pattern.finditer(buf):
+                if m.start() < cut < m.end():
+                    cut = m.start()
+                    break
+            if cut <= 0:
+                return
+            out, n = scrub(buf[:cut], self.pattern)
+            self.count += n
+        elif cut <= 0:
             return
-        out, n = scrub(buf[:cut], self.pattern)
-        self.count += n
+        else:  # (the usual chunk: two regex scans saved, ~15 µs for an SSE event)
+            out = buf[:cut]
         self.buffer = buf[cut:]
         if out:
             yield out
+
+    def _may_match(self, buf: bytes) -> bool:
+        if self.literals is None:
+            return True
+        for text in self.literals:  # noqa: SIM110 (a loop: no generator per chunk)
+            if buf.find(text) >= 0:  # (not `in`: bytes.__contains__ builds a TypeError first)
+                return True
+        return False
 
 
 def _note(call: Call, count: int) -> None:
@@ -170,13 +208,17 @@ class Scrub:
             self._counts.pop(id(call), None)
 
     def _pattern(self, call: Call) -> re.Pattern[bytes]:
+        return self._secrets(call)[0]
+
+    def _secrets(self, call: Call) -> tuple[re.Pattern[bytes], tuple[bytes, ...] | None]:
         state = self.runtime.state
         assert state is not None
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] is not state:
             cache = self._cache = (state, {})
         if call.vendor not in cache[1]:
-            cache[1][call.vendor] = secret_pattern(call.vendor or "", state.credentials)
+            cache[1][call.vendor] = (secret_pattern(call.vendor or "", state.credentials),
+                                     secret_literals(call.vendor or "", state.credentials))
         return cache[1][call.vendor]
 
     @fail_closed
@@ -222,7 +264,7 @@ class Scrub:
                 del resp.headers["content-length"]
                 if flow.request.http_version == "HTTP/1.1" and "transfer-encoding" not in resp.headers:
                     resp.headers["transfer-encoding"] = "chunked"
-            resp.stream = StreamScrubber(pattern, encoding, inner, call)
+            resp.stream = StreamScrubber(pattern, encoding, inner, call, self._secrets(call)[1])
 
     def _headers(self, resp: http.Response, pattern: re.Pattern[bytes], call: Call) -> None:
         count, fields = 0, []
