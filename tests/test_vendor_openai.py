@@ -154,6 +154,19 @@ def test_policy_override_changes_the_price() -> None:
     assert cost_of(VENDOR, CHAT, body, prices).usd == Decimal(3)
 
 
+def test_rates_are_cached_per_prices_object_and_model_name() -> None:
+    """A reload (a new Prices) prices at the new rates at once; the model's case does not matter
+    (the rates are cached by the lower-cased name, as lookup resolves it)."""
+    body = synthetic_chat("gpt-4o", {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000})
+    shipped = Prices()
+    before = cost_of(VENDOR, CHAT, body, shipped).usd
+    assert cost_of(VENDOR, CHAT, body, Prices(overrides={"openai": {"models": {"gpt-4o": {
+        "input": 1, "output": 2}}}})).usd == Decimal(3) != before
+    assert cost_of(VENDOR, CHAT, body, shipped).usd == before
+    upper = synthetic_chat("GPT-4o", {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000})
+    assert cost_of(VENDOR, CHAT, upper, shipped).usd == before
+
+
 def test_long_context_surcharge() -> None:
     body = synthetic_chat("gpt-5.4", {"prompt_tokens": 300_000, "completion_tokens": 1000})
     # above 272K input tokens: 2× input, 1.5× output
