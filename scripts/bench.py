@@ -983,8 +983,12 @@ class _InProcess:
                 await am.handle_lifecycle(hooks.HttpResponseHeadersHook(f))
                 if chunks is not None and f.response is resp:
                     if callable(resp.stream):
-                        for c in chunks:
-                            resp.stream(c)
+                        # as mitmproxy's HTTP layer: each chunk, then b"" at the end; what the
+                        # function returns (bytes or an iterable of them) is consumed and sent
+                        for c in (*chunks, b""):
+                            out = resp.stream(c)
+                            for _ in (out,) if isinstance(out, bytes) else out:
+                                pass
                         resp.data.content = b""
                     else:
                         resp.content = b"".join(chunks)
