@@ -138,3 +138,44 @@ def test_how_long_an_answer_waits_for_its_row() -> None:
     refused = Call(decision="deny", reason="store_unavailable", estimated_nanos=20 * 10**9)
     assert commit_wait(refused, True) == 0.0  # nothing moved: never held for a stuck ledger
     assert commit_wait(Call(decision="deny", reason="cap_exhausted", estimated_nanos=1), True) == 5.0
+
+
+@pytest.mark.parametrize("lock_held", [False, True], ids=["lock_free", "lock_held_elsewhere"])
+def test_an_answer_leaves_only_once_its_row_and_settle_are_committed(
+        pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch, lock_held: bool) -> None:
+    """The zero ``kill -9`` window, both ways a row is written: committed on the event loop with the
+    call's settle (the write lock free), or by the writer thread once another process releases the
+    lock (the answer waits). The member after Record (Capture) sees the answer only once the
+    row is in the file."""
+    import threading
+
+    from spendgate.capture import Capture
+
+    seen: list[tuple] = []
+    path: list[str] = []
+
+    def after_record(self: Capture, flow: object) -> None:
+        conn = sqlite3.connect(path[0])
+        seen.append((conn.execute("SELECT count(*), max(cost_usd) FROM calls").fetchone(),
+                     conn.execute("SELECT count(*) FROM reservations").fetchone()[0]))
+        conn.close()
+
+    monkeypatch.setattr(Capture, "response", after_record)
+    p = pipeline()
+    path.append(p.runtime.store.path)  # type: ignore[union-attr]
+    token = p.issue_key("billing")
+    other = sqlite3.connect(path[0], isolation_level=None, check_same_thread=False)
+    if lock_held:  # held while the vendor answers: the hold is taken, the row's commit must wait
+        def respond(req: object) -> object:
+            other.execute("BEGIN IMMEDIATE")
+            threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+            return intent(1234)
+        out = p.run(stripe_post(token, body="amount=1234&currency=usd"), respond)  # type: ignore[arg-type]
+    else:
+        out = p.run(stripe_post(token, body="amount=1234&currency=usd"), intent(1234))
+    assert out.status == 200
+    assert seen[0][0] == (1, "12.34")  # the row was committed before the answer left
+    if not lock_held:
+        assert seen == [((1, "12.34"), 0)]  # and its settle, in the same transaction
+    p.flush()
+    other.close()

@@ -168,9 +168,14 @@ class Record:
         assert store is not None
         row = ledger_row(flow, call, status)
         wait = commit_wait(call, store.available)
-        give_up = None if wait == MONEY_COMMIT_WAIT else (lambda: not store.available)
-        on_commit, answer = commit_waiter(wait, give_up) if wait else (None, None)
-        store.record_call(row, on_commit)
+        answer = None
+        # Committed here when the ledger can do it at once (SQLite's write lock free this instant):
+        # the answer then needs no round trip through the writer thread. Else queued, and the
+        # answer waits for the writer's commit.
+        if not (wait and store.record_call_now(row)):
+            give_up = None if wait == MONEY_COMMIT_WAIT else (lambda: not store.available)
+            on_commit, answer = commit_waiter(wait, give_up) if wait else (None, None)
+            store.record_call(row, on_commit)
         for listener in self.runtime.on_record:
             try:
                 listener(row, call)

@@ -384,6 +384,10 @@ class Ledger(Protocol):
     def record_call(self, row: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None:
         """Queue a row; ``on_commit`` runs (on the writer thread) once it is committed."""
         ...
+    def record_call_now(self, row: dict[str, Any]) -> bool:
+        """Commit a row on the calling thread if that cannot wait (SQLite: its write lock is free this
+        instant); False, having done nothing, otherwise: then :meth:`record_call` queues it."""
+        ...
     def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """A read-only query (``?`` placeholders) for reports."""
         ...

@@ -215,6 +215,10 @@ class MemoryStore:
         if on_commit is not None:
             on_commit()
 
+    def record_call_now(self, row: dict[str, Any]) -> bool:
+        self.record_call(row)
+        return True
+
     def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError("an in-memory ledger has no SQL: read .calls")
 

@@ -755,6 +755,9 @@ class PostgresStore:
     def record_call(self, row: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None:
         self._submit(CallRow(row), on_commit)
 
+    def record_call_now(self, row: dict[str, Any]) -> bool:
+        return False  # a commit is a round trip: never on the event loop
+
     def _submit(self, item: LedgerItem, on_commit: Callable[[], None] | None = None) -> None:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="spendgate-ledger", daemon=True)

@@ -17,6 +17,7 @@ other gateway processes on the same machine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -69,6 +70,9 @@ log = logging.getLogger("spendgate")
 
 FLUSH_INTERVAL = 0.05  # seconds the idle writer thread waits for work (a new row wakes it at once)
 BUSY_TIMEOUT_MS = 5000
+# Rows committed on the event loop (whose connection never checkpoints) before the idle writer thread
+# runs a passive checkpoint, as its own commits' automatic checkpoint would (about 1 000 WAL pages).
+CHECKPOINT_EVERY = 250
 
 
 
@@ -254,6 +258,7 @@ class SQLiteStore:
         self._state_lock = threading.Lock()
         self._limits = Gcra()
         self._loops = LoopBreaker()
+        self._loop_commits = 0  # rows committed on the event loop since the writer's last checkpoint
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -487,13 +492,14 @@ class SQLiteStore:
         self.conn.execute("UPDATE reservations SET forwarded = 1 WHERE id = ?", (reservation.id,))
 
     def settle(self, reservation: Reservation, actual_nanos: int) -> None:
-        """Replace a hold by the real cost (0 releases it). Queued: holding a little
-        longer is always safe, it can only make a cap stricter for a few milliseconds."""
-        self._submit(Settle(reservation, actual_nanos))
+        """Replace a hold by the real cost (0 releases it). Written behind (with the call's row when
+        that is committed on the event loop, else by the writer thread): holding a little longer is
+        always safe, it can only make a cap stricter for a few milliseconds."""
+        self._defer(Settle(reservation, actual_nanos))
 
     def add_usage(self, nanos: int, scopes: Iterable[str]) -> None:
-        """Count spend that was not reserved (e.g. report-only mode)."""
-        self._submit(Usage(tuple(scopes), nanos))
+        """Count spend that was not reserved (e.g. report-only mode); written behind as :meth:`settle`."""
+        self._defer(Usage(tuple(scopes), nanos))
 
     @staticmethod
     def _settle_now(conn: sqlite3.Connection, res_id: str, nanos: int, scopes: Iterable[str],
@@ -675,10 +681,65 @@ class SQLiteStore:
         """Queue a ``calls`` row; ``on_commit`` is called (from the writer thread) once it is committed."""
         self._submit(CallRow(row), on_commit)
 
+    def record_call_now(self, row: dict[str, Any]) -> bool:
+        """Commit ``row`` on the calling thread (the event loop) if SQLite's write lock is free this
+        instant, with the settlements and usage this thread deferred since the loop's last turn (a
+        call's settle and its row: one transaction); False, having done nothing, if the lock is
+        taken (the writer's commit, a hold, another process) or the ledger cannot be written: then
+        :meth:`record_call` queues it for the writer thread, which waits and logs outages.
+
+        A local commit (WAL, ``synchronous=NORMAL``: no fsync) is cheaper than the hand-off to the
+        writer thread and back (a queue put, a thread wake-up, a self-pipe write to the loop); and
+        with every write of a request on this one connection its page cache stays valid."""
+        if not self.available:
+            return False
+        conn = self._nowait_conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return False
+        held: list[LedgerItem] | None = getattr(self._local, "held", None)
+        try:
+            self._apply(conn, [CallRow(row), *(held or ())])
+            conn.execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return False  # the row goes to the writer (the deferred items at the loop's next turn)
+        if held:
+            held.clear()
+        self._loop_commits += 1
+        if self._writer is None:
+            self._start_writer()  # it checkpoints the WAL this connection never does
+        return True
+
+    def _defer(self, item: LedgerItem) -> None:
+        """On an event loop: hold ``item`` until the loop's next turn, for :meth:`record_call_now` to
+        commit with the call's row (then queued for the writer if no row took it); elsewhere: queue it."""
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            self._submit(item)
+            return
+        held = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = []
+        if not held:
+            loop.call_soon(self._submit_held, held)
+        held.append(item)
+
+    def _submit_held(self, held: list[LedgerItem]) -> None:
+        items = list(held)
+        held.clear()
+        for item in items:
+            self._submit(item)
+
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="spendgate-ledger", daemon=True)
+        self._writer.start()
+
     def _submit(self, item: LedgerItem, on_commit: Callable[[], None] | None = None) -> None:
         if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="spendgate-ledger", daemon=True)
-            self._writer.start()
+            self._start_writer()
         with self._flushed:
             self._pending += 1
         self._queue.put((item, on_commit))
@@ -700,6 +761,10 @@ class SQLiteStore:
                     batch.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
+            if not batch and self._loop_commits >= CHECKPOINT_EVERY:
+                self._loop_commits = 0
+                with contextlib.suppress(sqlite3.Error):  # busy or failing: the next one, or a commit's own
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             if batch:
                 ok = self._write_batch(conn, batch)
                 backoff = 0.0 if ok else min(max(backoff * 2, 0.05), 2.0)
@@ -738,24 +803,8 @@ class SQLiteStore:
     def _write_batch(self, conn: sqlite3.Connection,
                      batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> bool:
         """Commit a batch in one transaction; False (rows kept) if the ledger cannot be written."""
-        calls = [item.row for item, _ in batch if isinstance(item, CallRow)]
-
-        def write(c: sqlite3.Connection) -> None:
-            if calls:
-                cols = [k for k in CALL_COLUMNS if k != "id"]
-                c.executemany(
-                    f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    [tuple(clean_text(r.get(k)) for k in cols) for r in calls],
-                )
-            for item, _ in batch:
-                if isinstance(item, Settle):
-                    res = item.reservation
-                    self._settle_now(c, res.id, res.nanos, res.scopes, item.actual_nanos)
-                elif isinstance(item, Usage):
-                    self._add_usage_now(c, item.scopes, item.nanos)
-
         try:
-            self._transaction(write, conn=conn)
+            self._transaction(self._apply, [item for item, _ in batch], conn=conn)
         except sqlite3.OperationalError as e:  # locked, busy, disk full, read-only: keep the rows
             self._outage(e)
             return False
@@ -774,6 +823,25 @@ class SQLiteStore:
         _notify(batch)
         return True
 
+    _INSERT_CALL = (f"INSERT INTO calls ({', '.join(k for k in CALL_COLUMNS if k != 'id')}) "
+                    f"VALUES ({', '.join('?' * (len(CALL_COLUMNS) - 1))})")
+    _CALL_COLS = tuple(k for k in CALL_COLUMNS if k != "id")
+
+    def _apply(self, conn: sqlite3.Connection, items: list[LedgerItem]) -> None:
+        """A batch's statements (rows, settlements, usage) inside the caller's transaction."""
+        rows = [tuple(clean_text(item.row.get(k)) for k in self._CALL_COLS)
+                for item in items if isinstance(item, CallRow)]
+        if len(rows) == 1:
+            conn.execute(self._INSERT_CALL, rows[0])
+        elif rows:
+            conn.executemany(self._INSERT_CALL, rows)
+        for item in items:
+            if isinstance(item, Settle):
+                res = item.reservation
+                self._settle_now(conn, res.id, res.nanos, res.scopes, item.actual_nanos)
+            elif isinstance(item, Usage):
+                self._add_usage_now(conn, item.scopes, item.nanos)
+
     def _transaction(self, fn: Any, *args: Any, conn: sqlite3.Connection | None = None) -> None:
         conn = conn or self.conn
         conn.execute("BEGIN IMMEDIATE")
@@ -787,6 +855,8 @@ class SQLiteStore:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until every queued row is committed."""
+        if held := getattr(self._local, "held", None):
+            self._submit_held(held)  # deferred on this thread's loop, which may not turn again first
         deadline = time.monotonic() + timeout
         with self._flushed:
             while self._pending > 0:
