@@ -941,7 +941,7 @@ class _InProcess:
     in the order its HTTP layer emits them (a streamed response's body through its stream function)."""
 
     def __init__(self, tmp: Path, with_spendgate: bool) -> None:
-        from mitmproxy import options
+        from mitmproxy import hooks, options
         from mitmproxy.tools.dump import DumpMaster
 
         from spendgate import gateway
@@ -956,6 +956,13 @@ class _InProcess:
             self.master.options.update_defer(spendgate_admin_listen="")
             self.addons = gateway.make_addons()
             self.master.addons.add(*self.addons)
+            # What mitmdump's script loader does once a script's addons are registered: configure each
+            # with every option (else the chain, registered after the options were set, keeps its
+            # defaults: flow comments built and a decision line logged for every request, which a
+            # mitmdump at termlog_verbosity=warn does neither of).
+            every = set(self.master.options.keys())
+            for addon in self.addons:
+                self.master.addons.invoke_addon_sync(addon, hooks.ConfigureHook(every))
         self.runtime = next((a for a in self.addons if hasattr(a, "store")), None)
 
     def activate(self) -> None:
