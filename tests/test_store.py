@@ -286,3 +286,44 @@ def test_rows_committed_on_the_event_loop_keep_the_wal_bounded(tmp_path: Path) -
     store.close()
     assert wal < 15_000_000, wal
     assert sqlite3.connect(path).execute("SELECT count(*) FROM calls").fetchone()[0] == 3000
+
+
+def test_the_event_loops_key_read_sees_every_change_made_elsewhere_at_once(tmp_path: Path) -> None:
+    """``key_by_token(wait=False)`` skips the key row's ``SELECT`` while ``PRAGMA data_version`` says
+    no other connection committed anything; its own commits (rows, holds) do not count. A revoke
+    from another process (a second store on the file: its own connections), from this gateway's
+    other threads (the admin API, the CLI in process), an expiry change in raw SQL, a key issued
+    after a miss: each is seen by the very next lookup."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "l.db")
+    store = SQLiteStore(path)
+    a, token_a = store.issue_key("p", 3600)
+    b, token_b = store.issue_key("p", 3600)
+    assert store.key_by_token(token_a, wait=False).state() == "active"
+    for i in range(3):  # the loop's own commits keep the read cached, and change nothing it sees
+        assert store.record_call_now(_row(i))
+        assert store.key_by_token(token_a, wait=False).state() == "active"
+
+    other = SQLiteStore(path)  # another gateway, or the CLI
+    assert other.revoke(a.id)
+    assert store.key_by_token(token_a, wait=False).state() == "revoked"
+    other.close()
+
+    assert store.key_by_token(token_b, wait=False).state() == "active"
+    assert store.revoke(b.id)  # this process, another thread's connection
+    assert store.key_by_token(token_b, wait=False).state() == "revoked"
+
+    c, token_c = store.issue_key("p", 3600)
+    assert store.key_by_token(token_c, wait=False).state() == "active"
+    subprocess.run([sys.executable, "-c", "import sqlite3; c = sqlite3.connect(__import__('sys').argv[1]); "
+                    "c.execute(\"UPDATE keys SET expires_at = '2000-01-01T00:00:00+00:00' WHERE id = ?\", "
+                    "(__import__('sys').argv[2],)); c.commit()", path, c.id], check=True)
+    assert store.key_by_token(token_c, wait=False).state() == "expired"
+
+    missing = "vk_" + "x" * 40
+    assert store.key_by_token(missing, wait=False) is None
+    store.conn.execute("UPDATE keys SET token_sha256 = ? WHERE id = ?", (hash_token(missing), c.id))
+    assert store.key_by_token(missing, wait=False) is not None  # a miss is not remembered past a change
+    store.close()

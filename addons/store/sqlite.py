@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -104,6 +105,21 @@ def pid_alive(pid: int | None) -> bool:
     except OSError:  # PermissionError: alive, someone else's
         return True
     return True
+
+
+@functools.cache
+def _hold_sql(n: int) -> str:
+    """Add a hold to ``n`` scopes' counters (a counter is created at its first use) and return each
+    scope's total after it (spent + held): one statement for every scope of a call."""
+    return ("INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) VALUES "
+            + ", ".join(["(?, 0, ?, ?)"] * n)
+            + " ON CONFLICT(scope) DO UPDATE SET reserved_nanos = reserved_nanos + excluded.reserved_nanos, "
+            "updated_at = excluded.updated_at RETURNING scope, used_nanos + reserved_nanos")
+
+
+@functools.lru_cache(maxsize=1024)
+def _scopes_json(scopes: tuple[str, ...]) -> str:
+    return json.dumps(scopes)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -259,6 +275,9 @@ class SQLiteStore:
         self._limits = Gcra()
         self._loops = LoopBreaker()
         self._loop_commits = 0  # rows committed on the event loop since the writer's last checkpoint
+        # hold ids: unique across processes (a random prefix) without a getrandom call per hold
+        self._res_prefix = secrets.token_hex(5)
+        self._res_serial = itertools.count(1)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -337,9 +356,10 @@ class SQLiteStore:
         raises :class:`WouldBlock` instead of stalling the event loop."""
         digest = hash_token(token)
         try:
-            row = (self.conn if wait else self._nowait_conn).execute(
-                f"SELECT {self._KEY_COLS} FROM keys WHERE token_sha256 = ?", (digest,)
-            ).fetchone()
+            if wait:
+                row = self.conn.execute(self._KEY_BY_SHA, (digest,)).fetchone()
+            else:
+                row = self._key_row_now(digest)
         except sqlite3.OperationalError as e:
             if wait:
                 raise
@@ -350,6 +370,27 @@ class SQLiteStore:
         if rec is None or not compare_digest(rec.token_sha256, digest):
             return None
         return rec
+
+    _KEY_BY_SHA = f"SELECT {_KEY_COLS} FROM keys WHERE token_sha256 = ?"
+
+    def _key_row_now(self, digest: str) -> tuple | None:
+        """The key row, read on the connection that never waits, unless nothing was committed to the
+        ledger by any other connection (another process, this gateway's other threads) since this
+        connection last read it: ``PRAGMA data_version`` says so (across processes), and this
+        connection's own commits (holds, rows, settles) never write ``keys``. A revoke, a new key, an
+        expiry change, from anywhere, is therefore read by the next request."""
+        conn = self._nowait_conn
+        local = self._local
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        rows: dict[str, tuple | None] | None = getattr(local, "key_rows", None)
+        if rows is None or local.key_rows_version != version or len(rows) > 10_000:
+            rows = local.key_rows = {}
+            local.key_rows_version = version
+        elif digest in rows:
+            return rows[digest]
+        row = conn.execute(self._KEY_BY_SHA, (digest,)).fetchone()
+        rows[digest] = row
+        return row
 
     def get_key(self, key_id: str) -> KeyRecord | None:
         row = self.conn.execute(f"SELECT {self._KEY_COLS} FROM keys WHERE id = ?", (key_id,)).fetchone()
@@ -428,21 +469,19 @@ class SQLiteStore:
               forwarded: bool) -> Reservation:
         """The hold's statements, inside a ``BEGIN IMMEDIATE`` the caller opened (and commits)."""
         ts = iso(now())
-        used = self._used(conn, caps)
+        scopes = tuple(caps)
+        # One statement adds the hold to every scope and returns each total with it (spent + held);
+        # a total over its cap raises, and the caller's ROLLBACK undoes the statement.
+        after = dict(conn.execute(_hold_sql(len(scopes)), [x for s in scopes for x in (s, nanos, ts)]).fetchall()) \
+            if scopes else {}
         for scope, cap in caps.items():
-            if used[scope] + nanos > cap:
-                raise CapExceeded(scope, cap, used[scope])
-        res = Reservation("res_" + secrets.token_hex(8), nanos, tuple(caps),
-                          left_nanos=min((cap - used[scope] - nanos for scope, cap in caps.items()), default=None))
-        conn.executemany(
-            "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) "
-            "VALUES (?, 0, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
-            "reserved_nanos = reserved_nanos + excluded.reserved_nanos, updated_at = excluded.updated_at",
-            [(scope, nanos, ts) for scope in caps],
-        )
+            if after[scope] > cap:
+                raise CapExceeded(scope, cap, after[scope] - nanos)
+        res = Reservation(f"res_{self._res_prefix}{next(self._res_serial):06x}", nanos, scopes,
+                          left_nanos=min((cap - after[scope] for scope, cap in caps.items()), default=None))
         conn.execute(
             "INSERT INTO reservations (id, nanos, scopes, created_at, instance, forwarded, meta) VALUES (?,?,?,?,?,?,?)",
-            (res.id, nanos, json.dumps(res.scopes), ts, self.instance, int(forwarded),
+            (res.id, nanos, _scopes_json(scopes), ts, self.instance, int(forwarded),
              json.dumps({k: (hold or {}).get(k) for k in HOLD_FIELDS})),
         )
         return res
@@ -507,11 +546,12 @@ class SQLiteStore:
         cur = conn.execute("DELETE FROM reservations WHERE id = ?", (res_id,))
         if cur.rowcount == 0:
             return False  # already settled (or recovered): never count twice
-        conn.executemany(
-            "UPDATE counters SET reserved_nanos = max(0, reserved_nanos - ?), "
-            "used_nanos = used_nanos + ?, updated_at = ? WHERE scope = ?",
-            [(nanos, actual, iso(now()), scope) for scope in scopes],
-        )
+        scopes = tuple(scopes)
+        if scopes:
+            conn.execute(
+                "UPDATE counters SET reserved_nanos = max(0, reserved_nanos - ?), used_nanos = used_nanos + ?, "
+                f"updated_at = ? WHERE scope IN ({', '.join('?' * len(scopes))})",
+                (nanos, actual, iso(now()), *scopes))
         return True
 
     @staticmethod
