@@ -264,7 +264,8 @@ def clean_text(value: Any) -> Any:
     path, a vendor's header) to lone surrogates, which neither accepts: keep them as backslash
     escapes; PostgreSQL text cannot hold NUL either."""
     if isinstance(value, str):
-        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        if not value.isascii():  # (a flag of the string: no scan) only non-ASCII text can hold a surrogate
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
         return value.replace("\x00", "\\x00") if "\x00" in value else value
     return value
 
