@@ -158,7 +158,7 @@ class Record:
         return self.record(flow, STATUS.get(call.reason or "", 502))
 
     def record(self, flow: http.HTTPFlow, status: int | None) -> Awaitable[None] | None:
-        """Queue the ledger row; returns an awaitable that resolves once it is committed."""
+        """Commit the ledger row, or queue it and return an awaitable that resolves once it is committed."""
         call = get_call(flow)
         if call is None or call.recorded:
             return None
@@ -221,7 +221,8 @@ def commit_waiter(timeout: float = COMMIT_WAIT, give_up: Callable[[], bool] | No
 
     The hooks return the awaitable, so mitmproxy sends the answer (a response, a refusal, the
     502 of a failed upstream) only after the call's row is in the ledger: a kill -9 loses no
-    answered call. The commit runs on the ledger's writer thread (group commit), never on the loop.
+    answered call. (Used when the row could not be committed on the loop at once: the commit
+    then runs on the ledger's writer thread, group commit.)
     """
     try:
         loop = asyncio.get_running_loop()

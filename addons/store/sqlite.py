@@ -2,14 +2,17 @@
 other gateway processes on the same machine.
 
 - WAL mode: readers (reports, Datasette) never block the gateway.
-- Key lookups read the ``keys`` table on every request: a revoke committed by the
-  CLI is seen by the very next request, with no cache to invalidate.
+- Key lookups read the ``keys`` table on every request, unless ``PRAGMA data_version`` says no
+  other connection committed anything since: a revoke committed by the CLI (or any process) is
+  seen by the very next request.
 - Budget reservations are one ``BEGIN IMMEDIATE`` transaction: the check and the
   hold are atomic across processes.
-- ``calls`` rows go through a queue written by one writer thread, in batches (group
-  commit), so no commit ever runs on mitmproxy's event loop. ``record_call(row, on_commit)`` lets the
-  record stage hold an answer until its row is committed: a ``kill -9`` then loses no row
-  of an answered call.
+- Nothing on mitmproxy's event loop ever waits for a lock: the loop writes (a hold, a call's row
+  with its settle: ``admit_now``, ``record_call_now``) on a connection with no busy timeout, only
+  when the write lock is free that instant (then it is a few statements on a local file, cheaper
+  than a hop to a thread); otherwise the hold runs on a worker thread and the row goes through a
+  queue written by one writer thread, in batches (group commit). Either way the record stage holds
+  an answer until its row is committed: a ``kill -9`` then loses no row of an answered call.
 - Rate limits and the loop breaker are per process (``limits.py``): one box, one gateway.
 - ``schema_version`` records the schema; :data:`MIGRATIONS` upgrade an older ledger under the
   write lock, and a newer one is refused (:class:`SchemaError`).
