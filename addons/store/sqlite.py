@@ -74,9 +74,10 @@ log = logging.getLogger("spendgate")
 
 FLUSH_INTERVAL = 0.05  # seconds the idle writer thread waits for work (a new row wakes it at once)
 BUSY_TIMEOUT_MS = 5000
-# Rows committed on the event loop (whose connection never checkpoints) before the idle writer thread
-# runs a passive checkpoint, as its own commits' automatic checkpoint would (about 1 000 WAL pages).
+# Rows committed on the event loop (whose connection never checkpoints) before the writer thread
+# checkpoints the WAL (about 1 000 WAL pages, as SQLite's automatic checkpoint would).
 CHECKPOINT_EVERY = 250
+CHECKPOINT_WAIT_MS = 100  # how long that checkpoint waits for a writer or a reader in its way
 
 
 
@@ -278,6 +279,7 @@ class SQLiteStore:
         self._limits = Gcra()
         self._loops = LoopBreaker()
         self._loop_commits = 0  # rows committed on the event loop since the writer's last checkpoint
+        self._checkpointing = False  # the writer thread is checkpointing: the loop takes no write lock
         # hold ids: unique across processes (a random prefix) without a getrandom call per hold
         self._res_prefix = secrets.token_hex(5)
         self._res_serial = itertools.count(1)
@@ -508,8 +510,8 @@ class SQLiteStore:
             if looped and not hold_if_looped:
                 return Admission(looped=True)
             return Admission(looped, left_nanos=min((cap - used[s] for s, cap in caps.items()), default=None))
-        if not self._registered:
-            return None  # the first hold registers this gateway first, off the loop
+        if not self._registered or self._checkpointing:
+            return None  # the first hold registers this gateway first, off the loop; a checkpoint runs
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
@@ -734,7 +736,7 @@ class SQLiteStore:
         A local commit (WAL, ``synchronous=NORMAL``: no fsync) is cheaper than the hand-off to the
         writer thread and back (a queue put, a thread wake-up, a self-pipe write to the loop); and
         with every write of a request on this one connection its page cache stays valid."""
-        if not self.available:
+        if not self.available or self._checkpointing:
             return False
         conn = self._nowait_conn
         try:
@@ -804,10 +806,9 @@ class SQLiteStore:
                     batch.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
-            if not batch and self._loop_commits >= CHECKPOINT_EVERY:
+            if self._loop_commits >= CHECKPOINT_EVERY:
                 self._loop_commits = 0
-                with contextlib.suppress(sqlite3.Error):  # busy or failing: the next one, or a commit's own
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self._checkpoint(conn)
             if batch:
                 ok = self._write_batch(conn, batch)
                 backoff = 0.0 if ok else min(max(backoff * 2, 0.05), 2.0)
@@ -823,6 +824,25 @@ class SQLiteStore:
                     for item in batch:  # keep them, in order, for the retry
                         self._queue.put(item)
         conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the database and have the next commit start the WAL over. ``RESTART``,
+        not ``PASSIVE``: under a steady stream of commits on the event loop a passive checkpoint
+        never sees the WAL complete, and it grows without bound (~40 KB a payment). Meanwhile the
+        loop takes no write lock (``_checkpointing``: its holds go to the pool, its rows to this
+        thread's queue), so the checkpoint gets the lock at once and holds it a few ms; it waits at
+        most ``CHECKPOINT_WAIT_MS`` for a reader or another process in its way (a long report),
+        then tries again at the next one."""
+        self._checkpointing = True
+        try:
+            conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        except sqlite3.Error:
+            pass  # busy past the wait, or failing: the next checkpoint, or the writer's own commits
+        finally:
+            self._checkpointing = False
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _outage(self, error: Exception | None) -> None:
         """One log line per change of state (not one per row) while the ledger cannot be written."""
