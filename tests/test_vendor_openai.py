@@ -154,9 +154,9 @@ def test_policy_override_changes_the_price() -> None:
     assert cost_of(VENDOR, CHAT, body, prices).usd == Decimal(3)
 
 
-def test_rates_are_cached_per_prices_object_and_model_name() -> None:
-    """A reload (a new Prices) prices at the new rates at once; the model's case does not matter
-    (the rates are cached by the lower-cased name, as lookup resolves it)."""
+def test_a_new_prices_object_prices_at_its_rates_at_once() -> None:
+    """Rates are remembered (``_llm.lookup``): a reload (a new Prices) prices at the new rates at
+    once, the shipped ones again after; the model's case does not matter."""
     body = synthetic_chat("gpt-4o", {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000})
     shipped = Prices()
     before = cost_of(VENDOR, CHAT, body, shipped).usd

@@ -41,19 +41,8 @@ class _Retarget(Prices):
         return super().table(self.vendor or vendor)
 
 
-_RETARGETS: dict[tuple[int, int], tuple[Prices, Vendor, _Retarget]] = {}
-
-
 def _retarget(prices: Prices, vendor: Vendor) -> _Retarget:
-    """The same object for the same prices and vendor, so the rates cached per Prices object
-    (``_llm.RatesCache``) serve a provider's calls too (the references held keep the ids unique)."""
-    hit = _RETARGETS.get((id(prices), id(vendor)))
-    if hit is None or hit[0] is not prices or hit[1] is not vendor:
-        if len(_RETARGETS) >= 64:
-            _RETARGETS.clear()
-        hit = _RETARGETS[(id(prices), id(vendor))] = (
-            prices, vendor, _Retarget(fx=prices.fx, overrides=prices.overrides, vendor=vendor))
-    return hit[2]
+    return _Retarget(fx=prices.fx, overrides=prices.overrides, vendor=vendor)
 
 
 def normalise_usage(usage: Mapping[str, Any], table: Mapping[str, Any]) -> dict[str, Any]:

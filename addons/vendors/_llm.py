@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -227,30 +227,6 @@ def _lookup(table: Mapping[str, Any], model: object, cache_read_x: Decimal, cach
         image_input=_opt_rate(entry.get("image_input")),
         tiers=tiers if isinstance(tiers, Mapping) else None,
     )
-
-
-class RatesCache:
-    """``lookup`` results by model for each ``Prices`` object (the gateway's, until a policy reload
-    replaces it; a provider's retargeted one). A lookup parses every rate of the model's row
-    (~16 µs; an unknown model's fallback row is built from every row, ~10× that); a request asks
-    twice (estimate, cost). The rates depend on the model only through its lower-cased name (a
-    non-string is ""). Bounded: 16 Prices objects (held, so their ids stay unique), 256 models."""
-
-    def __init__(self, compute: Callable[[Any, object], Rates]) -> None:
-        self._compute = compute
-        self._tables: dict[int, tuple[object, dict[str, Rates]]] = {}
-
-    def __call__(self, prices: Any, model: object) -> Rates:
-        key = model.lower() if isinstance(model, str) else ""
-        entry = self._tables.get(id(prices))
-        if entry is None or entry[0] is not prices or len(entry[1]) >= 256:
-            if len(self._tables) >= 16:
-                self._tables.clear()
-            entry = self._tables[id(prices)] = (prices, {})
-        rates = entry[1].get(key)
-        if rates is None:
-            rates = entry[1][key] = self._compute(prices, model)
-        return rates
 
 
 def _opt_rate(value: object) -> Decimal | None:

@@ -87,7 +87,8 @@ def _table(prices: Prices) -> dict[str, Any]:
     return prices.table(VENDOR)
 
 
-_rates = _llm.RatesCache(lambda prices, model: _llm.lookup(_table(prices), model, cache_read_x=Decimal("0.1")))
+def _rates(prices: Prices, model: object) -> _llm.Rates:
+    return _llm.lookup(_table(prices), model, cache_read_x=Decimal("0.1"))
 
 
 def _worst(req: RequestView, prices: Prices) -> tuple[Decimal, Decimal, str]:

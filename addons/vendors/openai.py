@@ -115,9 +115,9 @@ def _body(req: RequestView) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-# OpenAI has no cache-write surcharge; models listed without a cached rate get no discount.
-_rates = _llm.RatesCache(lambda prices, model: _llm.lookup(
-    prices.table(VENDOR), model, cache_read_x=Decimal(1), cache_write_x=Decimal(1)))
+def _rates(prices: Prices, model: object) -> _llm.Rates:
+    # OpenAI has no cache-write surcharge; models listed without a cached rate get no discount.
+    return _llm.lookup(prices.table(VENDOR), model, cache_read_x=Decimal(1), cache_write_x=Decimal(1))
 
 
 @dataclass(frozen=True)
