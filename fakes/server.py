@@ -83,6 +83,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:
+            # The client went away mid-request or between two requests on a kept-alive connection
+            # (a test that cuts its connection, a gateway that resets one): there is no one left to
+            # answer. Anything else still reaches socketserver's handle_error and is printed.
+            self.close_connection = True
+
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.verbose:
             super().log_message(format, *args)

@@ -415,6 +415,32 @@ def test_delay(fake: FakeVendors) -> None:
     assert len(fake.requests()) == 2  # recorded on arrival, even when the client gave up
 
 
+def test_a_client_that_resets_mid_request_is_no_traceback(fake: FakeVendors, capfd: pytest.CaptureFixture[str]) -> None:
+    """A client that goes away mid-body, between kept-alive requests, or while the fake is still
+    answering: the handler thread ends quietly (no socketserver traceback on stderr mid-run) and the
+    server keeps answering; the request that did arrive whole is still recorded."""
+    import socket
+    import struct
+    import threading
+
+    cuts = [b"POST /email HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"To\"",  # mid-body
+            b"GET /__health HTTP/1.1\r\nHost: x\r\n\r\n",  # answered, then reset while kept alive
+            b"POST /email HTTP/1.1\r\nHost: x\r\nX-Fake-Delay: 0.2\r\nContent-Length: 2\r\n\r\n{}"]
+    before = set(threading.enumerate())
+    for raw in cuts:
+        s = socket.create_connection(("127.0.0.1", fake.port))
+        s.sendall(raw)
+        time.sleep(0.05)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        s.close()
+    for t in set(threading.enumerate()) - before:  # the handlers of these connections: done
+        t.join(5)
+    with httpx.Client(base_url=fake.url) as c:
+        assert c.get("/__health").status_code == 200
+    assert "Traceback" not in capfd.readouterr().err
+    assert [r["path"] for r in fake.requests()] == ["/email"]  # the delayed one, recorded on arrival
+
+
 def test_forced_status_has_vendor_shape_and_is_not_retried(fake: FakeVendors) -> None:
     import anthropic
     import openai
