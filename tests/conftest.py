@@ -15,6 +15,25 @@ from pg import pg_database, pg_url  # noqa: F401  (fixtures: a throwaway Postgre
 from fakes import FakeVendors
 from spendgate.pipeline import Pipeline
 
+# --------------------------------------------------------------------------- running in parallel
+# ./scripts/test runs the suite on every core (pytest-xdist: ``-n auto --dist loadfile``). Each
+# worker is its own session: its own SPENDGATE_HOME, CA, fake vendors and PostgreSQL database; every
+# port is a free one. A module's tests all run on one worker, in order, as in a serial run: a
+# module-scoped gateway (or fleet) starts once, and a test that reads what the module's earlier
+# tests left (a report, the documented responses seen) still finds it.
+
+# The longest modules start first, so that none of them is the last one running while the other
+# workers idle. A scheduling hint only (whole modules move, in order; nothing depends on it).
+LONG_FIRST = ("test_failures.py", "test_fleet.py", "test_e2e_govern.py", "test_cli_onboarding.py",
+              "test_e2e_gateway.py", "test_e2e_spend.py", "test_e2e_operators.py", "test_paths.py",
+              "test_readme_walkthrough.py", "test_e2e_replay.py", "test_demo.py", "test_properties.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # only in xdist workers: a serial run keeps its order
+        rank = {name: i for i, name in enumerate(LONG_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: modules stay whole
+
 
 @pytest.fixture(scope="session", autouse=True)
 def spendgate_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

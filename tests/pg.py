@@ -1,10 +1,10 @@
 """The real PostgreSQL server the tests use (never a mock).
 
 ``SPENDGATE_TEST_POSTGRES`` names it (default ``postgresql://postgres@127.0.0.1:5432/test``).
-Each test session creates one throwaway database and drops it at the end; each test gets its own
-schema in it (a ``search_path`` in the URL), so tests never see each other's rows. When no
-server answers, tests that need one skip with the reason, except under ``CI=true``, where they
-fail: CI can never pass by skipping them.
+Each test session (each xdist worker is its own session) creates one throwaway database and drops
+it at the end; each test gets its own schema in it (a ``search_path`` in the URL), so tests never
+see each other's rows. When no server answers, tests that need one skip with the reason, except
+under ``CI=true``, where they fail: CI can never pass by skipping them.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def pg_database() -> Iterator[str]:
     except ImportError as e:  # pragma: no cover (a dev dependency)
         unavailable(f"psycopg is not installed ({e})")
     url = server_url()
-    name = f"spendgate_test_{os.getpid()}_{secrets.token_hex(3)}"
+    # One per session, so one per xdist worker (gw0, gw1, ...): a test that closes its database to
+    # new connections (an outage) or terminates its backends never touches another worker's.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"spendgate_test_{worker}_{os.getpid()}_{secrets.token_hex(3)}"
     try:
         with psycopg.connect(url, autocommit=True, connect_timeout=3) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')

@@ -339,7 +339,8 @@ def test_approval_errors(admin: AdminApi) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/keys", "/v1/keys/key_x", "/v1/usage", "/v1/approvals", "/v1/nothing"])
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-token", f"Basic {ADMIN_TOKEN}", "Bearer", ADMIN_TOKEN,
-                                  f"Bearer {ADMIN_TOKEN}x", f"Bearer {ADMIN_TOKEN[:-1]}"])
+                                  f"Bearer {ADMIN_TOKEN}x", f"Bearer {ADMIN_TOKEN[:-1]}"],
+                         ids=["none", "wrong", "basic", "bearer-empty", "no-scheme", "token+x", "token-1"])  # the same ids in every xdist worker (and no token in them)
 def test_401_without_the_admin_token(admin: AdminApi, path: str, auth: str | None) -> None:
     headers = {"Authorization": auth} if auth is not None else {}
     r = httpx.get(admin.url + path, headers=headers, trust_env=False)

@@ -614,7 +614,8 @@ def test_an_approval_released_after_a_revoke_is_refused(gw: Gateway) -> None:
 
 @pytest.mark.parametrize(("host", "answered"), [
     (f"127.0.0.1:{ADMIN_PORT}", True), (f"localhost:{ADMIN_PORT}", True), ("evil.example", False),
-    (f"rebind.attacker.example:{ADMIN_PORT}", False)])
+    (f"rebind.attacker.example:{ADMIN_PORT}", False)],
+    ids=["127.0.0.1:port", "localhost:port", "evil.example", "rebind:port"])  # the same ids in every xdist worker
 def test_admin_listener_answers_only_its_own_host_names(gw: Gateway, host: str, answered: bool) -> None:
     """DNS rebinding: a page whose name now resolves to 127.0.0.1 sends its own name as Host."""
     for path, auth in (("/metrics", {}), ("/v1/keys", {"Authorization": f"Bearer {ADMIN_TOKEN}"})):
