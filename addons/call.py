@@ -33,7 +33,7 @@ from mitmproxy.utils.strutils import always_bytes
 
 from .money import from_nanos, plain
 from .policy import Approve, Deny, Verdict
-from .store import KeyRecord, Reservation, StoreUnavailable
+from .store import KeyRecord, Precheck, Reservation, StoreUnavailable
 from .vendors.base import Cost, Estimate, RequestView, StreamMeter
 
 log = logging.getLogger("spendgate")
@@ -96,6 +96,10 @@ class Call:
     stream_meter: StreamMeter | None = None
     meter_failed: bool = False
     budget_left_nanos: int | None = None
+    # PostgreSQL: what authorize's round trip read (the key's row, the rate limit, the room left),
+    # which the budget stage reuses; and a key state not "active" that a round trip found
+    precheck: Precheck | None = None
+    key_refused: str | None = None
     request_id: str | None = None
     wire_ref: str | None = None
     model: str | None = None  # the model an LLM request names

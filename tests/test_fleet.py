@@ -237,9 +237,25 @@ def test_a_revoke_through_one_replica_is_refused_by_the_others_on_the_next_reque
                              headers={"Authorization": "Bearer admin-secret-for-the-fleet-tests-0123456789"})
             admin_ms = (time.perf_counter() - t_admin) * 1000
         assert r.status_code == 204, r.text
-        # the very next request on B and on C
+        # the very next request on B and on C (each reads the key's row in the round trip it makes
+        # before forwarding: refused whether or not their listener has had the NOTIFY yet)
         answers = [cl.get(get, headers={"X-Vault-Key": token}) for cl in clients]
         assert [(x.status_code, x.headers.get("X-Spendgate-Reason")) for x in answers] == [(401, "revoked")] * 2
+
+        # ... and with no NOTIFY at all: a revoke whose trigger never fires leaves B's and C's key
+        # caches stale forever, yet the next request after its commit is refused on both
+        import psycopg
+
+        for policy in ("pay", "limited"):  # the budget stage's round trip; authorize's (a rate: limit)
+            key_id, token = fleet.issue(policy)
+            for cl in clients:
+                assert reason(cl.get(get, headers={"X-Vault-Key": token})) is None  # cached on B and C
+            with psycopg.connect(fleet.url, autocommit=True) as conn, conn.transaction():
+                conn.execute("ALTER TABLE keys DISABLE TRIGGER keys_changed")
+                conn.execute("UPDATE keys SET revoked_at = '2026-01-01T00:00:00.000+00:00' WHERE id = %s", (key_id,))
+                conn.execute("ALTER TABLE keys ENABLE TRIGGER keys_changed")
+            answers = [cl.get(get, headers={"X-Vault-Key": token}) for cl in clients]
+            assert [(x.status_code, x.headers.get("X-Spendgate-Reason")) for x in answers] == [(401, "revoked")] * 2
 
         # latency: another key, revoked by the CLI, polled on B and C as fast as they answer
         key_id, token = fleet.issue("pay")
@@ -258,8 +274,6 @@ def test_a_revoke_through_one_replica_is_refused_by_the_others_on_the_next_reque
         for t in threads:
             t.start()
         time.sleep(0.1)
-        import psycopg
-
         with psycopg.connect(fleet.url, autocommit=True) as conn:  # what `spendgate keys revoke` runs
             conn.execute("UPDATE keys SET revoked_at = '2026-01-01T00:00:00.000+00:00' WHERE id = %s", (key_id,))
             committed = time.perf_counter()

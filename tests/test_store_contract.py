@@ -316,6 +316,50 @@ def test_admit_is_the_loop_breaker_then_the_hold(store: Store) -> None:
     assert store.used_by_scope(caps) == {"key:adm": 30, "policy:adm:day": 30}
 
 
+def test_admit_with_a_key_reads_its_row_first_and_a_revoked_key_counts_nothing(store: Store,
+                                                                               reopen: Opener) -> None:
+    """``admit(key=…)`` sees a revoke committed by another replica before it, whatever the key
+    cache of this one says, and then neither counts the loop nor holds anything."""
+    rec, token = store.issue_key("p", 60)
+    assert store.key_by_token(token) == rec  # cached where the backend caches
+    caps = {f"key:{rec.id}": 100}
+    loop = LoopCheck(fingerprint(b"revoked"), None, 1, 60)
+    ok = store.admit(10, caps, loop=loop, key=rec)
+    assert ok.key_state == "active" and ok.reservation is not None and ok.left_nanos == 90
+    assert store.admit(0, caps).key_state is None  # not asked, not read
+    other = reopen(replica="other")
+    assert other.revoke(rec.id)
+    gone = store.admit(10, caps, loop=LoopCheck(fingerprint(b"revoked2"), None, 1, 60), key=rec)
+    assert gone == gone.__class__(key_state="revoked")
+    assert store.used(f"key:{rec.id}") == 10  # nothing held for it
+    assert not store.admit(1, {}, loop=LoopCheck(fingerprint(b"revoked2"), None, 1, 60)).looped  # not counted
+    forged = KeyRecord(id=rec.id, policy="p", token_sha256=hash_token("vk_forged"))
+    assert store.admit(1, caps, key=forged).key_state == "unknown"
+    assert store.admit(1, caps, key=KeyRecord(id="key_none", policy="p", token_sha256="0")).key_state == "unknown"
+    store.settle(ok.reservation, 0)
+
+
+def test_precheck_is_the_key_then_the_rate_then_the_room_left(store: Store, reopen: Opener) -> None:
+    from spendgate.store import RateCheck
+
+    rec, _ = store.issue_key("p", 60)
+    caps = {f"key:{rec.id}": 100, "policy:p:day": 50}
+    store.settle(store.reserve(15, caps), 15)
+    store.flush()
+    rate = RateCheck(f"pre:{rec.id}", 2, 60.0)
+    first = store.precheck(rec, rate, caps)
+    assert (first.key_state, first.wait, first.caps, first.left_nanos) == ("active", 0.0, caps, 35)
+    assert store.precheck(rec, rate, {}).left_nanos is None  # no scope: room read, none to show
+    third = store.precheck(rec, rate, caps)  # 2 a minute: the third waits, room not read
+    assert third.key_state == "active" and third.wait > 0 and third.caps is None
+    free = store.precheck(rec, None, caps)
+    assert free.wait == 0 and free.left_nanos == 35
+    assert reopen(replica="other").revoke(rec.id)
+    gone = store.precheck(rec, RateCheck(f"pre2:{rec.id}", 1, 60.0), caps)
+    assert (gone.key_state, gone.wait, gone.caps) == ("revoked", 0.0, None)
+    assert store.rate_hit(f"pre2:{rec.id}", 1, 60.0) == 0  # the revoked key's request counted nothing
+
+
 def test_admit_now_answers_at_once_or_does_nothing(store: Store) -> None:
     """SQLite answers on the calling thread while its write lock is free; while another connection
     holds it, ``admit_now`` does nothing (no hold, no loop count) and ``admit`` must run instead.

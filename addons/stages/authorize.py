@@ -18,7 +18,8 @@ from .. import clock
 from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..policy import Config, Deny, Rate, Verdict, decide
 from ..runtime import Runtime
-from .budget import until_denied
+from ..store import RateCheck
+from .budget import call_caps, refuse_inactive_key, until_denied
 
 
 class RateLimiter:
@@ -59,7 +60,9 @@ class Authorize:
                 return self.request_offloaded(flow)
             except RuntimeError:  # no event loop (in-process tests)
                 pass
-        apply_verdicts(flow, call, self.checks(flow, call, state.config))
+        verdicts = until_denied(call, self.checks(flow, call, state.config))
+        if not refuse_inactive_key(flow, call):
+            apply_verdicts(flow, call, verdicts)
         return None
 
     @fail_closed
@@ -67,7 +70,9 @@ class Authorize:
         call = keyed_call(flow)
         state = self.runtime.state
         assert call is not None and state is not None
-        apply_verdicts(flow, call, await self.runtime.offload(until_denied, call, self.checks(flow, call, state.config)))
+        verdicts = await self.runtime.offload(until_denied, call, self.checks(flow, call, state.config))
+        if not refuse_inactive_key(flow, call):
+            apply_verdicts(flow, call, verdicts)
 
     def checks(self, flow: http.HTTPFlow, call: Call, config: Config) -> Iterator[Verdict | None]:
         """The endpoint rules, then the rate limit (counted only if enforce mode got that far)."""
@@ -76,7 +81,17 @@ class Authorize:
         policy = config.policies.get(call.key.policy)
         store = self.runtime.store
         if policy is not None and policy.rate is not None and store is not None:
-            wait = store.rate_hit(call.key.id, policy.rate.limit, policy.rate.period)
+            if store.keys_cached:
+                # One round trip: the key's row (a revoke is refused on the next request, whatever
+                # the cache said), the rate limit, and the room left, which the budget stage reuses.
+                rate = RateCheck(call.key.id, policy.rate.limit, policy.rate.period)
+                pre = call.precheck = store.precheck(call.key, rate, call_caps(call, policy, config))
+                if pre.key_state != "active":
+                    call.key_refused = pre.key_state
+                    return
+                wait = pre.wait
+            else:
+                wait = store.rate_hit(call.key.id, policy.rate.limit, policy.rate.period)
             if wait > 0:
                 yield Deny("rate_limited", f"key {call.key.id} is over its rate of {policy.rate.text}",
                            f"rate: {policy.rate.text}", retry_after=wait)

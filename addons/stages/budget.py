@@ -26,11 +26,11 @@ from urllib.parse import quote
 from mitmproxy import http
 
 from .. import clock
-from ..call import Call, apply_verdicts, fail_closed, keyed_call
+from ..call import Call, apply_verdicts, fail_closed, keyed_call, refuse
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
 from ..policy import Config, Deny, Policy, VendorRules
 from ..runtime import Runtime
-from ..store import KeyRecord, LoopCheck
+from ..store import Admission, KeyRecord, LoopCheck
 from ..store.limits import LoopBreaker, fingerprint  # noqa: F401  (LoopBreaker: re-exported)
 from ..vendors import REGISTRY
 from ..vendors.base import Estimate, Prices, RequestView
@@ -137,6 +137,26 @@ def until_denied(call: Call, verdicts: Iterator[Deny | None]) -> list[Deny | Non
     return out
 
 
+def call_caps(call: Call, policy: Policy, config: Config | None) -> dict[str, int]:
+    """The budget scopes (scope → cap) of this call, now (days in the policy file's zone)."""
+    assert call.key is not None and call.policy is not None
+    zone = config.timezone if config else UTC
+    return budget_caps(call.policy, policy, call.key, clock.now().astimezone(zone), label_periods(config))
+
+
+def refuse_inactive_key(flow: http.HTTPFlow, call: Call) -> bool:
+    """Refuse the call (whatever the mode) if a round trip found its key no longer active: a
+    revoke committed after this replica's key cache answered (PostgreSQL)."""
+    state = call.key_refused
+    if state is None:
+        return False
+    if state == "unknown":
+        refuse(flow, "unknown_key", "this vault key is not known to the gateway")
+    else:
+        refuse(flow, state, f"vault key {call.key_id} is {state}")
+    return True
+
+
 class _WouldWait(Exception):
     """The store cannot answer without waiting: run the checks on the pool instead."""
 
@@ -158,18 +178,23 @@ class Budget:
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no event loop (in-process tests): run them here
-            apply_verdicts(flow, call, self.verdicts(flow, call))
+            verdicts = self.verdicts(flow, call)
+            if not refuse_inactive_key(flow, call):
+                apply_verdicts(flow, call, verdicts)
             return None
         store = self.runtime.store
-        if store is not None and store.dialect != "postgres" and not self.runtime.offload_inline:
+        if (store is not None and (store.dialect != "postgres" or call.precheck is not None)
+                and not self.runtime.offload_inline):
             # SQLite: answered here when its write lock is free this instant (a worker thread's hop
             # costs more than the hold); else everything runs again on the pool, where it may wait.
+            # PostgreSQL: answered here when authorize's round trip already read what a read needs.
             try:
                 verdicts = self.verdicts(flow, call, at_once=True)
             except _WouldWait:
                 pass
             else:
-                apply_verdicts(flow, call, verdicts)
+                if not refuse_inactive_key(flow, call):
+                    apply_verdicts(flow, call, verdicts)
                 return None
         return self.request_offloaded(flow)
 
@@ -178,7 +203,8 @@ class Budget:
         call = keyed_call(flow)
         assert call is not None
         verdicts = await self.runtime.offload(self.verdicts, flow, call, late=lambda: self.release_late(call))
-        apply_verdicts(flow, call, verdicts)
+        if not refuse_inactive_key(flow, call):
+            apply_verdicts(flow, call, verdicts)
 
     def verdicts(self, flow: http.HTTPFlow, call: Call, at_once: bool = False) -> list[Deny | None]:
         """The checks' verdicts; ``at_once``: raise :class:`_WouldWait` (nothing held, nothing
@@ -244,14 +270,13 @@ class Budget:
 
     def admit(self, call: Call, policy: Policy, nanos: int, flow: http.HTTPFlow,
               loop: LoopCheck | None, at_once: bool = False) -> Iterator[Deny | None]:
-        """The loop breaker, then the hold: one store call (one round trip on PostgreSQL)."""
+        """The loop breaker, then the hold: one store call (one round trip on PostgreSQL, which also
+        reads the key's row, unless authorize's round trip did)."""
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
         assert store is not None
         state = self.runtime.state
-        zone = state.config.timezone if state else UTC
-        caps = budget_caps(call.policy, policy, call.key, clock.now().astimezone(zone),  # days in the file's zone
-                           label_periods(state.config if state else None))
+        caps = call_caps(call, policy, state.config if state else None)
         hold = None
         if nanos > 0:
             req = flow.request
@@ -265,12 +290,20 @@ class Budget:
         # A call waiting for an approval is not forwarded yet: if this gateway dies before the
         # approval, its hold is released, not counted. In report mode a loop still holds.
         forwarded = call.approval_rule is None or report
-        if at_once:
-            adm = store.admit_now(nanos, caps, hold, forwarded, loop=loop, hold_if_looped=report)
-            if adm is None:
+        pre = call.precheck
+        key = call.key if store.keys_cached and pre is None else None  # revoke: see Store.keys_cached
+        if nanos == 0 and loop is None and pre is not None and pre.caps == caps:
+            adm = Admission(left_nanos=pre.left_nanos)  # read in authorize's round trip
+        elif at_once:
+            maybe = store.admit_now(nanos, caps, hold, forwarded, loop=loop, hold_if_looped=report, key=key)
+            if maybe is None:
                 raise _WouldWait
+            adm = maybe
         else:
-            adm = store.admit(nanos, caps, hold, forwarded, loop=loop, hold_if_looped=report)
+            adm = store.admit(nanos, caps, hold, forwarded, loop=loop, hold_if_looped=report, key=key)
+        if adm.key_state not in (None, "active"):
+            call.key_refused = adm.key_state
+            return
         if adm.reservation is not None:
             call.reservation = adm.reservation
         if adm.looped:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from hmac import compare_digest
 from typing import Any, Protocol
 
 from .. import clock
@@ -197,6 +198,27 @@ class Admission:
     reservation: Reservation | None = None
     refused: CapExceeded | None = None
     left_nanos: int | None = None  # after the hold; None when no scope applies (or nothing was checked)
+    key_state: str | None = None  # asked with ``key=``: "active", else "revoked"/"unknown" and nothing done
+
+
+@dataclass(frozen=True)
+class RateCheck:
+    """The rate limiter's question for one request (see :meth:`BudgetStore.rate_hit`)."""
+
+    name: str
+    limit: int
+    period: float
+
+
+@dataclass(frozen=True)
+class Precheck:
+    """What :meth:`BudgetStore.precheck` found: the key's state now; if active, the rate limiter's
+    wait (0: allowed and counted); if allowed, the room left in the caps it was given."""
+
+    key_state: str  # active | revoked | unknown (no row with this id and token hash)
+    wait: float = 0.0
+    caps: dict[str, int] | None = None  # the caps whose room was read (None: not read)
+    left_nanos: int | None = None  # the tightest of them (None: no scope)
 
 
 class StoreUnavailable(Exception):
@@ -349,17 +371,25 @@ class BudgetStore(Protocol):
         ...
     def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
               forwarded: bool = True, loop: LoopCheck | None = None,
-              hold_if_looped: bool = False) -> Admission:
+              hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission:
         """The budget stage's database work for one request, in one round trip where the backend
-        has round trips: ``loop_hit`` (if ``loop``); unless it looped (and not ``hold_if_looped``:
+        has round trips: with ``key``, its state now first (not active: ``key_state`` says so and
+        nothing else is done); ``loop_hit`` (if ``loop``); unless it looped (and not ``hold_if_looped``:
         report mode goes on), ``reserve(nanos, caps, …)`` if ``nanos`` > 0, else the room left in
         ``caps`` (for the remaining-budget header). The same answers as those calls in that order."""
         ...
     def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                   forwarded: bool = True, loop: LoopCheck | None = None,
-                  hold_if_looped: bool = False) -> Admission | None:
+                  hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission | None:
         """:meth:`admit` if it can be answered at once, without waiting for a lock or the network
         (it then runs on the event loop); else None, having done nothing."""
+        ...
+    def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
+        """What a request needs before the budget stage, in one round trip where the backend has
+        round trips: the key's state as the database says now (``key_state``: a revoke committed
+        before this call is seen); if active, ``rate_hit`` (if ``rate``); if allowed (wait 0), the
+        room left in ``caps``, read as :meth:`admit` with nothing to hold reads it. A key that is not
+        active counts nothing."""
         ...
 
 
@@ -408,26 +438,57 @@ class Store(KeyStore, BudgetStore, ApprovalStore, Ledger, Protocol):
 
     replica: str
     lease: float
+    # key_by_token may answer from a cache (PostgreSQL: invalidated by NOTIFY, so a revoke reaches
+    # it a few ms after its commit): the stages then pass ``key=`` to the round trip a request
+    # makes anyway (precheck, admit), so that a revoke is provably refused on the next request.
+    keys_cached: bool
 
 
-def admit_stepwise(store: BudgetStore, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+def key_state_now(store: KeyStore, key: KeyRecord) -> str:
+    """The key's state as the ledger says now: ``active``, ``revoked``, or ``unknown`` (no row
+    with this id and token hash). (Expiry is the record's own ``state()``: it never changes.)"""
+    row = store.get_key(key.id)
+    if row is None or not compare_digest(row.token_sha256, key.token_sha256):
+        return "unknown"
+    return "revoked" if row.revoked_at is not None else "active"
+
+
+def precheck_stepwise(store: Store, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
+    """:meth:`BudgetStore.precheck` as its steps (a backend whose steps cost no round trip)."""
+    state = key_state_now(store, key)
+    if state != "active":
+        return Precheck(state)
+    wait = store.rate_hit(rate.name, rate.limit, rate.period) if rate is not None else 0.0
+    if wait > 0:
+        return Precheck(state, wait)
+    left = None
+    if caps:
+        used = store.used_by_scope(caps)
+        left = min(cap - used[scope] for scope, cap in caps.items())
+    return Precheck(state, 0.0, dict(caps), left)
+
+
+def admit_stepwise(store: Store, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                    forwarded: bool = True, loop: LoopCheck | None = None,
-                   hold_if_looped: bool = False) -> Admission:
+                   hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission:
     """:meth:`BudgetStore.admit` as its steps, for a backend whose steps cost no round trip (the
     loop breaker in memory, a local SQLite file)."""
+    state = None if key is None else key_state_now(store, key)
+    if state not in (None, "active"):
+        return Admission(key_state=state)
     looped = loop is not None and store.loop_hit(loop.fingerprint, loop.idem, loop.repeats, loop.window)
     if looped and not hold_if_looped:
-        return Admission(looped=True)
+        return Admission(looped=True, key_state=state)
     if nanos > 0:
         try:
             res = store.reserve(nanos, caps, hold, forwarded)
         except CapExceeded as e:
-            return Admission(looped, refused=e, left_nanos=max(0, e.cap_nanos - e.used_nanos))
-        return Admission(looped, res, left_nanos=res.left_nanos)
+            return Admission(looped, refused=e, left_nanos=max(0, e.cap_nanos - e.used_nanos), key_state=state)
+        return Admission(looped, res, left_nanos=res.left_nanos, key_state=state)
     if not caps:
-        return Admission(looped)
+        return Admission(looped, key_state=state)
     used = store.used_by_scope(caps)
-    return Admission(looped, left_nanos=min(cap - used[scope] for scope, cap in caps.items()))
+    return Admission(looped, left_nanos=min(cap - used[scope] for scope, cap in caps.items()), key_state=state)
 
 
 def is_postgres(url: str) -> bool:

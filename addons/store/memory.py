@@ -25,6 +25,8 @@ from . import (
     CapExceeded,
     KeyRecord,
     LoopCheck,
+    Precheck,
+    RateCheck,
     Reconciliation,
     Reservation,
     admit_stepwise,
@@ -33,6 +35,7 @@ from . import (
     iso,
     new_token,
     now,
+    precheck_stepwise,
     reconciled_note,
     reconciliation_row,
 )
@@ -42,6 +45,7 @@ from .limits import Gcra, LoopBreaker
 class MemoryStore:
     path = url = ":memory:"
     dialect = "memory"
+    keys_cached = False  # key_by_token reads the row on every request
     available = True  # nothing to be unavailable
     outages = 0
 
@@ -178,13 +182,16 @@ class MemoryStore:
 
     def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
               forwarded: bool = True, loop: LoopCheck | None = None,
-              hold_if_looped: bool = False) -> Admission:
-        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped)
+              hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission:
+        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped, key)
+
+    def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
+        return precheck_stepwise(self, key, rate, caps)
 
     def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                   forwarded: bool = True, loop: LoopCheck | None = None,
-                  hold_if_looped: bool = False) -> Admission | None:
-        return self.admit(nanos, caps, hold, forwarded, loop, hold_if_looped)  # never waits
+                  hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission | None:
+        return self.admit(nanos, caps, hold, forwarded, loop, hold_if_looped, key)  # never waits
 
     # approvals
     def add_approval(self, row: dict[str, Any]) -> None:

@@ -7,13 +7,16 @@ differs is how each promise is kept across machines:
   ``spendgate_reserve``: it locks the counters of every scope *in scope order* (``SELECT … ORDER
   BY scope FOR UPDATE``; one lock order, so replicas never deadlock), checks every cap, and adds
   the hold, in one transaction and one round trip. The budget stage asks the loop breaker and the
-  hold together (``spendgate_admit``: still one round trip). Settlements are applied by the writer
+  hold together (``spendgate_admit``, inside ``spendgate_check`` with the key's row and the rate
+  limit: still one round trip). Settlements are applied by the writer
   thread in batches, also in scope order.
-- **Revoke on the next request everywhere.** Keys are cached by token hash in each replica. A
-  trigger on ``keys`` sends ``NOTIFY spendgate_keys`` on every change (CLI, admin API, another
-  replica, psql); a listener thread drops the entry at once. While the listener is disconnected
-  the cache is bypassed (every lookup reads the row), so a lost notification cannot keep a
-  revoked key alive.
+- **Revoke on the next request everywhere.** Keys are cached by token hash in each replica (the
+  record: policy, labels, cap). A trigger on ``keys`` sends ``NOTIFY spendgate_keys`` on every
+  change (CLI, admin API, another replica, psql); a listener thread drops the entry at once. That
+  alone would leave a few ms after a revoke's commit in which a replica still trusts its entry,
+  so every request also reads its key's row in the round trip it makes anyway before it is
+  forwarded (``spendgate_check``: the rate limit, or the loop breaker and hold): a revoke committed
+  before that statement is refused, on every replica, whether or not the NOTIFY has arrived.
 - **Rate limits and the loop breaker are fleet-wide**: ``spendgate_rate_hit`` (GCRA on one row
   per key, the database's clock) and ``spendgate_loop_hit`` (recent fingerprints in ``loops``).
 - **``calls`` rows are batched off the event loop**: a writer thread sends them with the queued
@@ -58,6 +61,8 @@ from . import (
     KeyRecord,
     LedgerItem,
     LoopCheck,
+    Precheck,
+    RateCheck,
     Reconciliation,
     Reservation,
     SchemaError,
@@ -293,6 +298,66 @@ MIGRATIONS: dict[int, list[str]] = {
                SELECT {', '.join(ROW_COLUMNS)} FROM json_populate_recordset(NULL::calls, p_rows);
            END $$""",
     ],
+    4: [
+        # Everything a request asks before it is forwarded, in one round trip: the key's row (a
+        # revoke committed before this statement is seen: the next request is refused on every
+        # replica, whatever its key cache says), then the rate limit, then spendgate_admit (the
+        # loop breaker, the hold or the room left). A key that is not active counts nothing; a
+        # rate-limited request holds nothing. p_scopes NULL: stop after the rate limit.
+        """CREATE OR REPLACE FUNCTION spendgate_check(
+             p_key text, p_sha text, p_rate text, p_limit int, p_period double precision,
+             p_fp bytea, p_idem bytea, p_repeats int, p_window double precision, p_hold_if_looped boolean,
+             p_id text, p_nanos bigint, p_scopes text[], p_caps bigint[], p_instance text, p_forwarded boolean,
+             p_meta text)
+           RETURNS TABLE (key_state text, wait double precision, looped boolean, ok boolean, scope text,
+                          cap bigint, used bigint, left_nanos bigint)
+           LANGUAGE plpgsql AS $$
+           DECLARE
+             ks text := NULL;
+             w double precision := 0;
+             r record;
+           BEGIN
+             IF p_key IS NOT NULL THEN
+               SELECT CASE WHEN k.revoked_at IS NULL THEN 'active' ELSE 'revoked' END INTO ks
+                 FROM keys k WHERE k.id = p_key AND k.token_sha256 = p_sha;
+               ks := coalesce(ks, 'unknown');
+               IF ks <> 'active' THEN
+                 RETURN QUERY SELECT ks, 0::double precision, false, NULL::boolean, NULL::text, NULL::bigint,
+                   NULL::bigint, NULL::bigint;
+                 RETURN;
+               END IF;
+             END IF;
+             IF p_rate IS NOT NULL THEN
+               w := spendgate_rate_hit(p_rate, p_limit, p_period);
+             END IF;
+             IF w > 0 OR p_scopes IS NULL THEN
+               RETURN QUERY SELECT ks, w, false, NULL::boolean, NULL::text, NULL::bigint, NULL::bigint, NULL::bigint;
+               RETURN;
+             END IF;
+             SELECT * INTO r FROM spendgate_admit(p_fp, p_idem, p_repeats, p_window, p_hold_if_looped, p_id,
+                                                  p_nanos, p_scopes, p_caps, p_instance, p_forwarded, p_meta);
+             RETURN QUERY SELECT ks, w, r.looped, r.ok, r.scope, r.cap, r.used, r.left_nanos;
+           END $$""",
+        # The loop breaker counts at most p_repeats sightings (it read every sighting of the
+        # fingerprint in the window: a request repeated thousands of times a minute under a high
+        # ``repeats`` made each check slower than the last). Same answers.
+        """CREATE OR REPLACE FUNCTION spendgate_loop_hit(p_fp bytea, p_idem bytea, p_repeats int,
+                                                        p_window double precision)
+           RETURNS boolean LANGUAGE plpgsql AS $$
+           DECLARE t timestamptz := clock_timestamp();
+           BEGIN
+             PERFORM pg_advisory_xact_lock(hashtextextended(encode(p_fp, 'hex'), 7));
+             DELETE FROM loops l WHERE l.fp = p_fp AND l.ts < t - make_interval(secs => p_window);
+             IF p_idem IS NOT NULL AND EXISTS (SELECT 1 FROM loops l WHERE l.fp = p_fp AND l.idem = p_idem) THEN
+               RETURN false;
+             END IF;
+             IF (SELECT count(*) FROM (SELECT 1 FROM loops l WHERE l.fp = p_fp LIMIT p_repeats) x) >= p_repeats THEN
+               RETURN true;
+             END IF;
+             INSERT INTO loops (fp, ts, idem) VALUES (p_fp, t, p_idem);
+             RETURN false;
+           END $$""",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 _KEY_COLS = "id, policy, token_sha256, labels, created_at, expires_at, revoked_at, cap_usd, source"
@@ -348,6 +413,7 @@ def migrate(conn: psycopg.Connection) -> None:
 
 class PostgresStore:
     dialect = "postgres"
+    keys_cached = True  # key_by_token answers from a cache NOTIFY invalidates: see Store.keys_cached
 
     def __init__(self, url: str, replica: str | None = None, lease: float = DEFAULT_LEASE,
                  pool_size: int = 20) -> None:
@@ -583,8 +649,9 @@ class PostgresStore:
 
     def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
               forwarded: bool = True, loop: LoopCheck | None = None,
-              hold_if_looped: bool = False) -> Admission:
-        """The loop breaker and the hold (or the room left) in one round trip (``spendgate_admit``)."""
+              hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission:
+        """The key's row, the loop breaker and the hold (or the room left) in one round trip
+        (``spendgate_check``)."""
         if not self._registered and nanos > 0:
             self.heartbeat()
         if loop is not None:
@@ -596,22 +663,46 @@ class PostgresStore:
             repeats, window = 0, 0.0
         rid = "res_" + secrets.token_hex(8)
         meta = json.dumps({k: (hold or {}).get(k) for k in HOLD_FIELDS}) if nanos > 0 else None
-        looped, ok, scope, cap, used, left = self._run(lambda c: c.execute(
-            "SELECT * FROM spendgate_admit(%s, %s, %s, %s, %s, %s, %s, %s::text[], %s::bigint[], %s, %s, %s)",
-            (fp, idem, repeats, window, hold_if_looped, rid, nanos, list(caps), list(caps.values()),
+        state, _wait, looped, ok, scope, cap, used, left = self._check(
+            key, None, fp, idem, repeats, window, hold_if_looped, rid, nanos, caps, forwarded, meta)
+        if state not in (None, "active"):
+            return Admission(key_state=state)
+        if ok is None:  # looped, nothing held
+            return Admission(looped=True, key_state=state)
+        if not ok:
+            return Admission(looped, refused=CapExceeded(scope, cap, used), left_nanos=max(0, cap - used),
+                             key_state=state)
+        if nanos > 0:
+            return Admission(looped, Reservation(rid, nanos, tuple(caps), left_nanos=left), left_nanos=left,
+                             key_state=state)
+        return Admission(looped, left_nanos=left, key_state=state)
+
+    def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
+        """The key's row, the rate limit and the room left, in one round trip (``spendgate_check``)."""
+        state, wait, _, _, _, _, _, left = self._check(key, rate, None, None, 0, 0.0, False, None, 0, caps, True, None)
+        if state != "active" or wait > 0:
+            return Precheck(state, wait)
+        return Precheck(state, 0.0, dict(caps), left)
+
+    def _check(self, key: KeyRecord | None, rate: RateCheck | None, fp: bytes | None, idem: bytes | None,
+               repeats: int, window: float, hold_if_looped: bool, rid: str | None, nanos: int,
+               caps: dict[str, int] | None, forwarded: bool, meta: str | None) -> tuple[Any, ...]:
+        row = self._run(lambda c: c.execute(
+            "SELECT * FROM spendgate_check(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[], "
+            "%s::bigint[], %s, %s, %s)",
+            (key.id if key else None, key.token_sha256 if key else None,
+             rate.name if rate else None, rate.limit if rate else 0, rate.period if rate else 0.0,
+             fp, idem, repeats, window, hold_if_looped, rid, nanos,
+             list(caps) if caps is not None else None, list(caps.values()) if caps is not None else None,
              self.instance, forwarded, meta),
         ).fetchone())
-        if ok is None:  # looped, nothing held
-            return Admission(looped=True)
-        if not ok:
-            return Admission(looped, refused=CapExceeded(scope, cap, used), left_nanos=max(0, cap - used))
-        if nanos > 0:
-            return Admission(looped, Reservation(rid, nanos, tuple(caps), left_nanos=left), left_nanos=left)
-        return Admission(looped, left_nanos=left)
+        if key is not None and row[0] != "active":
+            self._drop_keys(key.token_sha256)  # (its NOTIFY may still be on its way)
+        return tuple(row)
 
     def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                   forwarded: bool = True, loop: LoopCheck | None = None,
-                  hold_if_looped: bool = False) -> Admission | None:
+                  hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission | None:
         return None  # every answer is a round trip: never on the event loop
 
     def mark_forwarded(self, reservation: Reservation) -> None:

@@ -50,6 +50,8 @@ from . import (
     KeyRecord,
     LedgerItem,
     LoopCheck,
+    Precheck,
+    RateCheck,
     Reconciliation,
     Reservation,
     SchemaError,
@@ -64,6 +66,7 @@ from . import (
     iso,
     new_token,
     now,
+    precheck_stepwise,
     reconciled_note,
     reconciliation_row,
     recovered_row,
@@ -251,6 +254,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
 
 class SQLiteStore:
     dialect = "sqlite"
+    keys_cached = False  # key_by_token reads the row on every request
 
     def __init__(self, path: str, replica: str | None = None, lease: float = DEFAULT_LEASE) -> None:
         self.path = self.url = path
@@ -493,11 +497,13 @@ class SQLiteStore:
 
     def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                   forwarded: bool = True, loop: LoopCheck | None = None,
-                  hold_if_looped: bool = False) -> Admission | None:
+                  hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission | None:
         """:meth:`admit` on the calling thread if SQLite's write lock is free this instant (a hold is
         then a few statements on a local file, ~50 µs, cheaper than a hop to a worker thread);
         None, having done nothing, if it is taken (the writer's commit, another process): then
         :meth:`admit` must run where it may wait."""
+        if key is not None:  # (never asked here: keys_cached is False)
+            return None
         conn = self._nowait_conn
         if nanos <= 0:  # a read: WAL readers never wait for writers (rare exceptions are SQLITE_BUSY)
             try:
@@ -686,8 +692,11 @@ class SQLiteStore:
 
     def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
               forwarded: bool = True, loop: LoopCheck | None = None,
-              hold_if_looped: bool = False) -> Admission:
-        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped)
+              hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission:
+        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped, key)
+
+    def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
+        return precheck_stepwise(self, key, rate, caps)
 
     # ------------------------------------------------------------------ approvals
 
