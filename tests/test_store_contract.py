@@ -354,6 +354,11 @@ def test_precheck_is_the_key_then_the_rate_then_the_room_left(store: Store, reop
     assert third.key_state == "active" and third.wait > 0 and third.caps is None
     free = store.precheck(rec, None, caps)
     assert free.wait == 0 and free.left_nanos == 35
+    import asyncio
+
+    assert asyncio.run(store.precheck_async(rec, None, caps, 2.0)) == free  # the same, awaited on a loop
+    third_async = asyncio.run(store.precheck_async(rec, rate, caps, 2.0))
+    assert third_async.wait > 0 and third_async.caps is None
     assert reopen(replica="other").revoke(rec.id)
     gone = store.precheck(rec, RateCheck(f"pre2:{rec.id}", 1, 60.0), caps)
     assert (gone.key_state, gone.wait, gone.caps) == ("revoked", 0.0, None)
@@ -603,14 +608,22 @@ def test_a_newer_postgres_schema_is_refused(pg_url: str) -> None:
 def test_an_unreachable_database_is_store_unavailable_then_recovers(pg_url: str) -> None:
     """The store answers StoreUnavailable while the database refuses connections (one log line),
     and works again by itself once it is back."""
+    import asyncio
+
     import psycopg
 
-    from spendgate.store import StoreUnavailable
+    from spendgate.store import RateCheck, StoreUnavailable
 
     store = open_store(pg_url, replica="r")
     dbname = store.read("SELECT current_database()")[0][0]
     admin_url = pg_url.split("?")[0]
     rec, token = store.issue_key("p", None)
+    loop = asyncio.new_event_loop()  # precheck_async's connections live on it (one idle after this)
+
+    def precheck_async() -> object:
+        return loop.run_until_complete(store.precheck_async(rec, RateCheck("r", 10**6, 1.0), {"s": 10}, 2.0))
+
+    assert precheck_async() == store.precheck(rec, None, {"s": 10})
     try:
         with psycopg.connect(admin_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
@@ -624,6 +637,8 @@ def test_an_unreachable_database_is_store_unavailable_then_recovers(pg_url: str)
                         store.reserve(1, {"s": 10})
                 with pytest.raises(StoreUnavailable):
                     store.key_by_token(token)  # not from a cache it can no longer trust
+                with pytest.raises(StoreUnavailable):
+                    precheck_async()  # its idle connection was killed; no new one can open
                 assert not store.available and store.outages >= 1
                 store.record_call(row(1, key_id=rec.id))  # queued through the outage
             finally:
@@ -642,8 +657,10 @@ def test_an_unreachable_database_is_store_unavailable_then_recovers(pg_url: str)
         assert store.available and 1 <= store.outages <= 2
         assert count(store, "SELECT count(*) FROM calls") == 1
         assert store.key_by_token(token) == rec
+        assert precheck_async() == store.precheck(rec, None, {"s": 10})
     finally:
         store.close()
+        loop.close()
 
 
 # --------------------------------------------------------------------------- costs settled later (reconcile)

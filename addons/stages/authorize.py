@@ -17,7 +17,7 @@ from mitmproxy import http
 from .. import clock
 from ..call import Call, apply_verdicts, fail_closed, keyed_call
 from ..policy import Config, Deny, Rate, Verdict, decide
-from ..runtime import Runtime
+from ..runtime import STORE_WAIT, Runtime
 from ..store import RateCheck
 from .budget import call_caps, refuse_inactive_key, until_denied
 
@@ -55,7 +55,7 @@ class Authorize:
         call.mode = state.config.policy_mode(call.key.policy)
         policy, store = state.config.policies.get(call.key.policy), self.runtime.store
         if policy is not None and policy.rate is not None and store is not None and store.dialect == "postgres":
-            try:  # the fleet-wide rate limit is a database round trip: not on the event loop
+            try:  # the fleet-wide rate limit is a database round trip: never a blocking wait on the loop
                 asyncio.get_running_loop()
                 return self.request_offloaded(flow)
             except RuntimeError:  # no event loop (in-process tests)
@@ -68,9 +68,20 @@ class Authorize:
     @fail_closed
     async def request_offloaded(self, flow: http.HTTPFlow) -> None:
         call = keyed_call(flow)
-        state = self.runtime.state
-        assert call is not None and state is not None
-        verdicts = await self.runtime.offload(until_denied, call, self.checks(flow, call, state.config))
+        state, store = self.runtime.state, self.runtime.store
+        assert call is not None and call.key is not None and state is not None and store is not None
+        policy = state.config.policies.get(call.key.policy)
+        if store.keys_cached and policy is not None and policy.rate is not None and not self.runtime.offload_inline:
+            # PostgreSQL: the one round trip (key row, rate limit, room left) awaited on the event
+            # loop (its socket), not on a worker thread: unless the endpoint rule already refuses.
+            first = decide(state.config, call.key.policy, call.vendor or "", flow.request.method, flow.request.path)
+            if not (isinstance(first, Deny) and call.mode != "report"):
+                rate = RateCheck(call.key.id, policy.rate.limit, policy.rate.period)
+                call.precheck = await store.precheck_async(call.key, rate, call_caps(call, policy, state.config),
+                                                           STORE_WAIT)
+            verdicts = until_denied(call, self.checks(flow, call, state.config))
+        else:
+            verdicts = await self.runtime.offload(until_denied, call, self.checks(flow, call, state.config))
         if not refuse_inactive_key(flow, call):
             apply_verdicts(flow, call, verdicts)
 
@@ -83,9 +94,12 @@ class Authorize:
         if policy is not None and policy.rate is not None and store is not None:
             if store.keys_cached:
                 # One round trip: the key's row (a revoke is refused on the next request, whatever
-                # the cache said), the rate limit, and the room left, which the budget stage reuses.
-                rate = RateCheck(call.key.id, policy.rate.limit, policy.rate.period)
-                pre = call.precheck = store.precheck(call.key, rate, call_caps(call, policy, config))
+                # the cache said), the rate limit, and the room left, which the budget stage reuses
+                # (asked already if request_offloaded awaited it).
+                pre = call.precheck
+                if pre is None:
+                    rate = RateCheck(call.key.id, policy.rate.limit, policy.rate.period)
+                    pre = call.precheck = store.precheck(call.key, rate, call_caps(call, policy, config))
                 if pre.key_state != "active":
                     call.key_refused = pre.key_state
                     return

@@ -391,6 +391,11 @@ class BudgetStore(Protocol):
         room left in ``caps``, read as :meth:`admit` with nothing to hold reads it. A key that is not
         active counts nothing."""
         ...
+    async def precheck_async(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int],
+                             timeout: float) -> Precheck:
+        """:meth:`precheck` awaited on the running event loop without blocking it (PostgreSQL: its
+        socket; the others answer at once); :class:`StoreUnavailable` past ``timeout`` seconds."""
+        ...
 
 
 class ApprovalStore(Protocol):

@@ -188,6 +188,10 @@ class MemoryStore:
     def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
         return precheck_stepwise(self, key, rate, caps)
 
+    async def precheck_async(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int],
+                             timeout: float) -> Precheck:
+        return self.precheck(key, rate, caps)  # (not asked: keys_cached is False)
+
     def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                   forwarded: bool = True, loop: LoopCheck | None = None,
                   hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission | None:

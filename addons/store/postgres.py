@@ -32,6 +32,7 @@ differs is how each promise is kept across machines:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -360,6 +361,9 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+# precheck: spendgate_check with nothing to hold and no loop check (7 parameters to send, not 17)
+_PRECHECK = ("SELECT * FROM spendgate_check(%s, %s, %s, %s, %s, NULL, NULL, 0, 0, false, NULL, 0, %s::text[], "
+             "%s::bigint[], NULL, true, NULL)")
 _KEY_COLS = "id, policy, token_sha256, labels, created_at, expires_at, revoked_at, cap_usd, source"
 
 
@@ -448,6 +452,11 @@ class PostgresStore:
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="spendgate-keys", daemon=True)
         self._listener.start()
+        # precheck_async: connections on the event loop that asks (idle ones in a free list)
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._aidle: list[psycopg.AsyncConnection] = []
+        self._aslots: asyncio.Semaphore | None = None
+        self._asize = pool_size
         # write-behind queue
         self._queue: queue.SimpleQueue[tuple[LedgerItem, Callable[[], None] | None]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -679,10 +688,97 @@ class PostgresStore:
 
     def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
         """The key's row, the rate limit and the room left, in one round trip (``spendgate_check``)."""
-        state, wait, _, _, _, _, _, left = self._check(key, rate, None, None, 0, 0.0, False, None, 0, caps, True, None)
-        if state != "active" or wait > 0:
+        row = self._run(lambda c: c.execute(_PRECHECK, (
+            key.id, key.token_sha256, rate.name if rate else None, rate.limit if rate else 0,
+            rate.period if rate else 0.0, list(caps), list(caps.values()))).fetchone())
+        state, wait, left = row[0], row[1], row[7]
+        if state != "active":
+            self._drop_keys(key.token_sha256)
+            return Precheck(state)
+        if wait > 0:
             return Precheck(state, wait)
         return Precheck(state, 0.0, dict(caps), left)
+
+    async def precheck_async(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int],
+                             timeout: float) -> Precheck:
+        """:meth:`precheck` awaited on the calling event loop (the round trip is a socket the loop
+        watches: no worker thread, no wait that blocks the loop); past ``timeout`` seconds
+        :class:`StoreUnavailable`. (Its rate limit may then still have been counted, as a worker
+        thread's would.)"""
+        loop = asyncio.get_running_loop()
+        if self._aloop is not loop:
+            if self._aloop is not None and not self._aloop.is_closed():  # another loop has them: a thread
+                return await asyncio.wait_for(asyncio.to_thread(self.precheck, key, rate, caps), timeout)
+            for conn in self._aidle:  # a loop that has closed: its connections go with it
+                conn.pgconn.finish()
+            self._aloop, self._aidle, self._aslots = loop, [], asyncio.Semaphore(self._asize)
+        try:
+            row = await asyncio.wait_for(self._arun(_PRECHECK, (
+                key.id, key.token_sha256, rate.name if rate else None, rate.limit if rate else 0,
+                rate.period if rate else 0.0, list(caps), list(caps.values()))), timeout)
+        except TimeoutError:
+            raise StoreUnavailable(f"the ledger did not answer within {timeout:g}s") from None
+        state, wait, left = row[0], row[1], row[7]
+        if state != "active":
+            self._drop_keys(key.token_sha256)
+            return Precheck(state)
+        if wait > 0:
+            return Precheck(state, wait)
+        return Precheck(state, 0.0, dict(caps), left)
+
+    async def _arun(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
+        """One statement on an event-loop connection, with :meth:`_run`'s outage rules."""
+        if not self.available:
+            now_ = time.monotonic()
+            if now_ - self._probed < PROBE_EVERY:
+                raise StoreUnavailable(f"the ledger {redact_url(self.url)} cannot be reached")
+            self._probed = now_
+        assert self._aslots is not None
+        last: BaseException | None = None
+        async with self._aslots:
+            for attempt in range(2):
+                conn = self._aidle.pop() if self._aidle else None
+                try:
+                    if conn is None:
+                        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
+                                                                     connect_timeout=CONNECT_TIMEOUT)
+                        await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+                        await conn.execute("SELECT set_config('synchronous_commit', %s, false)", (SYNCHRONOUS_COMMIT,))
+                    cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+                    row = await cur.fetchone()
+                except psycopg.errors.QueryCanceled as e:
+                    self._aput(conn)
+                    raise StoreUnavailable(f"the ledger did not answer within {STATEMENT_TIMEOUT_MS} ms") from e
+                except psycopg.OperationalError as e:
+                    if not is_outage(e, conn):
+                        self._aput(conn)
+                        raise
+                    last = e
+                    stale = conn is not None and conn.broken
+                    self._aput(conn)
+                    if stale and attempt == 0:  # a restarted server: drop the idle ones, once more
+                        for c in self._aidle:
+                            c.pgconn.finish()
+                        self._aidle.clear()
+                        continue
+                    break
+                except BaseException:  # cancelled (a timeout): the connection's state is unknown
+                    if conn is not None:
+                        conn.pgconn.finish()
+                    raise
+                self._aput(conn)
+                self._up()
+                assert row is not None
+                return tuple(row)
+        raise self._down(last or RuntimeError("no connection"))
+
+    def _aput(self, conn: psycopg.AsyncConnection | None) -> None:
+        if conn is None:
+            return
+        if conn.broken or conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.pgconn.finish()
+        else:
+            self._aidle.append(conn)
 
     def _check(self, key: KeyRecord | None, rate: RateCheck | None, fp: bytes | None, idem: bytes | None,
                repeats: int, window: float, hold_if_looped: bool, rid: str | None, nanos: int,
@@ -976,6 +1072,9 @@ class PostgresStore:
                 self._run(lambda c: c.execute("UPDATE instances SET heartbeat_at = '-infinity' WHERE id = %s",
                                               (self.instance,)))
         self._listener.join(timeout=2)
+        for conn in self._aidle:  # (idle: no coroutine is using them)
+            conn.pgconn.finish()
+        self._aidle.clear()
         self.pool.close()
 
 

@@ -698,6 +698,10 @@ class SQLiteStore:
     def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
         return precheck_stepwise(self, key, rate, caps)
 
+    async def precheck_async(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int],
+                             timeout: float) -> Precheck:
+        return self.precheck(key, rate, caps)  # (not asked: keys_cached is False)
+
     # ------------------------------------------------------------------ approvals
 
     def add_approval(self, row: dict[str, Any]) -> None:
