@@ -510,7 +510,7 @@ policies:
     vendors:
       stripe: {{allow: ["POST /v1/payment_intents/*/confirm"], default_estimate_usd: 1}}
     budget: {{key_usd: 1000000000, key_daily_usd: 1000000000, policy_daily_usd: 1000000000}}
-    loop: {{repeats: 1000000000, window: 1m}}
+    loop: {{repeats: 3, window: 1m}}  # each call's body is its own (distinct payments): never a repeat
   support-agent:
     vendors:
       openai: {{allow: ["POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings"]}}
@@ -743,16 +743,20 @@ def part_fleet(b: Bench, pg_url: str, concurrencies: list[int], seconds: float, 
     gws = {"sqlite": b.gateway(name="spendgate-sqlite", db=str(b.tmp / "fleet-sqlite.db")),
            "postgres": b.gateway(name="spendgate-pg", db=pg_url)}
     dbs = {"sqlite": str(b.tmp / "fleet-sqlite.db"), "postgres": pg_url}
-    kinds = {"read": ("billing-agent", "GET", PATH, b""),
-             "money": ("money-agent", "POST", PATH + "/confirm", b"return_url=https%3A%2F%2Fexample.com")}
-    for kind, (policy, method, path, body) in kinds.items():
-        tokens = {name: b.issue(policy, db=dbs[name])[1] for name in gws}
+    # A money call confirms a payment: each one its own (a distinct body, as distinct payments are;
+    # the same body sent thousands of times a minute would be a loop, which the loop breaker is
+    # there to stop: under a high ``repeats`` each check then reads every earlier sighting).
+    kinds = {"read": SCENARIOS["read"],
+             "money": Scenario("fleet-money", "POST …/confirm (priced: loop breaker, hold, settle)", "POST",
+                               VENDOR_HOST, PATH + "/confirm", "money-agent", "application/x-www-form-urlencoded",
+                               "return_url=https%3A%2F%2Fexample.com%2Fdone%3Fn%3D{i}")}
+    for kind, scenario in kinds.items():
+        tokens = {name: b.issue(scenario.policy, db=dbs[name])[1] for name in gws}
         for c in concurrencies:
             totals = {name: LoadResult() for name in gws}
             for r in range(rounds):
                 for name, gw in gws.items():
-                    t = b.target("spendgate", gw, tokens[name])
-                    t.method, t.path, t.body = method, path, body
+                    t = b.target("spendgate", gw, tokens[name], scenario)
                     res = measured(gw, t, c, seconds=seconds, warmup=warmup)
                     log(f"fleet {kind} c={c} round {r + 1}/{rounds} {name}: {res.requests / res.elapsed:.0f} req/s "
                         f"statuses={dict(res.statuses)} errors={dict(res.errors)}")
@@ -822,6 +826,13 @@ def _time_ops(store: Any, n: int) -> dict[str, float]:
 
         ops["admit: loop breaker + hold (3 scopes)"] = lambda: store.admit(
             1000, caps, loop=LoopCheck(os.urandom(16), None, 3, 600.0))
+    if hasattr(store, "precheck"):  # what a request asks before forwarding, in one round trip on PostgreSQL
+        from spendgate.store import LoopCheck, RateCheck
+
+        ops["admit with the key's row: key + loop breaker + hold"] = lambda: store.admit(
+            1000, caps, loop=LoopCheck(os.urandom(16), None, 3, 600.0), key=rec)
+        ops["precheck: key + rate limit + room left (a read)"] = lambda: store.precheck(
+            rec, RateCheck(rec.id, 10**9, 3600.0), caps)
     ops["hold + settle + row committed"] = committed
     row = {}
     for op, fn in ops.items():
