@@ -21,7 +21,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.utils import human
 
-from . import jsonlog, wire
+from . import jsonlog, streamends, wire
 from .bodies import DEFAULT_BODY_SIZE_LIMIT, DEFAULT_INFLATE_LIMIT
 from .paths import config_path, db_path
 from .policy import Config, ConfigError, Policy, load_config, resolve_credentials
@@ -126,6 +126,7 @@ class Runtime:
             "is refused (413 body_too_large), a response over it is not priced (cost unknown).",
         )
         wire.install()
+        streamends.install()  # an empty HTTP/2 frame mid-stream must not flush what scrub holds back
 
     def configure(self, updated: set[str]) -> None:
         if ctx.options.spendgate_log_format not in ("text", "json"):
