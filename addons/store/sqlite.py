@@ -252,6 +252,46 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
+class WriteTurns:
+    """This process's writers take turns here before they ask SQLite for its write lock.
+
+    SQLite's busy handler does not wake a waiting connection when the lock is released: it sleeps
+    (1 ms, 2 ms, … up to 100 ms) and tries again. The event loop commits whenever the lock is free
+    that instant (holds, rows: :meth:`SQLiteStore.admit_now`, :meth:`SQLiteStore.record_call_now`),
+    so under load a worker thread sleeping in the busy handler could lose every race for 5 s and
+    fail its hold (503 ``store_unavailable``). Here a thread waits on a lock that wakes it when
+    the holder is done, and the loop takes its fast path only when no thread is waiting; SQLite's
+    own busy handler is left to arbitrate between processes only.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # re-entrant: a write path may call another
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    @contextlib.contextmanager
+    def wait(self) -> Iterator[None]:
+        """Wait for this process's turn to write (a thread that may block)."""
+        with self._count:
+            self.waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._count:
+                self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def try_take(self) -> bool:
+        """The event loop's turn, if it is free this instant and no thread is waiting for one."""
+        return not self.waiting and self._lock.acquire(blocking=False)
+
+    def give_back(self) -> None:
+        self._lock.release()
+
+
 class SQLiteStore:
     dialect = "sqlite"
     keys_cached = False  # key_by_token reads the row on every request
@@ -284,6 +324,7 @@ class SQLiteStore:
         self._loops = LoopBreaker()
         self._loop_commits = 0  # rows committed on the event loop since the writer's last checkpoint
         self._checkpointing = False  # the writer thread is checkpointing: the loop takes no write lock
+        self._turns = WriteTurns()  # this process's writers, in turn (see WriteTurns)
         # hold ids: unique across processes (a random prefix) without a getrandom call per hold
         self._res_prefix = secrets.token_hex(5)
         self._res_serial = itertools.count(1)
@@ -318,14 +359,15 @@ class SQLiteStore:
 
     def check_writable(self) -> None:
         """Raise :class:`SchemaError` naming the path and the problem if the ledger cannot be written."""
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute("CREATE TABLE IF NOT EXISTS _spendgate_probe (x)")
-            self.conn.execute("ROLLBACK")
-        except sqlite3.Error as e:
-            if self.conn.in_transaction:
+        with self._turns.wait():
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.execute("CREATE TABLE IF NOT EXISTS _spendgate_probe (x)")
                 self.conn.execute("ROLLBACK")
-            raise SchemaError(f"cannot write to the ledger {self.path}: {e}") from None
+            except sqlite3.Error as e:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise SchemaError(f"cannot write to the ledger {self.path}: {e}") from None
 
     # ------------------------------------------------------------------ keys
 
@@ -351,13 +393,14 @@ class SQLiteStore:
         return rec, token
 
     def _insert_key(self, rec: KeyRecord, or_ignore: bool = False) -> None:
-        verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
-        self.conn.execute(
-            f"{verb} INTO keys ({self._KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
-            (rec.id, rec.policy, rec.token_sha256, json.dumps(rec.labels, sort_keys=True),
-             iso(rec.created_at), iso(rec.expires_at), iso(rec.revoked_at),
-             str(rec.cap_usd) if rec.cap_usd is not None else None, rec.source),
-        )
+        with self._turns.wait():
+            verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+            self.conn.execute(
+                f"{verb} INTO keys ({self._KEY_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                (rec.id, rec.policy, rec.token_sha256, json.dumps(rec.labels, sort_keys=True),
+                 iso(rec.created_at), iso(rec.expires_at), iso(rec.revoked_at),
+                 str(rec.cap_usd) if rec.cap_usd is not None else None, rec.source),
+            )
 
     def key_by_token(self, token: str, wait: bool = True) -> KeyRecord | None:
         """``wait=False`` reads on a connection that never waits for a lock (busy timeout 0): a
@@ -410,10 +453,11 @@ class SQLiteStore:
         return [k for k in map(self._key, rows) if k]
 
     def revoke(self, key_id: str) -> bool:
-        cur = self.conn.execute(
-            "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (iso(now()), key_id)
-        )
-        return cur.rowcount > 0 or self.get_key(key_id) is not None
+        with self._turns.wait():
+            cur = self.conn.execute(
+                "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (iso(now()), key_id)
+            )
+            return cur.rowcount > 0 or self.get_key(key_id) is not None
 
     def revoke_by_labels(self, labels: dict[str, str]) -> list[str]:
         revoked = []
@@ -425,19 +469,20 @@ class SQLiteStore:
 
     def sync_static_keys(self, keys: list[KeyRecord]) -> None:
         """Add the policy file's static keys; a key revoked by the CLI stays revoked."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            for rec in keys:
-                self._insert_key(rec, or_ignore=True)
-                self.conn.execute(
-                    "UPDATE keys SET policy = ?, labels = ?, cap_usd = ? WHERE id = ? AND source = 'static'",
-                    (rec.policy, json.dumps(rec.labels, sort_keys=True),
-                     str(rec.cap_usd) if rec.cap_usd is not None else None, rec.id),
-                )
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
+        with self._turns.wait():
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for rec in keys:
+                    self._insert_key(rec, or_ignore=True)
+                    self.conn.execute(
+                        "UPDATE keys SET policy = ?, labels = ?, cap_usd = ? WHERE id = ? AND source = 'static'",
+                        (rec.policy, json.dumps(rec.labels, sort_keys=True),
+                         str(rec.cap_usd) if rec.cap_usd is not None else None, rec.id),
+                    )
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
 
     # ------------------------------------------------------------------ budget counters
 
@@ -452,10 +497,11 @@ class SQLiteStore:
         if not self._registered:
             self.heartbeat()
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        with self._hold_transaction(conn):
-            res = self._hold(conn, nanos, caps, hold, forwarded)
-            conn.execute("COMMIT")
+        with self._turns.wait():
+            conn.execute("BEGIN IMMEDIATE")
+            with self._hold_transaction(conn):
+                res = self._hold(conn, nanos, caps, hold, forwarded)
+                conn.execute("COMMIT")
         return res
 
     @contextlib.contextmanager
@@ -518,6 +564,15 @@ class SQLiteStore:
             return Admission(looped, left_nanos=min((cap - used[s] for s, cap in caps.items()), default=None))
         if not self._registered or self._checkpointing:
             return None  # the first hold registers this gateway first, off the loop; a checkpoint runs
+        if not self._turns.try_take():
+            return None  # a thread of this process is writing or waiting to: it goes first
+        try:
+            return self._admit_now(conn, nanos, caps, hold, forwarded, loop, hold_if_looped)
+        finally:
+            self._turns.give_back()
+
+    def _admit_now(self, conn: sqlite3.Connection, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None,
+                   forwarded: bool, loop: LoopCheck | None, hold_if_looped: bool) -> Admission | None:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
@@ -539,7 +594,8 @@ class SQLiteStore:
         return Admission(looped, res, left_nanos=res.left_nanos)
 
     def mark_forwarded(self, reservation: Reservation) -> None:
-        self.conn.execute("UPDATE reservations SET forwarded = 1 WHERE id = ?", (reservation.id,))
+        with self._turns.wait():
+            self.conn.execute("UPDATE reservations SET forwarded = 1 WHERE id = ?", (reservation.id,))
 
     def settle(self, reservation: Reservation, actual_nanos: int) -> None:
         """Replace a hold by the real cost (0 releases it). Written behind (with the call's row when
@@ -577,34 +633,35 @@ class SQLiteStore:
     def reconcile_call(self, fix: Reconciliation) -> bool:
         """One ``BEGIN IMMEDIATE`` transaction: the row (if it still says what was counted), every
         scope's counter, and the ``reconciliations`` record."""
-        ts = iso(now())
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cur = conn.execute(
-                "UPDATE calls SET cost_status = ?, cost_usd = ?, cost_nanos = ?, currency = coalesce(?, currency), "
-                "amount = ?, note = ?, flagged = 0, reconciled_at = ? "
-                "WHERE id = ? AND cost_status = ? AND decision != 'deny' "
-                "AND coalesce(cost_nanos, estimated_nanos, 0) = ?",
-                (fix.to_status, fix.new_usd, fix.new_nanos, fix.currency, fix.amount, reconciled_note(fix), ts,
-                 fix.call_id, fix.from_status, fix.old_nanos))
-            if cur.rowcount != 1:
-                conn.execute("ROLLBACK")
-                return False
-            delta = fix.delta_nanos
-            for scope in sorted(set(fix.scopes)):
-                conn.execute(
-                    "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) VALUES (?, max(0, ?), 0, ?) "
-                    "ON CONFLICT(scope) DO UPDATE SET used_nanos = max(0, used_nanos + ?), "
-                    "updated_at = excluded.updated_at", (scope, delta, ts, delta))
-            conn.execute(f"INSERT INTO reconciliations ({', '.join(RECONCILIATION_COLUMNS)}) "
-                         f"VALUES ({', '.join('?' * len(RECONCILIATION_COLUMNS))})", reconciliation_row(fix, ts))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return True
+        with self._turns.wait():
+            ts = iso(now())
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(
+                    "UPDATE calls SET cost_status = ?, cost_usd = ?, cost_nanos = ?, currency = coalesce(?, currency), "
+                    "amount = ?, note = ?, flagged = 0, reconciled_at = ? "
+                    "WHERE id = ? AND cost_status = ? AND decision != 'deny' "
+                    "AND coalesce(cost_nanos, estimated_nanos, 0) = ?",
+                    (fix.to_status, fix.new_usd, fix.new_nanos, fix.currency, fix.amount, reconciled_note(fix), ts,
+                     fix.call_id, fix.from_status, fix.old_nanos))
+                if cur.rowcount != 1:
+                    conn.execute("ROLLBACK")
+                    return False
+                delta = fix.delta_nanos
+                for scope in sorted(set(fix.scopes)):
+                    conn.execute(
+                        "INSERT INTO counters (scope, used_nanos, reserved_nanos, updated_at) VALUES (?, max(0, ?), 0, ?) "
+                        "ON CONFLICT(scope) DO UPDATE SET used_nanos = max(0, used_nanos + ?), "
+                        "updated_at = excluded.updated_at", (scope, delta, ts, delta))
+                conn.execute(f"INSERT INTO reconciliations ({', '.join(RECONCILIATION_COLUMNS)}) "
+                             f"VALUES ({', '.join('?' * len(RECONCILIATION_COLUMNS))})", reconciliation_row(fix, ts))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return True
 
     def used(self, scope: str) -> int:
         """Spent plus held in ``scope``, in nanos."""
@@ -627,13 +684,14 @@ class SQLiteStore:
     # ------------------------------------------------------------------ gateway instances, dead holds
 
     def heartbeat(self) -> None:
-        ts = iso(now())
-        self.conn.execute(
-            "INSERT INTO instances (id, replica, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?,?) "
-            "ON CONFLICT(id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-            (self.instance, self.replica, _HOST, os.getpid(), ts, ts),
-        )
-        self._registered = True
+        with self._turns.wait():
+            ts = iso(now())
+            self.conn.execute(
+                "INSERT INTO instances (id, replica, host, pid, started_at, heartbeat_at) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (self.instance, self.replica, _HOST, os.getpid(), ts, ts),
+            )
+            self._registered = True
 
     def recover_holds(self) -> tuple[int, int]:
         """Settle the holds of dead gateway instances (silent past the lease, or a pid on this host
@@ -653,34 +711,42 @@ class SQLiteStore:
                                                     and (r[4] is not None or r[3] < cutoff))]
         counted = released = 0
         if todo or dead:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for rid, nanos, scopes, created, inst, forwarded, meta in todo:
-                    actual = nanos if forwarded else 0
-                    if not self._settle_now(conn, rid, nanos, json.loads(scopes), actual):
-                        continue
-                    if forwarded:
-                        counted += 1
-                        row = recovered_row(json.loads(meta or "{}"), nanos, created,
-                                            dead.get(inst) or (inst or "unknown").split("/")[0],
-                                            json.loads(scopes))
-                        cols = [k for k in CALL_COLUMNS if k != "id"]
-                        conn.execute(f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                                     tuple(clean_text(row.get(k)) for k in cols))
-                    else:
-                        released += 1
-                conn.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead])
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            with self._turns.wait():
+                counted, released = self._recover(conn, todo, dead)
+        return counted, released
+
+    def _recover(self, conn: sqlite3.Connection, todo: list[tuple], dead: dict[str, str]) -> tuple[int, int]:
+        """The recovery of :meth:`recover_holds`, one transaction (the caller has this process's write turn)."""
+        counted = released = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for rid, nanos, scopes, created, inst, forwarded, meta in todo:
+                actual = nanos if forwarded else 0
+                if not self._settle_now(conn, rid, nanos, json.loads(scopes), actual):
+                    continue
+                if forwarded:
+                    counted += 1
+                    row = recovered_row(json.loads(meta or "{}"), nanos, created,
+                                        dead.get(inst) or (inst or "unknown").split("/")[0],
+                                        json.loads(scopes))
+                    cols = [k for k in CALL_COLUMNS if k != "id"]
+                    conn.execute(f"INSERT INTO calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                 tuple(clean_text(row.get(k)) for k in cols))
+                else:
+                    released += 1
+            conn.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return counted, released
 
     def _retire(self) -> None:
         """A clean stop: this instance's lease ends now (any hold it still has is recovered)."""
-        if self._registered:
-            self.conn.execute("UPDATE instances SET heartbeat_at = '' WHERE id = ?", (self.instance,))
+        with self._turns.wait():
+            if self._registered:
+                self.conn.execute("UPDATE instances SET heartbeat_at = '' WHERE id = ?", (self.instance,))
 
     # ------------------------------------------------------------------ fleet-wide limits (one box here)
 
@@ -705,10 +771,11 @@ class SQLiteStore:
     # ------------------------------------------------------------------ approvals
 
     def add_approval(self, row: dict[str, Any]) -> None:
-        row = {**row, "status": "pending", "created_at": iso(now())}
-        cols = ", ".join(row)
-        self.conn.execute(f"INSERT INTO approvals ({cols}) VALUES ({', '.join('?' * len(row))})",
-                          tuple(row.values()))
+        with self._turns.wait():
+            row = {**row, "status": "pending", "created_at": iso(now())}
+            cols = ", ".join(row)
+            self.conn.execute(f"INSERT INTO approvals ({cols}) VALUES ({', '.join('?' * len(row))})",
+                              tuple(row.values()))
 
     def approval_status(self, approval_id: str) -> str | None:
         row = self.conn.execute("SELECT status FROM approvals WHERE id = ?", (approval_id,)).fetchone()
@@ -716,11 +783,12 @@ class SQLiteStore:
 
     def decide_approval(self, approval_id: str, status: str, by: str) -> bool:
         """Set a pending approval to approved/denied/timeout; False if it was not pending."""
-        cur = self.conn.execute(
-            "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? "
-            "WHERE id = ? AND status = 'pending'", (status, by, iso(now()), approval_id),
-        )
-        return cur.rowcount > 0
+        with self._turns.wait():
+            cur = self.conn.execute(
+                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? "
+                "WHERE id = ? AND status = 'pending'", (status, by, iso(now()), approval_id),
+            )
+            return cur.rowcount > 0
 
     def list_approvals(self, status: str | None = "pending") -> list[dict[str, Any]]:
         cur = self.conn.execute(
@@ -751,19 +819,20 @@ class SQLiteStore:
         with every write of a request on this one connection its page cache stays valid."""
         if not self.available or self._checkpointing:
             return False
+        if not self._turns.try_take():
+            return False  # a thread of this process is writing or waiting to: it goes first
         conn = self._nowait_conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error:
-            return False
         held: list[LedgerItem] | None = getattr(self._local, "held", None)
         try:
+            conn.execute("BEGIN IMMEDIATE")
             self._apply(conn, [CallRow(row), *(held or ())])
             conn.execute("COMMIT")
-        except Exception:
+        except Exception:  # the lock is taken (another process), or the row cannot be written here
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             return False  # the row goes to the writer (the deferred items at the loop's next turn)
+        finally:
+            self._turns.give_back()
         if held:
             held.clear()
         self._loop_commits += 1
@@ -849,7 +918,8 @@ class SQLiteStore:
         self._checkpointing = True
         try:
             conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
-            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            with self._turns.wait():
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
         except sqlite3.Error:
             pass  # busy past the wait, or failing: the next checkpoint, or the writer's own commits
         finally:
@@ -901,6 +971,7 @@ class SQLiteStore:
 
     _INSERT_CALL = (f"INSERT INTO calls ({', '.join(k for k in CALL_COLUMNS if k != 'id')}) "
                     f"VALUES ({', '.join('?' * (len(CALL_COLUMNS) - 1))})")
+
     _CALL_COLS = tuple(k for k in CALL_COLUMNS if k != "id")
 
     def _apply(self, conn: sqlite3.Connection, items: list[LedgerItem]) -> None:
@@ -920,14 +991,15 @@ class SQLiteStore:
 
     def _transaction(self, fn: Any, *args: Any, conn: sqlite3.Connection | None = None) -> None:
         conn = conn or self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            fn(conn, *args)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # SQLite may have rolled back already (disk full)
-                conn.execute("ROLLBACK")
-            raise
+        with self._turns.wait():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                fn(conn, *args)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    conn.execute("ROLLBACK")
+                raise
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until every queued row is committed."""
