@@ -341,8 +341,8 @@ def test_a_worker_threads_hold_is_not_starved_by_the_event_loops_commits(tmp_pat
     worker thread's hold (the loop's fallback) waits for it. SQLite's busy handler sleeps between
     tries instead of waking on release, so without this process's own write turns a thread could
     lose every race for the whole busy timeout (5 s) and its hold failed 503 ``store_unavailable``
-    (2 of 4 000 payments at concurrency 20 in the in-process bench). With them, a waiting thread
-    goes next: every hold here is taken quickly while the loop commits back to back."""
+    (2 of 4 000 payments at concurrency 20 in the in-process bench). With them, a thread that has
+    waited a few ms goes next: every hold here is taken quickly while the loop commits back to back."""
     import asyncio
     import threading
     import time

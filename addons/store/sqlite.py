@@ -258,35 +258,46 @@ class WriteTurns:
     SQLite's busy handler does not wake a waiting connection when the lock is released: it sleeps
     (1 ms, 2 ms, … up to 100 ms) and tries again. The event loop commits whenever the lock is free
     that instant (holds, rows: :meth:`SQLiteStore.admit_now`, :meth:`SQLiteStore.record_call_now`),
-    so under load a worker thread sleeping in the busy handler could lose every race for 5 s and
-    fail its hold (503 ``store_unavailable``). Here a thread waits on a lock that wakes it when
-    the holder is done, and the loop takes its fast path only when no thread is waiting; SQLite's
-    own busy handler is left to arbitrate between processes only.
+    so under load a worker thread sleeping in the busy handler could lose every race for seconds
+    and fail its hold (503 ``store_unavailable``). Here a thread waits on a lock that wakes it when
+    the holder is done, and once a thread has waited ``PATIENCE`` seconds the loop stops taking its
+    fast path (its row goes to the writer, its hold to the pool) until the waiters are through; so
+    a thread's wait is bounded by a few commits, and the loop keeps its fast path otherwise.
+    SQLite's own busy handler is left to arbitrate between processes only.
     """
+
+    PATIENCE = 0.005
 
     def __init__(self) -> None:
         self._lock = threading.RLock()  # re-entrant: a write path may call another
         self._count = threading.Lock()
         self.waiting = 0
+        self._since: float | None = None  # when the longest-waiting thread began (about)
 
     @contextlib.contextmanager
     def wait(self) -> Iterator[None]:
         """Wait for this process's turn to write (a thread that may block)."""
         with self._count:
             self.waiting += 1
+            if self._since is None:
+                self._since = time.monotonic()
         try:
             self._lock.acquire()
         finally:
             with self._count:
                 self.waiting -= 1
+                self._since = time.monotonic() if self.waiting else None  # the next one's wait begins
         try:
             yield
         finally:
             self._lock.release()
 
     def try_take(self) -> bool:
-        """The event loop's turn, if it is free this instant and no thread is waiting for one."""
-        return not self.waiting and self._lock.acquire(blocking=False)
+        """The event loop's turn, if it is free this instant and no thread has waited past PATIENCE."""
+        since = self._since
+        if since is not None and time.monotonic() - since > self.PATIENCE:
+            return False
+        return self._lock.acquire(blocking=False)
 
     def give_back(self) -> None:
         self._lock.release()
