@@ -80,7 +80,14 @@ def test_keys_are_looked_up_by_token_and_never_show_their_hash(store: Store) -> 
 
 
 def test_keys_list_in_issue_order(store: Store) -> None:
-    ids = [store.issue_key("p", None)[0].id for _ in range(3)]
+    """By ``created_at``, which has millisecond precision: keys issued within the same millisecond
+    may list in either order (on PostgreSQL they tie-break by id), so these are issued 2 ms apart."""
+    import time
+
+    ids = []
+    for _ in range(3):
+        ids.append(store.issue_key("p", None)[0].id)
+        time.sleep(0.002)
     assert [k.id for k in store.list_keys()] == ids
 
 
