@@ -527,3 +527,20 @@ def redact_url(url: str) -> str:
     import re
 
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+class Stepwise:
+    """:meth:`BudgetStore.admit` and :meth:`BudgetStore.precheck` as their steps, for a backend
+    whose steps cost no round trip (memory, a local SQLite file); mixed into those stores."""
+
+    def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+              forwarded: bool = True, loop: LoopCheck | None = None,
+              hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission:
+        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped, key)  # type: ignore[arg-type]
+
+    def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
+        return precheck_stepwise(self, key, rate, caps)  # type: ignore[arg-type]
+
+    async def precheck_async(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int],
+                             timeout: float) -> Precheck:
+        return self.precheck(key, rate, caps)  # (not asked: keys_cached is False)

@@ -25,24 +25,21 @@ from . import (
     CapExceeded,
     KeyRecord,
     LoopCheck,
-    Precheck,
-    RateCheck,
     Reconciliation,
     Reservation,
-    admit_stepwise,
+    Stepwise,
     default_replica,
     hash_token,
     iso,
     new_token,
     now,
-    precheck_stepwise,
     reconciled_note,
     reconciliation_row,
 )
 from .limits import Gcra, LoopBreaker
 
 
-class MemoryStore:
+class MemoryStore(Stepwise):
     path = url = ":memory:"
     dialect = "memory"
     keys_cached = False  # key_by_token reads the row on every request
@@ -179,18 +176,6 @@ class MemoryStore:
 
     def loop_hit(self, fingerprint: bytes, idem: str | None, repeats: int, window: float) -> bool:
         return self._loops.repeated(fingerprint, idem, repeats, window)
-
-    def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
-              forwarded: bool = True, loop: LoopCheck | None = None,
-              hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission:
-        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped, key)
-
-    def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
-        return precheck_stepwise(self, key, rate, caps)
-
-    async def precheck_async(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int],
-                             timeout: float) -> Precheck:
-        return self.precheck(key, rate, caps)  # (not asked: keys_cached is False)
 
     def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                   forwarded: bool = True, loop: LoopCheck | None = None,

@@ -50,23 +50,20 @@ from . import (
     KeyRecord,
     LedgerItem,
     LoopCheck,
-    Precheck,
-    RateCheck,
     Reconciliation,
     Reservation,
     SchemaError,
     Settle,
+    Stepwise,
     StoreUnavailable,
     Usage,
     WouldBlock,
-    admit_stepwise,
     clean_text,
     default_replica,
     hash_token,
     iso,
     new_token,
     now,
-    precheck_stepwise,
     reconciled_note,
     reconciliation_row,
     recovered_row,
@@ -303,7 +300,7 @@ class WriteTurns:
         self._lock.release()
 
 
-class SQLiteStore:
+class SQLiteStore(Stepwise):
     dialect = "sqlite"
     keys_cached = False  # key_by_token reads the row on every request
 
@@ -766,18 +763,6 @@ class SQLiteStore:
 
     def loop_hit(self, fingerprint: bytes, idem: str | None, repeats: int, window: float) -> bool:
         return self._loops.repeated(fingerprint, idem, repeats, window)
-
-    def admit(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
-              forwarded: bool = True, loop: LoopCheck | None = None,
-              hold_if_looped: bool = False, key: KeyRecord | None = None) -> Admission:
-        return admit_stepwise(self, nanos, caps, hold, forwarded, loop, hold_if_looped, key)
-
-    def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
-        return precheck_stepwise(self, key, rate, caps)
-
-    async def precheck_async(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int],
-                             timeout: float) -> Precheck:
-        return self.precheck(key, rate, caps)  # (not asked: keys_cached is False)
 
     # ------------------------------------------------------------------ approvals
 
