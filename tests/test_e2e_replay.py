@@ -107,7 +107,9 @@ def test_the_capture_holds_no_key_and_every_call(captured: dict) -> None:
 
 def test_replay_under_the_same_policy_changes_nothing(captured: dict) -> None:
     code, doc = replay(captured, captured["policy"], "--fail-on", "any-change")
-    assert code == 0 and doc["summary"]["changed"] == 0 and len(doc["rows"]) == 7
+    # (flaked once in a parallel full suite under load, not reproduced since: say what changed)
+    assert code == 0 and doc["summary"]["changed"] == 0 and len(doc["rows"]) == 7, (
+        [r for r in doc["rows"] if r.get("changed")], captured["ledger"])
     spent = sum(Decimal(r["cost_usd"] or 0) for r in captured["ledger"])
     assert Decimal(doc["summary"]["spend_then_usd"]) == Decimal(doc["summary"]["spend_now_usd"]) == spent
     # every call priced now as the gateway priced it then
