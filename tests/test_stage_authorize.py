@@ -103,7 +103,9 @@ def test_approve_rule_holds_until_a_human_answers(pipeline: Callable[..., Pipeli
             p.arun(flow, response(200, '{"id": "tr_1", "object": "transfer", "amount": 1000, "currency": "usd"}')))
         for _ in range(200):
             await asyncio.sleep(0.01)
-            if pending := store.list_approvals("pending"):
+            # the row is committed by a worker thread; the hold intercepts the flow when the loop
+            # next runs it, so the test waits for both (it saw the row first now and then)
+            if (pending := store.list_approvals("pending")) and flow.intercepted:
                 break
         else:
             raise AssertionError("the request was not held")
