@@ -736,12 +736,36 @@ def pg_schema(url: str):
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def pg_server_cpu(url: str) -> float:
+    """CPU seconds (user + system) used so far by the PostgreSQL server processes serving
+    connections whose ``application_name`` is the one in ``url`` (the gateway's, in the bench)."""
+    import psycopg
+
+    name = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))["application_name"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        pids = [r[0] for r in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND pid <> pg_backend_pid()",
+            (name,)).fetchall()]
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a connection closed meanwhile
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def part_fleet(b: Bench, pg_url: str, concurrencies: list[int], seconds: float, rounds: int,
                warmup: int) -> dict[str, Any]:
-    """The same gateway on SQLite and on PostgreSQL, interleaved: reads and money-moving calls."""
+    """The same gateway on SQLite and on PostgreSQL, and bare mitmdump, interleaved (the order
+    reversed every other round): reads and money-moving calls. Besides the pooled req/s, each
+    round's PG ÷ SQLite is kept (its median is steadier than the pooled ratio on a busy box), and
+    the PostgreSQL server's own CPU per request (its backends serving the gateway: on one machine
+    it competes with the gateway for the same cores)."""
     out: dict[str, Any] = {"round_trips_us": round_trips(b.tmp, pg_url)}
-    gws = {"sqlite": b.gateway(name="spendgate-sqlite", db=str(b.tmp / "fleet-sqlite.db")),
-           "postgres": b.gateway(name="spendgate-pg", db=pg_url)}
+    gw_url = f"{pg_url}{'&' if '?' in pg_url else '?'}application_name=spendgate-bench-{os.getpid()}"
+    gws = {"bare": b.bare(),
+           "sqlite": b.gateway(name="spendgate-sqlite", db=str(b.tmp / "fleet-sqlite.db")),
+           "postgres": b.gateway(name="spendgate-pg", db=gw_url)}
     dbs = {"sqlite": str(b.tmp / "fleet-sqlite.db"), "postgres": pg_url}
     # A money call confirms a payment: each one its own (a distinct body, as distinct payments are;
     # the same body sent thousands of times a minute would be a loop, which the loop breaker is
@@ -750,21 +774,40 @@ def part_fleet(b: Bench, pg_url: str, concurrencies: list[int], seconds: float, 
              "money": Scenario("fleet-money", "POST …/confirm (priced: loop breaker, hold, settle)", "POST",
                                VENDOR_HOST, PATH + "/confirm", "money-agent", "application/x-www-form-urlencoded",
                                "return_url=https%3A%2F%2Fexample.com%2Fdone%3Fn%3D{i}")}
+    modes = list(gws)
     for kind, scenario in kinds.items():
-        tokens = {name: b.issue(scenario.policy, db=dbs[name])[1] for name in gws}
+        tokens = {name: b.issue(scenario.policy, db=db)[1] for name, db in dbs.items()}
+        tokens["bare"] = tokens["sqlite"]  # (bare mitmdump ignores it)
         for c in concurrencies:
             totals = {name: LoadResult() for name in gws}
+            per_round: list[float] = []
+            pg_cpu = 0.0
             for r in range(rounds):
-                for name, gw in gws.items():
-                    t = b.target("spendgate", gw, tokens[name], scenario)
+                rps = {}
+                for name in (modes if r % 2 == 0 else modes[::-1]):
+                    gw = gws[name]
+                    t = b.target("bare" if name == "bare" else "spendgate", gw, tokens[name], scenario)
+                    before = pg_server_cpu(gw_url) if name == "postgres" else 0.0
                     res = measured(gw, t, c, seconds=seconds, warmup=warmup)
-                    log(f"fleet {kind} c={c} round {r + 1}/{rounds} {name}: {res.requests / res.elapsed:.0f} req/s "
+                    if name == "postgres":  # (includes the warm-up's share: a slight overestimate)
+                        pg_cpu += pg_server_cpu(gw_url) - before
+                    rps[name] = res.requests / res.elapsed if res.elapsed else 0.0
+                    log(f"fleet {kind} c={c} round {r + 1}/{rounds} {name}: {rps[name]:.0f} req/s "
                         f"statuses={dict(res.statuses)} errors={dict(res.errors)}")
                     totals[name].merge(res)
+                if rps["sqlite"]:
+                    per_round.append(rps["postgres"] / rps["sqlite"])
             row = {name: t.summary() for name, t in totals.items()}
-            sq, pg = row["sqlite"]["rps"], row["postgres"]["rps"]
+            sq, pg, bare = row["sqlite"]["rps"], row["postgres"]["rps"], row["bare"]["rps"]
             row["pg_over_sqlite"] = round(pg / sq, 3) if sq else None
+            row["pg_over_sqlite_rounds"] = [round(x, 3) for x in per_round]
+            row["pg_over_sqlite_median"] = round(statistics.median(per_round), 3) if per_round else None
+            row["sqlite_over_bare"] = round(sq / bare, 3) if bare else None
+            row["pg_over_bare"] = round(pg / bare, 3) if bare else None
+            n = totals["postgres"].requests
+            row["postgres"]["server_cpu_us_per_request"] = round(pg_cpu / n * 1e6) if n else None
             out[f"{kind} c={c}"] = row
+    gws.pop("bare").stop()
     # revoke through the database, seen by two PostgreSQL replicas
     second = b.gateway(name="spendgate-pg2", db=pg_url)
     replicas = [gws["postgres"], second]
@@ -1733,14 +1776,19 @@ def render(res: dict[str, Any]) -> str:
     if fl:
         out += ["fleet mode: the same gateway on PostgreSQL vs SQLite (reads: GET; money: a priced POST "
                 "with loop breaker, hold and settle)",
-                "| load | SQLite req/s | PostgreSQL req/s | PG ÷ SQLite | SQLite p50 ms | PG p50 ms | PG p99 ms |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| load | bare req/s | SQLite req/s | PostgreSQL req/s | PG ÷ SQLite (median of rounds) | "
+                "SQLite ÷ bare | PG ÷ bare | SQLite p50 ms | PG p50 ms | CPU µs/req: SQLite gateway | "
+                "PG gateway | PG server |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, row in fl.items():
             if name in ("round_trips_us", "revoke_across_replicas"):
                 continue
-            sq, pg = row["sqlite"], row["postgres"]
-            out.append(f"| {name} | {sq['rps']:.0f} | {pg['rps']:.0f} | {row['pg_over_sqlite']} | "
-                       f"{sq['p50_ms']:.2f} | {pg['p50_ms']:.2f} | {pg['p99_ms']:.2f} |")
+            sq, pg, br = row["sqlite"], row["postgres"], row.get("bare", {})
+            out.append(f"| {name} | {br.get('rps', 0):.0f} | {sq['rps']:.0f} | {pg['rps']:.0f} | "
+                       f"{row['pg_over_sqlite']} ({row.get('pg_over_sqlite_median')}) | "
+                       f"{row.get('sqlite_over_bare')} | {row.get('pg_over_bare')} | "
+                       f"{sq['p50_ms']:.2f} | {pg['p50_ms']:.2f} | {sq['proxy_cpu_us_per_request']} | "
+                       f"{pg['proxy_cpu_us_per_request']} | {pg.get('server_cpu_us_per_request')} |")
         rv = fl["revoke_across_replicas"]
         out += [f"revoke (commit) → refused by every one of {rv['replicas']} PostgreSQL replicas: "
                 f"p50 {rv['p50_ms']} ms, max {rv['max_ms']} ms ({rv['n']} revokes); the last request still "
