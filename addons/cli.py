@@ -46,9 +46,15 @@ db_opt = click.option("--db", "db", default=None,
 json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
+_GROUP_DB = "spendgate.db"  # ctx.meta: a --db given to a command group, for its subcommands
+
+
 def _store(db: str | None, create: bool = False) -> Store:
     """The ledger (a SQLite file or a postgresql:// URL). Only commands that write keys create a
     SQLite file; readers say where they looked."""
+    if db is None:  # given to the group (`spendgate approvals --db URL list`)
+        current = click.get_current_context(silent=True)
+        db = current.meta.get(_GROUP_DB) if current is not None else None
     path = db_path(db)
     if not create and not is_postgres(path) and path != ":memory:" and not Path(path).exists():
         raise click.ClickException(no_ledger(path, db))
@@ -142,7 +148,19 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-@click.group()
+class _Main(click.Group):
+    """The ``spendgate`` group: a ledger that stops answering mid-command (a PostgreSQL server
+    going away, a lock held past the statement timeout) is one clear line and exit 1, not a
+    traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (StoreUnavailable, SchemaError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="spendgate")
 def main() -> None:
     """Spendgate: an egress gateway between AI agents and the paid APIs they call."""
@@ -556,9 +574,15 @@ def keys_hash() -> None:
 # --------------------------------------------------------------------------- approvals
 
 
-@main.group()
-def approvals() -> None:
-    """Requests held by approve: rules."""
+@main.group(invoke_without_command=True)
+@db_opt
+@click.pass_context
+def approvals(ctx: click.Context, db: str | None) -> None:
+    """Requests held by approve: rules (alone: the pending ones, as `approvals list`)."""
+    if db is not None:  # `approvals --db URL approve ID`: the subcommand uses it too
+        ctx.meta[_GROUP_DB] = db
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(approvals_list, db=db)
 
 
 @approvals.command("list")
@@ -680,7 +704,10 @@ def migrate(src: str | None, dst: str | None) -> None:
             bar.__exit__(None, None, None)
     click.echo(f"migrated {src} → {redact_url(dst)}: {out['keys']} keys, {out['approvals']} approvals, "
                f"{out['calls']} new calls rows, {out['reconciliations']} reconciliations, "
-               f"${out['counter_nanos_added'] / 1e9:g} of budget counters added")
+               f"${out['counter_nanos_added'] / 1e9:g} of budget counters added"
+               + (f"; the stopped box's holds settled first: {out['holds_counted']} forwarded counted at their "
+                  f"estimate (flagged rows), {out['holds_released']} never forwarded released"
+                  if "holds_counted" in out else ""))
 
 if __name__ == "__main__":
     main()

@@ -78,18 +78,34 @@ def _priced_per_model(table: dict[str, Any]) -> bool:
     return isinstance(table.get("models"), dict)
 
 
+MODELS_SQL = ("SELECT vendor, model, count(*), max(ts) FROM calls WHERE model IS NOT NULL AND model != '' "
+              "GROUP BY vendor, model ORDER BY vendor, model")
+
+
 def check_models(db: str, prices: Prices) -> list[ModelCheck]:
-    """Models seen in the ledger that have no row in their vendor's table (after overrides)."""
+    """Models seen in the ledger that have no row in their vendor's table (after overrides).
+    ``db``: a SQLite file, or a ``postgresql://`` URL (the fleet's ledger: the same query)."""
+    from .store import is_postgres, open_store
+
+    if is_postgres(db):
+        store = open_store(db)
+        try:
+            rows = [tuple(r) for r in store.read(MODELS_SQL)]
+        finally:
+            store.close()
+        return _without_a_row(rows, prices)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
         if "model" not in columns:
             return []
-        rows = conn.execute(
-            "SELECT vendor, model, count(*), max(ts) FROM calls WHERE model IS NOT NULL AND model != '' "
-            "GROUP BY vendor, model ORDER BY vendor, model").fetchall()
+        rows = conn.execute(MODELS_SQL).fetchall()
     finally:
         conn.close()
+    return _without_a_row(rows, prices)
+
+
+def _without_a_row(rows: list[tuple], prices: Prices) -> list[ModelCheck]:
     out = []
     for vendor_name, model, calls, last in rows:
         vendor = REGISTRY.get(vendor_name or "")

@@ -13,6 +13,7 @@ from . import pricing
 from .money import fmt_usd
 from .paths import config_path, db_path, no_ledger
 from .policy import ConfigError, load_config
+from .store import redact_url
 from .vendors.base import Prices
 
 
@@ -35,7 +36,8 @@ def prices() -> None:
 
 @prices.command("check")
 @click.option("--config", "config", default=None, help="Policy file (its prices: overrides count).")
-@click.option("--db", "db", default=None, help="Ledger (SQLite file).")
+@click.option("--db", "db", default=None,
+              help="Ledger: a SQLite file, or postgresql://user@host:5432/db (default: $SPENDGATE_DB).")
 @click.option("--max-age", "max_age", default=90, show_default=True, help="Days before a table is stale.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check(config: str | None, db: str | None, max_age: int, as_json: bool) -> None:
@@ -48,7 +50,7 @@ def check(config: str | None, db: str | None, max_age: int, as_json: bool) -> No
     try:
         result = pricing.report(path, table, datetime.now(UTC).date(), max_age)
     except Exception as e:  # sqlite3.OperationalError: no ledger yet, not SQLite
-        raise click.ClickException(f"cannot read the ledger {path}: {e}") from None
+        raise click.ClickException(f"cannot read the ledger {redact_url(path)}: {redact_url(path, str(e))}") from None
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

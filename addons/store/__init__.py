@@ -522,11 +522,27 @@ def default_replica() -> str:
     return socket.gethostname()
 
 
-def redact_url(url: str) -> str:
-    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db`` (for logs)."""
+def redact_url(url: str, text: str | None = None) -> str:
+    """``postgresql://user:secret@host/db`` → ``postgresql://user:***@host/db`` (for logs), and a
+    ``password=`` in its query string too. With ``text`` (an error message about ``url``, which
+    libpq may quote whole): ``text`` with every password ``url`` holds masked."""
     import re
+    from urllib.parse import parse_qsl, unquote
 
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    secrets_ = []
+    at = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*:(.*)@", url.split("?", 1)[0])
+    if at:
+        secrets_.append(at.group(1))
+    if "?" in url:
+        secrets_ += [v for k, v in parse_qsl(url.split("?", 1)[1], keep_blank_values=True) if k == "password"]
+    out = url if text is None else text
+    for secret in secrets_:
+        for form in {secret, unquote(secret)}:
+            if form:
+                out = out.replace(form, "***")
+    if text is None:  # also a malformed userinfo the patterns above did not catch
+        out = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", out)
+    return re.sub(r"(?i)(password=)[^&\s]+", r"\1***", out)
 
 
 class Stepwise:

@@ -436,9 +436,9 @@ class PostgresStore:
             with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                 migrate(conn)
         except psycopg.OperationalError as e:
-            raise StoreUnavailable(f"cannot reach the ledger {redact_url(url)}: {_first_line(e)}") from None
+            raise StoreUnavailable(f"cannot reach the ledger {redact_url(url)}: {redact_url(url, _first_line(e))}") from None
         except psycopg.Error as e:
-            raise SchemaError(f"cannot open the ledger {redact_url(url)}: {_first_line(e)}") from None
+            raise SchemaError(f"cannot open the ledger {redact_url(url)}: {redact_url(url, _first_line(e))}") from None
         self.pool = ConnectionPool(
             url, min_size=2, max_size=pool_size, open=False, configure=_configure,  # ≥ the worker threads
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
@@ -472,7 +472,7 @@ class PostgresStore:
                 self.outages += 1
                 self._outage_since = time.monotonic()
                 log.error("spendgate: ledger %s unreachable (%s); refusing calls with 503 store_unavailable "
-                          "until it is back", redact_url(self.url), _first_line(error))
+                          "until it is back", redact_url(self.url), redact_url(self.url, _first_line(error)))
         return StoreUnavailable(f"the ledger {redact_url(self.url)} cannot be reached")
 
     def _up(self) -> None:

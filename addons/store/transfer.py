@@ -4,8 +4,12 @@ into the fleet's database.
 What moves: keys (hash only; a key revoked on either side stays revoked), approvals, budget
 counters, every ``calls`` row, and the ``reconciliations`` record (costs settled later, each
 pointing at its call's new id; a call the box reconciled after it was copied is brought up to
-date too). Stop the single-box gateway first: a hold it still has
-open counts as spend (the conservative side, as for any gateway that stopped mid-call).
+date too). Stop the single-box gateway first. The holds a stopped or crashed box left are first
+settled in its file by the rule every gateway applies to a dead one (what the box would do at its
+next start): a hold whose call had been forwarded becomes spend at its estimate with a flagged
+``calls`` row, a hold never forwarded (waiting for an approval) is released; then both sides agree
+and a later run cannot count them twice. A hold of a box that is still running (or a file that
+cannot be written: a read-only mount) is copied as spend, the conservative side.
 
 **Idempotent**, and safe to interrupt: the destination remembers, per source (the file's real
 path), the last ``calls`` id it copied and the counter values it already added (table
@@ -16,6 +20,7 @@ added since; each chunk of rows commits together with its bookmark.
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -39,16 +44,44 @@ def migrate(src_path: str, dst_url: str, progress: Callable[[int, int], None] | 
     if not os.path.exists(src_path):
         raise ValueError(f"--from {src_path}: no such ledger")
     source = "sqlite:" + os.path.realpath(src_path)
-    src = SQLiteStore(src_path)
-    dst = PostgresStore(dst_url, replica="migrate")
+    real = os.path.realpath(src_path)
+    writable = os.access(real, os.W_OK) and os.access(os.path.dirname(real), os.W_OK)
+    src: SQLiteStore | _ReadOnly = SQLiteStore(src_path, replica="migrate") if writable else _ReadOnly(real)
     try:
-        return _copy(src, dst, source, progress)
+        holds = src.recover_holds() if isinstance(src, SQLiteStore) else (0, 0)
+        dst = PostgresStore(dst_url, replica="migrate")
+        try:
+            out = _copy(src, dst, source, progress)
+        finally:
+            dst.close()
     finally:
         src.close()
-        dst.close()
+    if any(holds):
+        out["holds_counted"], out["holds_released"] = holds
+    return out
 
 
-def _copy(src: SQLiteStore, dst: PostgresStore, source: str,
+class _ReadOnly:
+    """A ledger file that cannot be written (``-v data:/old:ro``): read as it is, never migrated
+    or changed (``immutable``: no -shm file is needed beside it)."""
+
+    def __init__(self, path: str) -> None:
+        from urllib.parse import quote
+
+        try:  # read-only, with the -wal file a crashed box left (SQLite keeps the -shm in memory)
+            self.conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
+            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlite3.OperationalError:  # no -wal/-shm to read beside it: the file as it is
+            self.conn = sqlite3.connect(f"file:{quote(path)}?mode=ro&immutable=1", uri=True)
+
+    def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _copy(src: SQLiteStore | _ReadOnly, dst: PostgresStore, source: str,
           progress: Callable[[int, int], None] | None) -> dict[str, int]:
     out: dict[str, int] = {}
     keys = src.read(f"SELECT {_KEY_COLS} FROM keys")
@@ -117,7 +150,7 @@ def _copy(src: SQLiteStore, dst: PostgresStore, source: str,
 _RECONCILED_COLS = ("cost_status", "cost_usd", "cost_nanos", "currency", "amount", "note", "flagged", "reconciled_at")
 
 
-def _copy_reconciliations(src: SQLiteStore, dst: PostgresStore, source: str) -> int:
+def _copy_reconciliations(src: SQLiteStore | _ReadOnly, dst: PostgresStore, source: str) -> int:
     """Copy the ``reconciliations`` records written since the last run. Calls get new ids in the
     fleet, so each record finds its call by what the call was (ts, vendor, method, host, path,
     object id), and that call's cost columns are set from the box's row: a call reconciled on the
