@@ -231,6 +231,8 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
     ) if (why := _bind_problem(h, p))]  # fmt: skip
     if problems:
         raise click.ClickException("; ".join(problems))
+    if not any(a.startswith("confdir") for a in mitmproxy_args):
+        ensure_ca(ca_dir())  # before mitmproxy reads it: replicas sharing one CA create it once
     tool = "mitmweb" if web else "mitmdump"
     exe = Path(sys.executable).with_name(tool)
     if log_format == "json":  # JSON lines from mitmproxy's very first line on (launch.py)
@@ -405,12 +407,29 @@ def _secret_refs(path: Path) -> list[str]:
               help="mitmproxy's confdir [default: SPENDGATE_HOME/certs, where `run` keeps it].")
 def ca(directory: str | None) -> None:
     """Create the gateway's CA (if missing) and print the certificate clients trust."""
+    where = Path(absolute(directory)) if directory else ca_dir()
+    ensure_ca(where)
+    click.echo(str(where / CA_CERT))
+
+
+def ensure_ca(where: Path) -> None:
+    """Create the CA in ``where`` unless it is there, under an exclusive lock on the directory.
+    Replicas that share one CA (one volume) start together: without the lock each created its
+    own key at the same moment, the last files written won, and the others signed with a CA no
+    agent trusts (3 concurrent first starts: 2 or 3 different CAs in 4 runs of 5)."""
+    import fcntl
+
     from mitmproxy.certs import CertStore
 
-    where = Path(absolute(directory)) if directory else ca_dir()
     where.mkdir(parents=True, exist_ok=True)
-    CertStore.from_store(str(where), "mitmproxy", 2048)
-    click.echo(str(where / CA_CERT))
+    try:
+        lock = open(where / ".spendgate-ca.lock", "a")  # noqa: SIM115 (held until the CA is there)
+    except OSError:  # a read-only directory: its CA is there already (or nobody can create it)
+        CertStore.from_store(str(where), "mitmproxy", 2048)
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        CertStore.from_store(str(where), "mitmproxy", 2048)
 
 
 @main.command()
