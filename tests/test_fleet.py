@@ -46,6 +46,13 @@ POLICY = """\
 version: 1
 vendors:
   stripe: {{secret: env:STRIPE_SECRET_KEY, upstream: "{up}"}}
+  search-mcp:
+    kind: mcp
+    hosts: [mcp.tools.example]
+    secret: env:STRIPE_SECRET_KEY
+    credential: {{header: Authorization, format: "Bearer {{secret}}"}}
+    tools: {{web_search: {{per_call_usd: 0}}}}
+    upstream: "{up}"
 policies:
   pay:
     vendors:
@@ -60,6 +67,9 @@ policies:
     vendors:
       stripe: {{allow: ["GET /v1/payment_intents/*"]}}
     rate: 6/minute
+  tools:
+    vendors:
+      search-mcp: {{allow: ["POST /mcp"], tools: {{allow: [web_search], rate: {{web_search: 4/minute}}}}}}
 """
 
 
@@ -298,6 +308,20 @@ def test_rate_limits_are_fleet_wide(fleet: Fleet) -> None:
         for c in clients:
             c.close()
     assert got == [None] * 6 + ["rate_limited"] * 3, "6/minute for the key across the fleet, not 6 per replica"
+
+
+def test_tool_rate_limits_are_fleet_wide(fleet: Fleet) -> None:
+    """`tools: {rate: {web_search: 4/minute}}` on an MCP server: 4 a minute for the key in total."""
+    _, token = fleet.issue("tools")
+    clients = [fleet.client(r) for r in fleet.replicas]
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "web_search", "arguments": {}}}
+    try:
+        got = [reason(clients[i % 3].post("https://mcp.tools.example/mcp", json=call,
+                                          headers={"Authorization": f"Bearer {token}"})) for i in range(6)]
+    finally:
+        for c in clients:
+            c.close()
+    assert got == [None] * 4 + ["rate_limited"] * 2, "4/minute for the key across the fleet, not 4 per replica"
 
 
 def test_kill_9_of_a_replica_counts_its_forwarded_call_and_releases_its_waiting_hold(fleet: Fleet) -> None:

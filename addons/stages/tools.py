@@ -6,7 +6,8 @@ batch; every ``tools/call`` in it is checked against the policy's ``tools:`` for
     tools: {allow: [search_*], deny: [delete_*], approve: [send_email], rate: {search_web: 10/minute}}
 
 deny wins, then approve (the whole request waits for a human, as an ``approve:`` endpoint rule
-does), then a non-empty allow must match; ``rate`` is per key and per tool (GCRA, per process).
+does), then a non-empty allow must match; ``rate`` is per key and per tool (GCRA; per process on
+SQLite, across the fleet on PostgreSQL).
 Refusals are verdicts like every policy check (report-only mode records ``would_deny``). The
 tool names go in the ledger's ``tool`` column, allowed or refused.
 
@@ -24,14 +25,14 @@ headers pass untouched.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from fnmatch import fnmatchcase
 from typing import Any
 
 from mitmproxy import http
 
 from ..call import Call, apply_verdicts, fail_closed, get_call, keyed_call
-from ..policy import Approve, Deny, ToolRules, Verdict
+from ..policy import Approve, Deny, Rate, ToolRules, Verdict
 from ..runtime import Runtime
 from ..vendors._mcp import NotJsonRpc, lists_tools, messages, tool_calls
 from ..vendors._sse import SSEParser
@@ -108,7 +109,7 @@ class Tools:
         return rules.tools if rules else None
 
     @fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         call = keyed_call(flow)
         if call is None or not self._mcp(call) or flow.request.method.upper() != "POST":
             return
@@ -123,7 +124,22 @@ class Tools:
         if calls:
             call.tool = ",".join(dict.fromkeys(name for _, name in calls))[:500]
         if rules is not None and calls:
-            apply_verdicts(flow, call, self.checks(call, rules, [name for _, name in calls]))
+            names = [name for _, name in calls]
+            store = self.runtime.store
+            if store is not None and store.keys_cached and self._rated(rules, names):
+                # PostgreSQL: the tool's rate is the fleet's (a round trip), counted off the event loop
+                return self._request_offloaded(flow, call, rules, names)
+            apply_verdicts(flow, call, self.checks(call, rules, names))
+        return None
+
+    @staticmethod
+    def _rated(rules: ToolRules, names: list[str]) -> bool:
+        return any(fnmatchcase(name, glob) for name in names for glob in rules.rate)
+
+    @fail_closed
+    async def _request_offloaded(self, flow: http.HTTPFlow, call: Call, rules: ToolRules, names: list[str]) -> None:
+        verdicts = await self.runtime.offload(list, self.checks(call, rules, names))
+        apply_verdicts(flow, call, verdicts)
 
     def checks(self, call: Call, rules: ToolRules, names: list[str]) -> Iterator[Verdict | None]:
         assert call.key is not None
@@ -132,10 +148,17 @@ class Tools:
         for name in names:
             for glob, rate in rules.rate.items():
                 if fnmatchcase(name, glob):
-                    wait = self.limiter.hit(f"{call.key.id}\0tool\0{glob}", rate)
+                    wait = self._hit(f"{call.key.id}\0tool\0{glob}", rate)
                     if wait > 0:
                         yield Deny("rate_limited", f"key {call.key.id} is over its rate of {rate.text} for "
                                    f"tool {name!r}", f"tools.rate: {glob}", retry_after=wait)
+
+    def _hit(self, name: str, rate: Rate) -> float:
+        """Per process on SQLite; on PostgreSQL the key's rate for the tool across every replica."""
+        store = self.runtime.store
+        if store is not None and store.keys_cached:
+            return store.rate_hit(name.replace("\0", ":"), rate.limit, rate.period)  # (no NUL in PostgreSQL text)
+        return self.limiter.hit(name, rate)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         call = get_call(flow)
