@@ -18,9 +18,11 @@ on PostgreSQL, asked in one call (``store.admit``: one round trip on PostgreSQL)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Generator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 from urllib.parse import quote
 
 from mitmproxy import http
@@ -29,7 +31,7 @@ from .. import clock
 from ..call import Call, apply_verdicts, fail_closed, keyed_call, refuse
 from ..money import Unpriceable, fmt_usd, from_nanos, to_nanos
 from ..policy import Config, Deny, Policy, VendorRules
-from ..runtime import Runtime
+from ..runtime import STORE_WAIT, Runtime
 from ..store import Admission, KeyRecord, LoopCheck
 from ..store.limits import LoopBreaker, fingerprint  # noqa: F401  (LoopBreaker: re-exported)
 from ..vendors import REGISTRY
@@ -157,6 +159,20 @@ def refuse_inactive_key(flow: http.HTTPFlow, call: Call) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class AdmitAsk:
+    """What :meth:`Budget.checks` yields, with ``ask=True``, for its driver to await
+    (``store.admit_async``) and send back as the :class:`Admission`."""
+
+    nanos: int
+    caps: dict[str, int]
+    hold: dict[str, Any] | None
+    forwarded: bool
+    loop: LoopCheck | None
+    hold_if_looped: bool
+    key: KeyRecord | None
+
+
 class _WouldWait(Exception):
     """The store cannot answer without waiting: run the checks on the pool instead."""
 
@@ -196,7 +212,40 @@ class Budget:
                 if not refuse_inactive_key(flow, call):
                     apply_verdicts(flow, call, verdicts)
                 return None
+        if store is not None and store.dialect == "postgres":
+            return self.request_async(flow)
         return self.request_offloaded(flow)
+
+    @fail_closed
+    async def request_async(self, flow: http.HTTPFlow) -> None:
+        """PostgreSQL: the checks run here, on the event loop; their one round trip (the key's row,
+        the loop breaker, the hold) is awaited on the loop's own connection (``admit_async``): no
+        worker thread. Refused 503 ``store_unavailable`` past ``STORE_WAIT`` (a hold made after
+        that is given back by the store)."""
+        call = keyed_call(flow)
+        assert call is not None and call.key is not None
+        store, state = self.runtime.store, self.runtime.state
+        policy = self.runtime.policy(call.key.policy)
+        verdicts: list[Deny | None] = []
+        if store is not None and state is not None and policy is not None:
+            gen = self.checks(flow, call, state.prices, policy, ask=True)
+            answer: Any = None
+            try:
+                while True:
+                    verdict = gen.send(answer)
+                    answer = None
+                    if isinstance(verdict, AdmitAsk):
+                        answer = await store.admit_async(
+                            verdict.nanos, verdict.caps, verdict.hold, verdict.forwarded, loop=verdict.loop,
+                            hold_if_looped=verdict.hold_if_looped, key=verdict.key, timeout=STORE_WAIT)
+                        continue
+                    verdicts.append(verdict)  # as until_denied: enforce mode stops at the first Deny
+                    if isinstance(verdict, Deny) and call.mode != "report":
+                        break
+            except StopIteration:
+                pass
+        if not refuse_inactive_key(flow, call):
+            apply_verdicts(flow, call, verdicts)
 
     @fail_closed
     async def request_offloaded(self, flow: http.HTTPFlow) -> None:
@@ -223,7 +272,7 @@ class Budget:
             self.runtime.store.settle(res, 0)
 
     def checks(self, flow: http.HTTPFlow, call: Call, prices: Prices, policy: Policy,
-               at_once: bool = False) -> Iterator[Deny | None]:
+               at_once: bool = False, ask: bool = False) -> Generator[Any, Any, None]:
         """Price, per-request limit, loop breaker, then the hold (verdicts; see ``call.apply_verdicts``)."""
         assert call.key is not None
         vendor = REGISTRY[call.vendor or ""]
@@ -266,12 +315,13 @@ class Budget:
             loop = LoopCheck(fingerprint(call.key.id.encode(), view.method.encode(),
                                          view.path.encode(errors="surrogateescape"), view.body),
                              view.headers.get("idempotency-key"), policy.loop.repeats, policy.loop.window)
-        yield from self.admit(call, policy, nanos, flow, loop, at_once)
+        yield from self.admit(call, policy, nanos, flow, loop, at_once, ask)
 
     def admit(self, call: Call, policy: Policy, nanos: int, flow: http.HTTPFlow,
-              loop: LoopCheck | None, at_once: bool = False) -> Iterator[Deny | None]:
+              loop: LoopCheck | None, at_once: bool = False, ask: bool = False) -> Generator[Any, Any, None]:
         """The loop breaker, then the hold: one store call (one round trip on PostgreSQL, which also
-        reads the key's row, unless authorize's round trip did)."""
+        reads the key's row, unless authorize's round trip did). ``ask``: yield an :class:`AdmitAsk`
+        and take the :class:`Admission` sent back (see :meth:`request_async`) instead of calling."""
         assert call.key is not None and call.policy is not None
         store = self.runtime.store
         assert store is not None
@@ -299,6 +349,8 @@ class Budget:
             if maybe is None:
                 raise _WouldWait
             adm = maybe
+        elif ask:
+            adm = yield AdmitAsk(nanos, caps, hold, forwarded, loop, report, key)
         else:
             adm = store.admit(nanos, caps, hold, forwarded, loop=loop, hold_if_looped=report, key=key)
         if adm.key_state not in (None, "active"):

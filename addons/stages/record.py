@@ -222,7 +222,8 @@ def commit_waiter(timeout: float = COMMIT_WAIT, give_up: Callable[[], bool] | No
     The hooks return the awaitable, so mitmproxy sends the answer (a response, a refusal, the
     502 of a failed upstream) only after the call's row is in the ledger: a kill -9 loses no
     answered call. (Used when the row could not be committed on the loop at once: the commit
-    then runs on the ledger's writer thread, group commit.)
+    then runs in the ledger's writer, group commit: a thread for SQLite, a task on this loop for
+    PostgreSQL, which calls it on the loop's own thread.)
     """
     try:
         loop = asyncio.get_running_loop()

@@ -384,6 +384,14 @@ class BudgetStore(Protocol):
         """:meth:`admit` if it can be answered at once, without waiting for a lock or the network
         (it then runs on the event loop); else None, having done nothing."""
         ...
+    async def admit_async(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                          forwarded: bool = True, loop: LoopCheck | None = None,
+                          hold_if_looped: bool = False, key: KeyRecord | None = None,
+                          timeout: float = 2.0) -> Admission:
+        """:meth:`admit` awaited on the running event loop without blocking it (PostgreSQL: its
+        socket); :class:`StoreUnavailable` past ``timeout`` seconds, and a hold the call then no
+        longer needs is given back once its statement ends."""
+        ...
     def precheck(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int]) -> Precheck:
         """What a request needs before the budget stage, in one round trip where the backend has
         round trips: the key's state as the database says now (``key_state``: a revoke committed
@@ -560,3 +568,9 @@ class Stepwise:
     async def precheck_async(self, key: KeyRecord, rate: RateCheck | None, caps: dict[str, int],
                              timeout: float) -> Precheck:
         return self.precheck(key, rate, caps)  # (not asked: keys_cached is False)
+
+    async def admit_async(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                          forwarded: bool = True, loop: LoopCheck | None = None,
+                          hold_if_looped: bool = False, key: KeyRecord | None = None,
+                          timeout: float = 2.0) -> Admission:
+        return self.admit(nanos, caps, hold, forwarded, loop, hold_if_looped, key)  # (asked of PostgreSQL only)

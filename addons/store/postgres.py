@@ -8,8 +8,8 @@ differs is how each promise is kept across machines:
   BY scope FOR UPDATE``; one lock order, so replicas never deadlock), checks every cap, and adds
   the hold, in one transaction and one round trip. The budget stage asks the loop breaker and the
   hold together (``spendgate_admit``, inside ``spendgate_check`` with the key's row and the rate
-  limit: still one round trip). Settlements are applied by the writer
-  thread in batches, also in scope order.
+  limit: still one round trip), awaited on the event loop's own connection (``admit_async``: no
+  worker thread). Settlements are applied by the ledger writer in batches, also in scope order.
 - **Revoke on the next request everywhere.** Keys are cached by token hash in each replica (the
   record: policy, labels, cap). A trigger on ``keys`` sends ``NOTIFY spendgate_keys`` on every
   change (CLI, admin API, another replica, psql); a listener thread drops the entry at once. That
@@ -19,10 +19,14 @@ differs is how each promise is kept across machines:
   before that statement is refused, on every replica, whether or not the NOTIFY has arrived.
 - **Rate limits and the loop breaker are fleet-wide**: ``spendgate_rate_hit`` (GCRA on one row
   per key, the database's clock) and ``spendgate_loop_hit`` (recent fingerprints in ``loops``).
-- **``calls`` rows are batched off the event loop**: a writer thread sends them with the queued
-  settlements in one statement per batch (``spendgate_write``: one round trip, one transaction);
-  ``on_commit`` runs after it returns (committed), so an answer still leaves only once its row is
-  committed. (Recovered holds still use ``COPY``.)
+- **``calls`` rows are batched off the event loop**: the loop's writer (a task, group commit:
+  what arrives while a batch is in flight is the next batch) sends them with the queued
+  settlements in one statement per batch (``spendgate_write``: one round trip, one transaction)
+  on its own connection, awaited: the loop never waits on the database, it is woken by the
+  answer (see :meth:`PostgresStore._awrite_loop`). ``on_commit`` runs after the statement returns
+  (committed), so an answer still leaves only once its row is committed. Without a running loop
+  (the CLI, tests) or from another thread, a writer thread does the same. (Recovered holds still
+  use ``COPY``.)
 - **Schema**: ``schema_version``; migrations run under a transaction-scoped advisory lock
   (replicas starting at once migrate once); a newer schema is refused.
 - **Unreachable database**: every operation raises :class:`StoreUnavailable` (the call is refused
@@ -364,6 +368,10 @@ SCHEMA_VERSION = max(MIGRATIONS)
 # precheck: spendgate_check with nothing to hold and no loop check (7 parameters to send, not 17)
 _PRECHECK = ("SELECT * FROM spendgate_check(%s, %s, %s, %s, %s, NULL, NULL, 0, 0, false, NULL, 0, %s::text[], "
              "%s::bigint[], NULL, true, NULL)")
+# admit: the whole of spendgate_check but the rate limit
+_CHECK = ("SELECT * FROM spendgate_check(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[], "
+          "%s::bigint[], %s, %s, %s)")
+_NO_HOLD = dict.fromkeys(HOLD_FIELDS)
 _KEY_COLS = "id, policy, token_sha256, labels, created_at, expires_at, revoked_at, cap_usd, source"
 
 
@@ -462,6 +470,14 @@ class PostgresStore:
         self._writer: threading.Thread | None = None
         self._flushed = threading.Condition()
         self._pending = 0
+        # the event loop's writer (_awrite_loop): queued items, the batch in flight, its connection
+        self._abuf: list[tuple[LedgerItem, Callable[[], None] | None]] = []
+        self._ainflight: list[tuple[LedgerItem, Callable[[], None] | None]] = []
+        self._atask: asyncio.Task[None] | None = None
+        self._agen = 0  # the running writer task's number: one at a time
+        self._awconn: psycopg.AsyncConnection | None = None
+        self._aloop_thread = 0
+        self._closing = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -663,17 +679,82 @@ class PostgresStore:
         (``spendgate_check``)."""
         if not self._registered and nanos > 0:
             self.heartbeat()
+        rid, params = self._admit_params(nanos, caps, hold, forwarded, loop, hold_if_looped, key)
+        row = tuple(self._run(lambda c: c.execute(_CHECK, params).fetchone()))
+        return self._admission(row, rid, nanos, caps, key)
+
+    async def admit_async(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
+                          forwarded: bool = True, loop: LoopCheck | None = None,
+                          hold_if_looped: bool = False, key: KeyRecord | None = None,
+                          timeout: float = 2.0) -> Admission:
+        """:meth:`admit` awaited on the calling event loop (one round trip on one of its
+        connections: no worker thread). Past ``timeout`` seconds :class:`StoreUnavailable` (the
+        call is refused 503); the statement itself runs on to its end (its connection is left in
+        a known state) and a hold it made for the call already refused is given back then."""
+        aloop = asyncio.get_running_loop()
+        if not self._bind_loop(aloop):  # another loop has the connections: a thread (late release as offload's)
+            fut = aloop.run_in_executor(None, self.admit, nanos, caps, hold, forwarded, loop, hold_if_looped, key)
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except TimeoutError:
+                fut.add_done_callback(self._release_late_admission)
+                raise StoreUnavailable(f"the ledger did not answer within {timeout:g}s") from None
+        started = aloop.time()
+        if not self._registered and nanos > 0:  # once per process: this instance's row, for its lease
+            await asyncio.wait_for(asyncio.to_thread(self.heartbeat), timeout)
+        rid, params = self._admit_params(nanos, caps, hold, forwarded, loop, hold_if_looped, key)
+        task = aloop.create_task(self._arun(_CHECK, params))
+        try:
+            row = await asyncio.wait_for(asyncio.shield(task), max(0.0, timeout - (aloop.time() - started)))
+        except (TimeoutError, asyncio.CancelledError) as e:
+            # refused (or cancelled) before the answer came: whatever it holds goes back once it ends
+            task.add_done_callback(lambda t: self._release_late_row(t, rid, nanos, caps))
+            if isinstance(e, TimeoutError):
+                raise StoreUnavailable(f"the ledger did not answer within {timeout:g}s") from None
+            raise
+        return self._admission(row, rid, nanos, caps, key)
+
+    def _release_late_admission(self, fut: asyncio.Future[Admission]) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result().reservation is not None:
+            self._submit_thread(Settle(fut.result().reservation, 0))  # type: ignore[arg-type]
+
+    def _release_late_row(self, task: asyncio.Task[tuple[Any, ...]], rid: str, nanos: int,
+                          caps: dict[str, int]) -> None:
+        """The hold of a call refused for its slow answer: given back (settled at 0) once known.
+        A statement cancelled mid-way (the loop shut down) may still have committed its hold:
+        given back too (no hold under that id: nothing happens)."""
+        if nanos <= 0:
+            return
+        if not task.cancelled():
+            if task.exception() is not None:
+                return  # the statement failed: nothing was held
+            row = task.result()
+            if row[0] not in (None, "active") or not row[3]:
+                return  # refused, looped or over a cap: nothing was held
+        self._submit_thread(Settle(Reservation(rid, nanos, tuple(caps)), 0))
+
+    def _admit_params(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None, forwarded: bool,
+                      loop: LoopCheck | None, hold_if_looped: bool, key: KeyRecord | None,
+                      ) -> tuple[str, tuple[Any, ...]]:
         if loop is not None:
-            self._longest_window = max(self._longest_window, loop.window)
+            if loop.window > self._longest_window:
+                self._longest_window = loop.window
             idem = hashlib.blake2b(loop.idem.encode(), digest_size=16).digest() if loop.idem is not None else None
             fp, repeats, window = loop.fingerprint, loop.repeats, loop.window
         else:
             fp = idem = None
             repeats, window = 0, 0.0
         rid = "res_" + secrets.token_hex(8)
-        meta = json.dumps({k: (hold or {}).get(k) for k in HOLD_FIELDS}) if nanos > 0 else None
-        state, _wait, looped, ok, scope, cap, used, left = self._check(
-            key, None, fp, idem, repeats, window, hold_if_looped, rid, nanos, caps, forwarded, meta)
+        meta = json.dumps({k: hold.get(k) for k in HOLD_FIELDS} if hold else _NO_HOLD) if nanos > 0 else None
+        return rid, (key.id if key else None, key.token_sha256 if key else None, None, 0, 0.0,
+                     fp, idem, repeats, window, hold_if_looped, rid, nanos, list(caps), list(caps.values()),
+                     self.instance, forwarded, meta)
+
+    def _admission(self, row: tuple[Any, ...], rid: str, nanos: int, caps: dict[str, int],
+                   key: KeyRecord | None) -> Admission:
+        state, _wait, looped, ok, scope, cap, used, left = row
+        if key is not None and state != "active":
+            self._drop_keys(key.token_sha256)  # (its NOTIFY may still be on its way)
         if state not in (None, "active"):
             return Admission(key_state=state)
         if ok is None:  # looped, nothing held
@@ -705,13 +786,8 @@ class PostgresStore:
         watches: no worker thread, no wait that blocks the loop); past ``timeout`` seconds
         :class:`StoreUnavailable`. (Its rate limit may then still have been counted, as a worker
         thread's would.)"""
-        loop = asyncio.get_running_loop()
-        if self._aloop is not loop:
-            if self._aloop is not None and not self._aloop.is_closed():  # another loop has them: a thread
-                return await asyncio.wait_for(asyncio.to_thread(self.precheck, key, rate, caps), timeout)
-            for conn in self._aidle:  # a loop that has closed: its connections go with it
-                conn.pgconn.finish()
-            self._aloop, self._aidle, self._aslots = loop, [], asyncio.Semaphore(self._asize)
+        if not self._bind_loop(asyncio.get_running_loop()):  # another loop has them: a thread
+            return await asyncio.wait_for(asyncio.to_thread(self.precheck, key, rate, caps), timeout)
         try:
             row = await asyncio.wait_for(self._arun(_PRECHECK, (
                 key.id, key.token_sha256, rate.name if rate else None, rate.limit if rate else 0,
@@ -725,6 +801,26 @@ class PostgresStore:
         if wait > 0:
             return Precheck(state, wait)
         return Precheck(state, 0.0, dict(caps), left)
+
+    def _bind_loop(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """May this event loop use the store's loop connections (precheck_async, admit_async, the
+        loop's ledger writer)? One loop has them at a time; a loop that has closed loses them."""
+        if self._aloop is loop:
+            return True
+        if self._aloop is not None and not self._aloop.is_closed():
+            return False
+        for conn in self._aidle:  # a loop that has closed: its connections go with it
+            conn.pgconn.finish()
+        self._steal_async()  # (its writer's rows, if any, go to the thread)
+        self._aloop, self._aidle, self._aslots = loop, [], asyncio.Semaphore(self._asize)
+        self._aloop_thread = threading.get_ident()
+        return True
+
+    async def _aconnect(self) -> psycopg.AsyncConnection:
+        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        await conn.execute("SELECT set_config('synchronous_commit', %s, false)", (SYNCHRONOUS_COMMIT,))
+        return conn
 
     async def _arun(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
         """One statement on an event-loop connection, with :meth:`_run`'s outage rules."""
@@ -740,10 +836,7 @@ class PostgresStore:
                 conn = self._aidle.pop() if self._aidle else None
                 try:
                     if conn is None:
-                        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True,
-                                                                     connect_timeout=CONNECT_TIMEOUT)
-                        await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-                        await conn.execute("SELECT set_config('synchronous_commit', %s, false)", (SYNCHRONOUS_COMMIT,))
+                        conn = await self._aconnect()
                     cur = await conn.execute(sql, params)  # type: ignore[arg-type]
                     row = await cur.fetchone()
                 except psycopg.errors.QueryCanceled as e:
@@ -779,22 +872,6 @@ class PostgresStore:
             conn.pgconn.finish()
         else:
             self._aidle.append(conn)
-
-    def _check(self, key: KeyRecord | None, rate: RateCheck | None, fp: bytes | None, idem: bytes | None,
-               repeats: int, window: float, hold_if_looped: bool, rid: str | None, nanos: int,
-               caps: dict[str, int] | None, forwarded: bool, meta: str | None) -> tuple[Any, ...]:
-        row = self._run(lambda c: c.execute(
-            "SELECT * FROM spendgate_check(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[], "
-            "%s::bigint[], %s, %s, %s)",
-            (key.id if key else None, key.token_sha256 if key else None,
-             rate.name if rate else None, rate.limit if rate else 0, rate.period if rate else 0.0,
-             fp, idem, repeats, window, hold_if_looped, rid, nanos,
-             list(caps) if caps is not None else None, list(caps.values()) if caps is not None else None,
-             self.instance, forwarded, meta),
-        ).fetchone())
-        if key is not None and row[0] != "active":
-            self._drop_keys(key.token_sha256)  # (its NOTIFY may still be on its way)
-        return tuple(row)
 
     def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                   forwarded: bool = True, loop: LoopCheck | None = None,
@@ -946,12 +1023,166 @@ class PostgresStore:
         return False  # a commit is a round trip: never on the event loop
 
     def _submit(self, item: LedgerItem, on_commit: Callable[[], None] | None = None) -> None:
+        """Queue a ledger write: on the event loop's own writer when called on a running loop
+        that may use the store (see :meth:`_awrite_loop`), else on the writer thread (the CLI,
+        tests without a loop, worker threads)."""
+        loop = asyncio._get_running_loop()
+        if loop is not None and not self._closing and self._bind_loop(loop):
+            with self._flushed:
+                self._pending += 1
+            self._abuf.append((item, on_commit))
+            if self._atask is None:  # (its first batch: all this turn of the loop queues; see _awrite_loop)
+                self._agen += 1
+                self._atask = loop.create_task(self._awrite_loop(self._agen))
+            return
+        self._submit_thread(item, on_commit)
+
+    def _submit_thread(self, item: LedgerItem, on_commit: Callable[[], None] | None = None) -> None:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="spendgate-ledger", daemon=True)
             self._writer.start()
         with self._flushed:
             self._pending += 1
         self._queue.put((item, on_commit))
+
+    async def _awrite_loop(self, gen: int) -> None:
+        """The event loop's ledger writer: group commit without a thread. The rows, settlements and
+        usage queued while a batch is in flight form the next batch: one ``spendgate_write``
+        statement (one round trip, one transaction) per batch, on its own connection.
+
+        This keeps the promise that rows are written *off the event loop*: the loop only sends the
+        statement and is woken when its answer arrives (the socket is one more the loop watches,
+        like a client's); it never waits on the database, so other flows run meanwhile, and a
+        batch's ``on_commit`` callbacks (which release the answers) run only after its statement
+        has returned, i.e. after its transaction is committed. During an outage the batch is kept
+        (in front of what came since) and retried with a backoff; nothing accepted is dropped.
+        """
+        backoff = 0.0
+        try:
+            # The loop's next turn first (mitmproxy's tasks start eagerly, inside create_task): a
+            # settlement and its row are queued by two hooks of one turn, and go in one batch.
+            await asyncio.sleep(0)
+            while self._abuf and not self._closing and self._agen == gen:
+                if backoff:
+                    await asyncio.sleep(backoff)
+                    if not self._abuf or self._closing or self._agen != gen:
+                        break
+                batch = self._abuf[:1000]
+                del self._abuf[:1000]
+                self._ainflight = batch
+                try:
+                    done = await self._awrite_or_split(batch, batch)
+                except _Stolen:
+                    return  # flush() or close() took the batch over (see _steal_async)
+                except (psycopg.OperationalError, StoreUnavailable) as e:
+                    self._ainflight = []
+                    self._abuf[:0] = batch  # kept, first in line
+                    if isinstance(e, psycopg.OperationalError):
+                        self._down(e)
+                    backoff = min(max(backoff * 2, 0.05), 2.0)
+                    continue
+                except BaseException:
+                    if self._ainflight is batch:  # cancelled mid-statement: settled (or re-queued) there
+                        self._steal_async()
+                    raise
+                self._ainflight = []
+                backoff = 0.0
+                self._up()
+                self._committed(done, len(batch))
+        finally:
+            if self._agen == gen:  # (else flush() or close() took over: a later task may be running)
+                self._atask = None
+
+    async def _awrite_or_split(self, batch: list[tuple[LedgerItem, Callable[[], None] | None]],
+                               whole: list[Any]) -> list[tuple[Any, Any]]:
+        """:meth:`_write_or_split` on the loop's writer connection: a row that can never be
+        written (a bug) is logged and dropped alone; an outage raises (the batch is kept)."""
+        conn = self._awconn
+        try:
+            if conn is None or conn.closed or conn.broken:
+                self._awconn = conn = None
+                if not self.available:  # known down: at most one connection attempt per PROBE_EVERY
+                    now_ = time.monotonic()
+                    if now_ - self._probed < PROBE_EVERY:
+                        raise StoreUnavailable("down")
+                    self._probed = now_
+                self._awconn = conn = await self._aconnect()
+                if self._ainflight is not whole:
+                    raise _Stolen
+            await conn.execute(_WRITE, _batch_params(batch))
+        except BaseException as e:
+            if self._ainflight is not whole:  # taken over while in flight: this task only closes up
+                if conn is not None:
+                    conn.pgconn.finish()
+                raise _Stolen from None
+            if isinstance(e, psycopg.OperationalError) and is_outage(e, conn):
+                if conn is not None and (conn.broken or conn.info.transaction_status
+                                         != psycopg.pq.TransactionStatus.IDLE):
+                    conn.pgconn.finish()
+                raise
+            if not isinstance(e, psycopg.Error):
+                raise
+            if len(batch) == 1:
+                log.error("ledger: dropped a %s that cannot be written: %s", type(batch[0][0]).__name__,
+                          _first_line(e))
+                return batch  # logged and gone: its answer need not wait any longer
+            out: list[tuple[Any, Any]] = []
+            for one in batch:
+                out += await self._awrite_or_split([one], whole)
+            return out
+        if self._ainflight is not whole:
+            raise _Stolen
+        return batch
+
+    def _committed(self, done: list[tuple[Any, Any]], n: int) -> None:
+        for _, on_commit in done:
+            if on_commit is not None:
+                try:
+                    on_commit()
+                except Exception:
+                    log.exception("ledger: commit callback failed")
+        with self._flushed:
+            self._pending -= n
+            self._flushed.notify_all()
+
+    def _steal_async(self) -> None:
+        """Hand what the loop's writer holds to the writer thread: the loop cannot run it now (this
+        is its own thread, blocked in flush() or close(); or it is not running, or closed; or
+        the writer was cancelled). A batch whose statement was sent is settled first: its answer
+        is read here (at most :data:`STEAL_WAIT` s); committed, its callbacks run; failed or
+        unknown (no answer, or the writer was cancelled mid-statement), it is re-queued: a
+        duplicate row is then possible, a lost one is not."""
+        batch, self._ainflight = self._ainflight, []
+        queued, self._abuf = self._abuf, []
+        conn, self._awconn = self._awconn, None
+        task, self._atask = self._atask, None
+        self._agen += 1  # a writer task still running stops at its next step
+        if batch:
+            if conn is not None and not conn.closed and _drain_result(conn.pgconn, STEAL_WAIT):
+                self._committed(batch, len(batch))
+            else:
+                queued[:0] = batch
+        current = asyncio.current_task() if asyncio._get_running_loop() is not None else None
+        loop = self._aloop
+        if task is not None and not task.done() and task is not current and loop is not None and not loop.is_closed():
+            # it must never send what the thread now has: cancelled, it only closes its connection
+            # as it unwinds (after its wait's reader is removed from the loop)
+            task.cancel()
+            if not batch and conn is not None:  # (not in use: the task was between batches)
+                conn.pgconn.finish()
+        elif conn is not None:
+            conn.pgconn.finish()
+        for item, on_commit in queued:
+            with self._flushed:
+                self._pending -= 1
+            self._submit_thread(item, on_commit)
+
+    def _loop_writer_can_run(self) -> bool:
+        """Can a wait on this thread let the loop's writer finish? (Not on the loop's own thread,
+        nor while that loop is not running.)"""
+        loop = self._aloop
+        return (loop is not None and loop.is_running() and not loop.is_closed()
+                and threading.get_ident() != self._aloop_thread)
 
     @property
     def queue_depth(self) -> int:
@@ -967,15 +1198,7 @@ class PostgresStore:
     def _write_batch(self, c: psycopg.Connection, batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> None:
         """One statement, so one round trip and one transaction (autocommit): the batch's
         settlements and usage, then its rows."""
-        cols = ROW_COLUMNS
-        rows = [dict(zip(cols, map(clean_text, map(item.row.get, cols)), strict=True))
-                for item, _ in batch if isinstance(item, CallRow)]
-        settles = [item for item, _ in batch if isinstance(item, Settle)]
-        usage = [item for item, _ in batch if isinstance(item, Usage)]
-        c.execute("SELECT spendgate_write(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::json)", (
-            [s.reservation.id for s in settles], [s.actual_nanos for s in settles],
-            [scope for u in usage for scope in u.scopes], [u.nanos for u in usage for _ in u.scopes],
-            json.dumps(rows, ensure_ascii=False, allow_nan=False)))
+        c.execute(_WRITE, _batch_params(batch))
 
     def _write_loop(self) -> None:
         conn: psycopg.Connection | None = None
@@ -1056,6 +1279,8 @@ class PostgresStore:
 
     def flush(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
+        if (self._abuf or self._ainflight) and not self._loop_writer_can_run():
+            self._steal_async()  # the loop cannot write them while this waits: the thread does
         with self._flushed:
             while self._pending > 0:
                 left = deadline - time.monotonic()
@@ -1063,6 +1288,9 @@ class PostgresStore:
                     break
 
     def close(self) -> None:
+        self.flush()
+        self._closing = True
+        self._steal_async()  # (whatever reached the loop's writer since)
         self.flush()
         self._stop.set()
         if self._writer is not None:
@@ -1076,6 +1304,65 @@ class PostgresStore:
             conn.pgconn.finish()
         self._aidle.clear()
         self.pool.close()
+
+
+_WRITE = "SELECT spendgate_write(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::json)"
+
+
+def _batch_params(batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> tuple[Any, ...]:
+    """spendgate_write's arguments for a batch: its settlements, its usage, its rows (JSON)."""
+    cols = ROW_COLUMNS
+    ids: list[str] = []
+    actuals: list[int] = []
+    uscopes: list[str] = []
+    unanos: list[int] = []
+    rows = []
+    for item, _ in batch:
+        if isinstance(item, CallRow):
+            get = item.row.get
+            rows.append(dict(zip(cols, map(clean_text, map(get, cols)), strict=True)))
+        elif isinstance(item, Settle):
+            ids.append(item.reservation.id)
+            actuals.append(item.actual_nanos)
+        elif isinstance(item, Usage):
+            uscopes += item.scopes
+            unanos += [item.nanos] * len(item.scopes)
+    return ids, actuals, uscopes, unanos, json.dumps(rows, ensure_ascii=False, allow_nan=False)
+
+
+class _Stolen(Exception):
+    """The loop writer's batch was taken over by flush() or close() while in flight."""
+
+
+STEAL_WAIT = 2.0  # seconds flush()/close() wait for the answer of a batch the loop's writer had sent
+
+
+def _drain_result(pgconn: Any, timeout: float) -> bool:
+    """Read, blocking (at most ``timeout`` s), the answer of the statement in flight on ``pgconn``:
+    did it succeed (a row back: ``spendgate_write`` committed)? False when it failed, when the
+    connection died, or when no answer came in time."""
+    import select
+
+    from psycopg import pq
+
+    deadline = time.monotonic() + timeout
+    ok = False
+    try:
+        while True:
+            while pgconn.flush():  # (a statement cancelled while still being sent)
+                if not select.select([], [pgconn.socket], [], max(0.0, deadline - time.monotonic()))[1]:
+                    return False
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                if not select.select([pgconn.socket], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    return False
+                continue
+            res = pgconn.get_result()
+            if res is None:
+                return ok
+            ok = res.status == pq.ExecStatus.TUPLES_OK  # (a PREPARE's own result is COMMAND_OK)
+    except psycopg.Error:
+        return False
 
 
 def is_outage(e: BaseException, conn: psycopg.Connection | None = None) -> bool:
