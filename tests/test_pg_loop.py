@@ -10,6 +10,7 @@ nor written twice.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -363,3 +364,37 @@ def test_a_row_that_cannot_be_written_is_dropped_alone(store: PostgresStore, pg_
 
     asyncio.run(main())
     assert one(pg_url, "SELECT count(*) FROM calls") == 4
+
+
+def test_a_full_server_makes_loop_calls_wait_for_a_connection_not_fail(pg_database: str) -> None:
+    """The server has room for two more sessions of this gateway (a role's CONNECTION LIMIT stands
+    for max_connections, shared by every replica): eight concurrent calls on the loop share the
+    loop connections that did open, instead of failing 503 as if the database were down."""
+    from pg import with_schema
+
+    role, schema = f"pgloop_{secrets.token_hex(4)}", f"t_{secrets.token_hex(5)}"
+    with psycopg.connect(pg_database, autocommit=True) as admin:
+        # migrate (closed after), the pool's two, the key listener: 3 at rest; 2 more for the loop
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 5")
+        admin.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {role}")
+        try:
+            url = with_schema(pg_database.replace("postgres@", f"{role}@", 1), schema)
+            store = open_store(url, replica="full")
+            assert isinstance(store, PostgresStore)
+            try:
+                store.heartbeat()
+                time.sleep(0.5)  # (the pool's connections are open)
+
+                async def main() -> list[Any]:
+                    return await asyncio.gather(*(
+                        store.admit_async(1, CAPS, loop=LoopCheck(secrets.token_bytes(8), None, 3, 60.0), timeout=5.0)
+                        for _ in range(8)), return_exceptions=True)
+
+                got = asyncio.run(main())
+                assert all(not isinstance(a, BaseException) and a.reservation is not None for a in got), got
+                assert store.outages == 0 and store.available
+            finally:
+                store.close()
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            admin.execute(f"DROP ROLE {role}")

@@ -37,6 +37,7 @@ differs is how each promise is kept across machines:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -95,6 +96,10 @@ POOL_WAIT = 1.0  # seconds a call waits for a pooled connection
 PROBE_EVERY = 0.5  # during an outage, one call in this many seconds tries the database; the rest fail at once
 STATEMENT_TIMEOUT_MS = 5000  # a lock wait or a slow query fails the call, not the gateway
 FLUSH_INTERVAL = 0.05
+# Statements in flight at once on the event loop's connections (admit_async, precheck_async): each
+# needs its own connection, and a server's max_connections is shared by every replica; more would
+# only queue on the counters' row locks of a busy key.
+ASYNC_SLOTS = 10
 CHANNEL = "spendgate_keys"
 
 # The ``calls`` columns spendgate_write inserts (every one but ``id``), as of the latest migration
@@ -464,7 +469,9 @@ class PostgresStore:
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._aidle: list[psycopg.AsyncConnection] = []
         self._aslots: asyncio.Semaphore | None = None
-        self._asize = pool_size
+        self._asize = min(pool_size, ASYNC_SLOTS)
+        self._abusy = 0  # statements under way on the loop's connections (connecting included)
+        self._await_idle: collections.deque[asyncio.Future[psycopg.AsyncConnection]] = collections.deque()
         # write-behind queue
         self._queue: queue.SimpleQueue[tuple[LedgerItem, Callable[[], None] | None]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -834,11 +841,15 @@ class PostgresStore:
         async with self._aslots:
             for attempt in range(2):
                 conn = self._aidle.pop() if self._aidle else None
+                self._abusy += 1
                 try:
-                    if conn is None:
-                        conn = await self._aconnect()
-                    cur = await conn.execute(sql, params)  # type: ignore[arg-type]
-                    row = await cur.fetchone()
+                    try:
+                        if conn is None:
+                            conn = await self._aconnect_or_wait()
+                        cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+                        row = await cur.fetchone()
+                    finally:
+                        self._abusy -= 1
                 except psycopg.errors.QueryCanceled as e:
                     self._aput(conn)
                     raise StoreUnavailable(f"the ledger did not answer within {STATEMENT_TIMEOUT_MS} ms") from e
@@ -865,13 +876,36 @@ class PostgresStore:
                 return tuple(row)
         raise self._down(last or RuntimeError("no connection"))
 
+    async def _aconnect_or_wait(self) -> psycopg.AsyncConnection:
+        """A new loop connection; when the server has no room for one more (``max_connections``,
+        shared by every replica and tool) while this loop has others at work, the next of those
+        to be free instead (the caller's timeout bounds the wait): a full server is not an outage."""
+        try:
+            return await self._aconnect()
+        except psycopg.OperationalError as e:
+            if not (self._abusy > 1 and _too_many_clients(e)):  # (others: beside this one)
+                raise
+        waiter: asyncio.Future[psycopg.AsyncConnection] = asyncio.get_running_loop().create_future()
+        self._await_idle.append(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._aput(waiter.result())  # handed over just as it was cancelled: pass it on
+            raise
+
     def _aput(self, conn: psycopg.AsyncConnection | None) -> None:
         if conn is None:
             return
         if conn.broken or conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.pgconn.finish()
-        else:
-            self._aidle.append(conn)
+            return
+        while self._await_idle:  # someone is waiting for a connection the server had no room for
+            waiter = self._await_idle.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._aidle.append(conn)
 
     def admit_now(self, nanos: int, caps: dict[str, int], hold: dict[str, Any] | None = None,
                   forwarded: bool = True, loop: LoopCheck | None = None,
@@ -1077,8 +1111,8 @@ class PostgresStore:
                 except (psycopg.OperationalError, StoreUnavailable) as e:
                     self._ainflight = []
                     self._abuf[:0] = batch  # kept, first in line
-                    if isinstance(e, psycopg.OperationalError):
-                        self._down(e)
+                    if isinstance(e, psycopg.OperationalError) and not _too_many_clients(e):
+                        self._down(e)  # (a server with no room for the writer's session is not down)
                     backoff = min(max(backoff * 2, 0.05), 2.0)
                     continue
                 except BaseException:
@@ -1374,6 +1408,13 @@ def is_outage(e: BaseException, conn: psycopg.Connection | None = None) -> bool:
         return True
     state = getattr(e, "sqlstate", None)
     return state is None or state.startswith(("08", "53", "57", "58"))
+
+
+def _too_many_clients(e: BaseException) -> bool:
+    """The server refused a new session for want of room: max_connections ("too many clients"),
+    a role's or a database's CONNECTION LIMIT ("too many connections for …"): SQLSTATE 53300."""
+    msg = str(e)  # (a refused connection carries no SQLSTATE: its message says it)
+    return getattr(e, "sqlstate", None) == "53300" or "too many c" in msg or "connection slots are reserved" in msg
 
 
 def _first_line(e: BaseException) -> str:
