@@ -704,11 +704,15 @@ def migrate(src: str | None, dst: str | None) -> None:
     if not is_postgres(src) and not Path(src).is_file():
         raise click.ClickException(no_ledger(src, given).replace("pass --db FILE", "pass --from FILE"))
     bar: Any = None
+    tty = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
+        if not tty:  # a log (docker compose run, CI): click's bar would print its label alone
+            click.echo(f"calls rows: {done}/{total} ({100 * done // max(total, 1)}%)", err=True)
+            return
         if bar is None:
-            bar = click.progressbar(length=total, label="calls", file=sys.stderr)
+            bar = click.progressbar(length=total, label="calls rows", file=sys.stderr, show_pos=True)
             bar.__enter__()
         bar.update(done - bar.pos)
 

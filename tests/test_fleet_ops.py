@@ -124,6 +124,8 @@ def test_migrate_settles_a_crashed_box_holds_by_the_dead_replica_rule(tmp_path: 
     out = sg("migrate", "--from", str(box), "--to", pg_url, env=env)
     assert out.exit_code == 0, out.output
     assert "1 forwarded counted at their estimate" in out.output and "1 never forwarded released" in out.output
+    # the progress, in a log (not a terminal): a line per chunk of rows, from 0 to all
+    assert "calls rows: 0/1 (0%)" in out.stderr and "calls rows: 1/1 (100%)" in out.stderr, out.stderr
     fleet = open_store(pg_url, replica="fleet")
     try:
         # $4 settled + the forwarded $7 at its estimate; the $3 transfer never sent: not spend
