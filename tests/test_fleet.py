@@ -67,6 +67,10 @@ policies:
     vendors:
       stripe: {{allow: ["GET /v1/payment_intents/*"]}}
     rate: 6/minute
+  bulk:
+    vendors:
+      stripe: {{allow: ["POST /v1/payment_intents", "GET /v1/payment_intents/*"]}}
+    budget: {{key_usd: 100000}}
   tools:
     vendors:
       search-mcp: {{allow: ["POST /mcp"], tools: {{allow: [web_search], rate: {{web_search: 4/minute}}}}}}
@@ -372,11 +376,14 @@ def test_kill_9_of_a_replica_counts_its_forwarded_call_and_releases_its_waiting_
 
 
 def test_database_unreachable_mid_load_then_back(fleet: Fleet) -> None:
-    _, token = fleet.issue("pay")
+    key_id, token = fleet.issue("bulk")
     clients = [fleet.client(r) for r in fleet.replicas]
+    payers = [fleet.client(r) for r in fleet.replicas]
     get = STRIPE + "/v1/payment_intents/pi_1"
     results: list[tuple[float, int, str | None]] = []
+    paid: list[tuple[str, int, str | None]] = []  # (description, status, reason) of each $1 payment
     stop = threading.Event()
+    tag = "outage-" + secrets.token_hex(4)
 
     def load(cl: httpx.Client) -> None:
         while not stop.is_set():
@@ -388,7 +395,20 @@ def test_database_unreachable_mid_load_then_back(fleet: Fleet) -> None:
                 results.append((sent, 0, None))
             time.sleep(0.01)
 
+    def pay(cl: httpx.Client) -> None:  # money moving through the outage too
+        while not stop.is_set():
+            desc = f"{tag}-{secrets.token_hex(6)}"
+            try:
+                r = cl.post(STRIPE + "/v1/payment_intents", headers={"X-Vault-Key": token},
+                            data={"amount": "100", "currency": "usd", "description": desc, "confirm": "true",
+                                  "payment_method": "pm_card_visa"})
+                paid.append((desc, r.status_code, reason(r)))
+            except httpx.HTTPError:
+                paid.append((desc, 0, None))
+            time.sleep(0.02)
+
     threads = [threading.Thread(target=load, args=(cl,)) for cl in clients]
+    threads += [threading.Thread(target=pay, args=(cl,)) for cl in payers]
     for t in threads:
         t.start()
     try:
@@ -410,7 +430,7 @@ def test_database_unreachable_mid_load_then_back(fleet: Fleet) -> None:
         stop.set()
         for t in threads:
             t.join()
-        for c in clients:
+        for c in clients + payers:
             c.close()
     during = Counter((s, why) for t, s, why in results if down + 0.5 < t < up - 0.2)
     after = [(s, why) for t, s, why in results if t > up + 3]
@@ -424,5 +444,22 @@ def test_database_unreachable_mid_load_then_back(fleet: Fleet) -> None:
     with httpx.Client(timeout=5) as cl:
         metrics = cl.get(f"http://127.0.0.1:{fleet.replicas[0].admin}/metrics").text
     assert "spendgate_store_up 1" in metrics and "spendgate_store_outages_total 0" not in metrics
-    print(f"\ndatabase outage {up - down:.1f} s: {dict(during)} during; first 200 {recovered:.2f} s after it was back")
+    # Nothing forwarded unmetered, nothing committed lost: every payment the vendor saw is a row and
+    # $1 in the key's counter, and each was answered 200 (none answered without its row)
+    at_vendor = {b.split("description=")[1].split("&")[0] for r in fleet.fakes.requests()
+                 if r["path"] == "/v1/payment_intents" and f"description={tag}" in (b := r["body"])}
+    assert paid and at_vendor and {d for d, s, _ in paid if s == 200} == at_vendor, Counter(s for _, s, _ in paid)
+    assert {(s, why) for d, s, why in paid if d not in at_vendor} <= {(503, "store_unavailable")}
+    deadline = time.monotonic() + 10  # rows of the refusals queued during the outage: written since
+    while True:
+        rows = fleet.sql("SELECT decision, count(*) FROM calls WHERE key_id = %s AND method = 'POST' "
+                         "GROUP BY 1 ORDER BY 1", key_id)
+        counted = fleet.sql("SELECT used_nanos, reserved_nanos FROM counters WHERE scope = %s", f"key:{key_id}")
+        if dict(rows).get("allow") == len(at_vendor) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert dict(rows).get("allow") == len(at_vendor), (rows, len(at_vendor))
+    assert counted == [(len(at_vendor) * NANOS, 0)]
+    print(f"\ndatabase outage {up - down:.1f} s: {dict(during)} during; first 200 {recovered:.2f} s after it was back; "
+          f"payments {dict(Counter((s, why) for _, s, why in paid))}, {len(at_vendor)} at the vendor = rows = counter")
     socket.setdefaulttimeout(None)

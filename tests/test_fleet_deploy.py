@@ -37,6 +37,10 @@ def test_three_replicas_share_one_database_one_ca_and_one_policy() -> None:
         assert s["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert s["healthcheck"]["test"] and "run" in s["command"]
     assert services["postgres"]["image"].startswith("postgres:") and services["postgres"]["healthcheck"]
+    # room for every replica's connections (~42 each under load: README "Fleet", Connections)
+    command = services["postgres"]["command"]
+    max_connections = int(next(a for a in command if a.startswith("max_connections=")).split("=")[1])
+    assert max_connections >= 45 * len(gateways) + 20, max_connections
 
 
 def test_the_load_balancer_is_tcp_and_names_every_replica() -> None:
