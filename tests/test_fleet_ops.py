@@ -169,3 +169,35 @@ def test_migrate_reads_a_ledger_mounted_read_only(tmp_path: Path, pg_url: str, m
         assert fleet.used(f"key:{key_id}") == 14 * NANOS
     finally:
         fleet.close()
+
+
+def test_after_an_outage_a_replica_does_not_take_live_replicas_for_dead(pg_url: str) -> None:
+    """The database away longer than the lease: every heartbeat is stale when it is back, the live
+    replicas' too. A replica that has not itself been connected for a whole lease since must not
+    recover their holds (it counted a call at its estimate with a flagged row, then its live
+    replica settled it and wrote the real row: two rows, the spend reported twice)."""
+    import time
+
+    from spendgate.store import StoreUnavailable
+
+    a, b = open_store(pg_url, replica="a", lease=0.3), open_store(pg_url, replica="b", lease=0.3)
+    try:
+        a.heartbeat()
+        b.heartbeat()
+        a.reserve(5, {"key:k": 100}, {"key_id": "k", "flow_id": "in-flight"})  # forwarded, in flight on a
+        b._down(StoreUnavailable("the outage"))  # (what every statement of b saw meanwhile)
+        time.sleep(0.45)  # nobody could beat: a's heartbeat is now older than the lease
+        b._up()  # the database is back: b's first statement
+        b.heartbeat()
+        assert b.recover_holds() == (0, 0)  # a is silent only because b could not hear it
+        a.heartbeat()  # a beats within a third of the lease once the database is back
+        time.sleep(0.35)
+        a.heartbeat()
+        b.heartbeat()
+        assert b.recover_holds() == (0, 0) and b.used("key:k") == 5  # still a's hold
+        time.sleep(0.45)  # now a really is silent, and b was connected all along
+        b.heartbeat()
+        assert b.recover_holds() == (1, 0)
+    finally:
+        a.close()
+        b.close()

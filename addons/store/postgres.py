@@ -442,6 +442,7 @@ class PostgresStore:
         self.available = True
         self.outages = 0
         self._outage_since = 0.0
+        self._up_since = time.monotonic()  # connected without a break since: see recover_holds
         self._probed = 0.0
         self._state_lock = threading.Lock()
         self._longest_window = 0.0
@@ -503,6 +504,7 @@ class PostgresStore:
             with self._state_lock:
                 if not self.available:
                     self.available = True
+                    self._up_since = time.monotonic()
                     log.warning("spendgate: ledger %s reachable again after %.1fs",
                                 redact_url(self.url), time.monotonic() - self._outage_since)
 
@@ -972,11 +974,18 @@ class PostgresStore:
                              (_HOST, self.instance)).fetchall()
             gone = [iid for iid, pid in here if not pid_alive(pid)]
             lease = timedelta(seconds=self.lease)
+            # Silence means death only to a replica that was itself connected for a whole lease: after
+            # an outage of the database (or of this replica's link) every heartbeat is stale, live
+            # replicas' too, and recovering their holds then counted calls they go on to settle
+            # twice (a flagged row at the estimate and the real one). Until then: a pid gone on this
+            # host, and a clean stop, only.
+            trusted = time.monotonic() - self._up_since >= self.lease
             counted = released = 0
             with c.transaction():
                 dead = dict(c.execute(
-                    "SELECT id, replica FROM instances WHERE id <> %s AND (heartbeat_at < now() - %s OR id = ANY(%s)) "
-                    "FOR UPDATE SKIP LOCKED", (self.instance, lease, gone)).fetchall())
+                    "SELECT id, replica FROM instances WHERE id <> %s AND ((%s AND heartbeat_at < now() - %s) "
+                    "OR heartbeat_at = '-infinity' OR id = ANY(%s)) FOR UPDATE SKIP LOCKED",
+                    (self.instance, trusted, lease, gone)).fetchall())
                 holds = c.execute(
                     "DELETE FROM reservations r WHERE r.instance = ANY(%s) "
                     "OR (r.instance IS NOT NULL AND r.instance <> %s "
