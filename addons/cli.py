@@ -280,7 +280,10 @@ def run(config: str | None, db: str | None, port: int, listen_host: str, web: bo
 @click.argument("file", type=click.Path(dir_okay=False), required=False)
 @click.option("--secrets/--no-secrets", default=True, show_default=True,
               help="Also check that every env:/file: credential resolves here (as `run` does).")
-def check(file: str | None, secrets: bool) -> None:
+@click.option("--db", "db", default=None,
+              help="Also check this ledger (a SQLite file or postgresql://user@host:5432/db) answers with a "
+                   "schema this spendgate can run on [default: $SPENDGATE_DB when it is a postgresql:// URL].")
+def check(file: str | None, secrets: bool, db: str | None) -> None:
     """Validate a policy file; print every problem with file, line and field.
 
     Every problem is reported at once: fields, cross-references (a policy naming a vendor
@@ -300,6 +303,52 @@ def check(file: str | None, secrets: bool) -> None:
         click.echo(warning, err=True)
     click.echo(f"{file}: ok ({len(cfg.policies)} policies, {len(cfg.vendors)} vendors, "
                f"{len(cfg.keys)} static keys{', every secret resolves' if secrets else ', secrets not checked'})")
+    env_db = os.environ.get("SPENDGATE_DB") or ""
+    ledger = db or (env_db if is_postgres(env_db) else None)
+    if ledger:
+        ok, line = _check_ledger(ledger)
+        click.echo(line, err=not ok)
+        if not ok:
+            raise SystemExit(1)
+
+
+def _check_ledger(ledger: str) -> tuple[bool, str]:
+    """Does the ledger answer, with a schema this spendgate can run on? Read only: nothing is
+    created or migrated (the gateway does that when it starts)."""
+    import sqlite3
+
+    from .store.postgres import SCHEMA_VERSION as PG_VERSION
+    from .store.sqlite import SCHEMA_VERSION as SQLITE_VERSION
+
+    name = redact_url(ledger)
+    try:
+        if is_postgres(ledger):
+            import psycopg
+
+            knows = PG_VERSION
+            with psycopg.connect(ledger, connect_timeout=3, autocommit=True) as conn:
+                table = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+                version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] \
+                    if table and table[0] else None
+        else:
+            knows = SQLITE_VERSION
+            if not Path(ledger).is_file():
+                return True, f"ledger {name}: none yet (the gateway creates it)"
+            conn_ = sqlite3.connect(f"file:{Path(ledger).absolute()}?mode=ro", uri=True)
+            try:
+                has = conn_.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone()
+                version = conn_.execute("SELECT max(version) FROM schema_version").fetchone()[0] if has else None
+            finally:
+                conn_.close()
+    except Exception as e:  # unreachable, refused, not a ledger: the reason, never the password
+        return False, f"ledger {name}: cannot be read: {redact_url(ledger, str(e).strip().splitlines()[0])}"
+    if version is None:
+        return True, f"ledger {name}: reachable, no schema yet (the first gateway to start creates it)"
+    if version > knows:
+        return False, (f"ledger {name}: its schema is version {version}, newer than this spendgate knows "
+                       f"({knows}): upgrade spendgate")
+    upgrade = f", migrated to {knows} when a gateway starts" if version < knows else ""
+    return True, f"ledger {name}: ok (schema version {version}{upgrade})"
 
 
 # Starter rules for `spendgate init`: credential env names, common endpoints, limits.

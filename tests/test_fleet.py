@@ -314,6 +314,43 @@ def test_rate_limits_are_fleet_wide(fleet: Fleet) -> None:
     assert got == [None] * 6 + ["rate_limited"] * 3, "6/minute for the key across the fleet, not 6 per replica"
 
 
+def test_approvals_are_listed_and_decided_from_any_replica_the_cli_or_the_admin_api(fleet: Fleet) -> None:
+    """A call held on replica A: listed by the CLI and by C's admin API, approved through B's admin
+    API (A forwards it), another denied by the CLI (A refuses it)."""
+    _, token = fleet.issue("pay")
+    a, b, c = fleet.replicas
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str) -> None:
+        with fleet.client(a) as cl:
+            answers[name] = cl.post(STRIPE + "/v1/transfers", headers={"X-Vault-Key": token},
+                                    data={"amount": "300", "currency": "usd", "destination": f"acct_{name}"})
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in ("yes", "no")]
+    for t in threads:
+        t.start()
+    auth = {"Authorization": "Bearer admin-secret-for-the-fleet-tests-0123456789"}
+    deadline = time.monotonic() + 10
+    while len(pending := json.loads(fleet.cli("approvals", "list", "--json").stdout)) < 2:
+        assert time.monotonic() < deadline, pending
+        time.sleep(0.05)
+    with httpx.Client(timeout=10) as admin:
+        listed = admin.get(f"http://127.0.0.1:{c.admin}/v1/approvals", headers=auth).json()["approvals"]
+        assert {x["id"] for x in listed} >= {x["id"] for x in pending}
+        first, second = (x["id"] for x in pending)  # (whichever call each is: one of each outcome)
+        r = admin.post(f"http://127.0.0.1:{b.admin}/v1/approvals/{first}/approve", headers=auth)
+        assert r.status_code == 200 and r.json()["status"] == "approved", r.text
+    out = subprocess.run([str(BIN / "spendgate"), "deny", second, "--db", fleet.url], capture_output=True,
+                         text=True, cwd=ROOT, env=fleet.env)
+    assert out.returncode == 0 and "denied" in out.stdout, out.stderr
+    for t in threads:
+        t.join(15)
+    got = sorted(((reason(r), r.status_code) for r in answers.values()), key=str)
+    assert len(got) == 2 and (("approval_denied", 403) in got) and any(why is None for why, _ in got), got
+    sent = [x["body"] for x in fleet.fakes.requests() if x["path"] == "/v1/transfers"]
+    assert len(sent) == 1, sent  # the approved one, forwarded once by A; the denied one never
+
+
 def test_tool_rate_limits_are_fleet_wide(fleet: Fleet) -> None:
     """`tools: {rate: {web_search: 4/minute}}` on an MCP server: 4 a minute for the key in total."""
     _, token = fleet.issue("tools")

@@ -201,3 +201,30 @@ def test_after_an_outage_a_replica_does_not_take_live_replicas_for_dead(pg_url: 
     finally:
         a.close()
         b.close()
+
+
+def test_check_also_checks_the_fleet_ledger(pg_url: str, tmp_path: Path) -> None:
+    """`spendgate check --db URL` (or SPENDGATE_DB=postgresql://…): the policy, then whether the
+    ledger answers with a schema this spendgate runs on; read only (nothing created or migrated)."""
+    import psycopg
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nvendors:\n  stripe: {secret: env:NOPE}\npolicies:\n"
+                      "  p: {vendors: {stripe: {allow: ['GET /v1/charges']}}}\n")
+    home = {"SPENDGATE_HOME": str(tmp_path)}
+    out = sg("check", str(policy), "--no-secrets", "--db", pg_url, env=home)
+    assert out.exit_code == 0 and "no schema yet" in out.output, out.output
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('schema_version')").fetchone() == (None,)  # nothing created
+    open_store(pg_url, replica="t").close()
+    out = sg("check", str(policy), "--no-secrets", env={**home, "SPENDGATE_DB": pg_url})
+    assert out.exit_code == 0 and "p.yaml: ok" in out.output and "ok (schema version" in out.output, out.output
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO schema_version (version) VALUES (99)")
+    out = sg("check", str(policy), "--no-secrets", "--db", pg_url, env=home)
+    assert out.exit_code == 1 and "version 99, newer than this spendgate knows" in out.output, out.output
+    out = sg("check", str(policy), "--no-secrets", "--db", "postgresql://u:Sup3rS3cretPw@127.0.0.1:1/x", env=home)
+    assert out.exit_code == 1 and "cannot be read" in out.output and "Sup3rS3cretPw" not in out.output, out.output
+    # a single box: SQLite as before (a file not there yet is not a problem)
+    out = sg("check", str(policy), "--no-secrets", "--db", str(tmp_path / "none.db"), env=home)
+    assert out.exit_code == 0 and "none yet" in out.output, out.output
