@@ -228,3 +228,33 @@ def test_check_also_checks_the_fleet_ledger(pg_url: str, tmp_path: Path) -> None
     # a single box: SQLite as before (a file not there yet is not a problem)
     out = sg("check", str(policy), "--no-secrets", "--db", str(tmp_path / "none.db"), env=home)
     assert out.exit_code == 0 and "none yet" in out.output, out.output
+
+
+def test_after_a_ledger_outage_a_single_box_process_does_not_take_live_ones_for_dead(tmp_path: Path) -> None:
+    """The same rule on SQLite (processes sharing one file; an outage: disk full, a lock)."""
+    import time
+
+    from spendgate.store.sqlite import SQLiteStore
+
+    path = str(tmp_path / "box.db")
+    a, b = SQLiteStore(path, replica="a", lease=0.3), SQLiteStore(path, replica="b", lease=0.3)
+    try:
+        a.heartbeat()
+        b.heartbeat()
+        a.reserve(5, {"key:k": 100}, {"key_id": "k", "flow_id": "in-flight"})
+        b._outage(OSError("disk full"))  # (what b's writer saw meanwhile)
+        time.sleep(0.45)
+        b._outage(None)  # writable again
+        b.heartbeat()
+        assert b.recover_holds() == (0, 0)
+        a.heartbeat()
+        time.sleep(0.35)
+        a.heartbeat()
+        b.heartbeat()
+        assert b.recover_holds() == (0, 0) and b.used("key:k") == 5
+        time.sleep(0.45)
+        b.heartbeat()
+        assert b.recover_holds() == (1, 0)
+    finally:
+        a.close()
+        b.close()

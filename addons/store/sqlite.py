@@ -327,6 +327,7 @@ class SQLiteStore(Stepwise):
         self.available = True  # False while the writer cannot commit (disk full, read-only, locked)
         self.outages = 0
         self._outage_since = 0.0
+        self._up_since = time.monotonic()  # writable without a break since: see recover_holds
         self._state_lock = threading.Lock()
         self._limits = Gcra()
         self._loops = LoopBreaker()
@@ -705,10 +706,15 @@ class SQLiteStore(Stepwise):
         """Settle the holds of dead gateway instances (silent past the lease, or a pid on this host
         that is gone): forwarded → spend at the estimate with a flagged row; not forwarded → released."""
         cutoff = iso(now() - timedelta(seconds=self.lease))
+        # Silence means death only to a process that could itself write for a whole lease: after
+        # an outage (disk full, a lock) every heartbeat is stale, live processes' too (as on
+        # PostgreSQL). Until then: a pid gone on this host, and a clean stop ('').
+        trusted = time.monotonic() - self._up_since >= self.lease
         conn = self.conn
         instances = conn.execute("SELECT id, replica, host, pid, heartbeat_at FROM instances").fetchall()
         dead = {iid: replica for iid, replica, host, pid, beat in instances
-                if iid != self.instance and (beat < cutoff or (host == _HOST and not pid_alive(pid)))}
+                if iid != self.instance and ((trusted and beat < cutoff) or beat == ""
+                                             or (host == _HOST and not pid_alive(pid)))}
         live = {iid for iid, *_ in instances} - dead.keys()
         rows = conn.execute(
             "SELECT id, nanos, scopes, created_at, instance, forwarded, meta FROM reservations"
@@ -939,6 +945,7 @@ class SQLiteStore(Stepwise):
                       self.path, error, self._pending)
         elif error is None and not self.available:
             self.available = True
+            self._up_since = time.monotonic()
             log.warning("ledger: %s writable again after %.1fs; %d queued write(s) committed",
                         self.path, time.monotonic() - self._outage_since, self._pending)
 
