@@ -407,6 +407,9 @@ def test_kill_9_of_a_replica_counts_its_forwarded_call_and_releases_its_waiting_
                      "WHERE key_id = %s", key_id)
     assert len(rows) == 1 and rows[0][:5] == ("/v1/payment_intents", "allow", "unknown", 1, 7 * NANOS)
     assert "victim" in rows[0][5]
+    # its approval is no longer pending: the call waiting for it died with the replica
+    assert fleet.sql("SELECT status, decided_by FROM approvals WHERE key_id = %s", key_id) == [("timeout", "recovery")]
+    assert key_id not in fleet.cli("approvals").stdout
     print(f"\nkill -9 with a forwarded $7 call in flight: counted at its estimate {recovered_after:.2f} s "
           f"after the kill (same host: its pid is gone; across hosts: the lease, {LEASE} s here); "
           f"the $7 transfer waiting for approval released")

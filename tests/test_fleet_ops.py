@@ -258,3 +258,29 @@ def test_after_a_ledger_outage_a_single_box_process_does_not_take_live_ones_for_
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_dead_gateways_pending_approval_is_closed_with_its_released_hold(backend: str, tmp_path: Path,
+                                                                          request: pytest.FixtureRequest) -> None:
+    """A call waiting for a human dies with its gateway: its hold is released and its approval is
+    no longer pending (approving it would resume nothing); a live gateway's stays pending."""
+    import time
+
+    url = str(tmp_path / "box.db") if backend == "sqlite" else request.getfixturevalue("pg_url")
+    dead, live = open_store(url, replica="dead", lease=0.3), open_store(url, replica="live", lease=0.3)
+    try:
+        for s, flow in ((dead, "f-dead"), (live, "f-live")):
+            s.heartbeat()
+            s.reserve(3, {"key:k": 100}, {"key_id": "k", "flow_id": flow}, forwarded=False)
+            s.add_approval({"id": f"apr_{flow}", "flow_id": flow, "key_id": "k", "rule": "POST /v1/refunds",
+                            "status": "pending"})
+        time.sleep(0.45)  # "dead" never beats again
+        live.heartbeat()
+        assert live.recover_holds() == (0, 1)
+        status = {a["id"]: (a["status"], a["decided_by"]) for a in live.list_approvals(None)}
+        assert status == {"apr_f-dead": ("timeout", "recovery"), "apr_f-live": ("pending", None)}
+        assert [a["id"] for a in live.list_approvals()] == ["apr_f-live"]
+    finally:
+        dead.close()
+        live.close()

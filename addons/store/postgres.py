@@ -995,6 +995,7 @@ class PostgresStore:
                     (list(dead), self.instance, lease)).fetchall()
                 deltas: dict[str, list[int]] = {}
                 rows = []
+                abandoned: list[str] = []  # flows of released holds (approval waits)
                 for _rid, nanos, scopes, created, inst, forwarded, meta in holds:
                     for s in scopes:
                         d = deltas.setdefault(s, [0, 0])
@@ -1007,10 +1008,15 @@ class PostgresStore:
                                                   scopes))
                     else:
                         released += 1
+                        if flow := json.loads(meta or "{}").get("flow_id"):
+                            abandoned.append(flow)
                 for scope in sorted(deltas):
                     rel, act = deltas[scope]
                     c.execute("UPDATE counters SET reserved_nanos = greatest(0, reserved_nanos - %s), "
                               "used_nanos = used_nanos + %s, updated_at = now() WHERE scope = %s", (rel, act, scope))
+                if abandoned:  # their calls are gone with the dead replica: nobody can resume them
+                    c.execute("UPDATE approvals SET status = 'timeout', decided_by = 'recovery', decided_at = %s "
+                              "WHERE status = 'pending' AND flow_id = ANY(%s)", (iso(now()), abandoned))
                 if rows:
                     self._copy_calls(c, rows)
                 if dead:

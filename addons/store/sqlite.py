@@ -748,6 +748,9 @@ class SQLiteStore(Stepwise):
                                  tuple(clean_text(row.get(k)) for k in cols))
                 else:
                     released += 1
+                    if flow := json.loads(meta or "{}").get("flow_id"):  # an approval wait: nobody can resume it
+                        conn.execute("UPDATE approvals SET status = 'timeout', decided_by = 'recovery', "
+                                     "decided_at = ? WHERE status = 'pending' AND flow_id = ?", (iso(now()), flow))
             conn.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead])
             conn.execute("COMMIT")
         except BaseException:
