@@ -398,3 +398,15 @@ def test_a_full_server_makes_loop_calls_wait_for_a_connection_not_fail(pg_databa
         finally:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
             admin.execute(f"DROP ROLE {role}")
+
+
+def test_arrays_sent_as_text_literals_arrive_as_sent(pg_url: str) -> None:
+    """Scopes are any text (labels are URL-quoted, key ids are not ours to trust): quoting holds."""
+    from spendgate.store.postgres import int_array, text_array
+
+    odd = ["a,b", 'c"d', "e\\f", "{x}", "NULL", " sp ", "ü", "", "label:team=a%2Cb:day:2026-12-02"]
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        for xs in ([], ["a"], odd):
+            assert c.execute("SELECT %s::text[]", (text_array(xs),)).fetchone() == (xs,)
+        for ns in ([], [1], [2**62, -5, 0]):
+            assert c.execute("SELECT %s::bigint[]", (int_array(ns),)).fetchone() == (ns,)

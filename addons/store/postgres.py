@@ -943,7 +943,10 @@ class PostgresStore:
                 raise StoreUnavailable(f"the ledger did not answer within {timeout:g}s") from None
         started = aloop.time()
         if not self._registered and nanos > 0:  # once per process: this instance's row, for its lease
-            await asyncio.wait_for(asyncio.to_thread(self.heartbeat), timeout)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.heartbeat), timeout)
+            except TimeoutError:
+                raise StoreUnavailable(f"the ledger did not answer within {timeout:g}s") from None
         rid, params = self._admit_params(nanos, caps, hold, forwarded, loop, hold_if_looped, key)
         task = aloop.create_task(self._arun(_CHECK, params))
         try:
@@ -989,7 +992,7 @@ class PostgresStore:
         rid = "res_" + secrets.token_hex(8)
         meta = json.dumps({k: hold.get(k) for k in HOLD_FIELDS} if hold else _NO_HOLD) if nanos > 0 else None
         return rid, (key.id if key else None, key.token_sha256 if key else None, None, 0, 0.0,
-                     fp, idem, repeats, window, hold_if_looped, rid, nanos, list(caps), list(caps.values()),
+                     fp, idem, repeats, window, hold_if_looped, rid, nanos, text_array(caps), int_array(caps.values()),
                      self.instance, forwarded, meta)
 
     def _admission(self, row: tuple[Any, ...], rid: str, nanos: int, caps: dict[str, int],
@@ -1013,7 +1016,7 @@ class PostgresStore:
         """The key's row, the rate limit and the room left, in one round trip (``spendgate_check``)."""
         row = self._run(lambda c: c.execute(_PRECHECK, (
             key.id, key.token_sha256, rate.name if rate else None, rate.limit if rate else 0,
-            rate.period if rate else 0.0, list(caps), list(caps.values()))).fetchone())
+            rate.period if rate else 0.0, text_array(caps), int_array(caps.values()))).fetchone())
         state, wait, left = row[0], row[1], row[7]
         if state != "active":
             self._drop_keys(key.token_sha256)
@@ -1033,7 +1036,7 @@ class PostgresStore:
         try:
             row = await asyncio.wait_for(self._arun(_PRECHECK, (
                 key.id, key.token_sha256, rate.name if rate else None, rate.limit if rate else 0,
-                rate.period if rate else 0.0, list(caps), list(caps.values()))), timeout)
+                rate.period if rate else 0.0, text_array(caps), int_array(caps.values()))), timeout)
         except TimeoutError:
             raise StoreUnavailable(f"the ledger did not answer within {timeout:g}s") from None
         state, wait, left = row[0], row[1], row[7]
@@ -1081,7 +1084,8 @@ class PostgresStore:
                     try:
                         if conn is None:
                             conn = await self._aconnect_or_wait()
-                        cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+                        cur = _cursor(conn)
+                        await cur.execute(sql, params)  # type: ignore[arg-type]
                         row = await cur.fetchone()
                     finally:
                         self._abusy -= 1
@@ -1391,7 +1395,7 @@ class PostgresStore:
                 self._awconn = conn = await self._aconnect()
                 if self._ainflight is not whole:
                     raise _Stolen
-            await conn.execute(_WRITE, _batch_params(batch))
+            await _cursor(conn).execute(_WRITE, _batch_params(batch))
         except BaseException as e:
             if self._ainflight is not whole:  # taken over while in flight: this task only closes up
                 if conn is not None:
@@ -1609,7 +1613,28 @@ def _batch_params(batch: list[tuple[LedgerItem, Callable[[], None] | None]]) -> 
         elif isinstance(item, Usage):
             uscopes += item.scopes
             unanos += [item.nanos] * len(item.scopes)
-    return ids, actuals, uscopes, unanos, json.dumps(rows, ensure_ascii=False, allow_nan=False)
+    return (text_array(ids), int_array(actuals), text_array(uscopes), int_array(unanos),
+            json.dumps(rows, ensure_ascii=False, allow_nan=False))
+
+
+# Arrays sent as their text literal (a str param the statement casts: ``%s::text[]``): psycopg's
+# adaptation of a list (element types, a dumper per list) costs ~20 µs a statement, this ~1 µs.
+def text_array(items: Iterable[str]) -> str:
+    """``['a', 'b"c']`` → ``{"a","b\\"c"}``: every element quoted (commas, braces, "NULL": any text)."""
+    return "{" + ",".join(['"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items]) + "}"
+
+
+def int_array(items: Iterable[int]) -> str:
+    return "{" + ",".join([str(int(n)) for n in items]) + "}"
+
+
+def _cursor(conn: psycopg.AsyncConnection) -> psycopg.AsyncCursor:
+    """The connection's own cursor, kept: its adapters are looked up once, not per statement
+    (``conn.execute`` makes a new cursor, and a new adapter context, each time)."""
+    cur = getattr(conn, "_spendgate_cursor", None)
+    if cur is None:
+        cur = conn._spendgate_cursor = conn.cursor()  # type: ignore[attr-defined]
+    return cur
 
 
 class _Stolen(Exception):
