@@ -636,9 +636,13 @@ def _key(row: tuple | None) -> KeyRecord | None:
 SYNCHRONOUS_COMMIT = os.environ.get("SPENDGATE_PG_SYNCHRONOUS_COMMIT", "off")
 
 
+# Every session's settings, sent once per new connection (pooled, event-loop and writer alike).
+_SESSION_SETTINGS = ("SELECT set_config('statement_timeout', %s, false), set_config('synchronous_commit', %s, false)",
+                     (str(STATEMENT_TIMEOUT_MS), SYNCHRONOUS_COMMIT))
+
+
 def _configure(conn: psycopg.Connection) -> None:
-    conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-    conn.execute("SELECT set_config('synchronous_commit', %s, false)", (SYNCHRONOUS_COMMIT,))
+    conn.execute(*_SESSION_SETTINGS)
 
 
 def migrate(conn: psycopg.Connection) -> None:
@@ -1063,8 +1067,7 @@ class PostgresStore:
 
     async def _aconnect(self) -> psycopg.AsyncConnection:
         conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
-        await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-        await conn.execute("SELECT set_config('synchronous_commit', %s, false)", (SYNCHRONOUS_COMMIT,))
+        await conn.execute(*_SESSION_SETTINGS)
         return conn
 
     async def _arun(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -1547,21 +1550,13 @@ class PostgresStore:
         try:
             self._write_batch(conn, batch)
             return batch
-        except psycopg.OperationalError as e:
+        except Exception as e:
             if is_outage(e, conn):
                 raise
             if len(batch) == 1:
                 log.exception("ledger: dropped a %s that cannot be written", type(batch[0][0]).__name__)
-                return batch
-            return [x for item in batch for x in self._write_or_split(conn, [item])]
-        except Exception:
-            if len(batch) == 1:
-                log.exception("ledger: dropped a %s that cannot be written", type(batch[0][0]).__name__)
                 return batch  # logged and gone: its answer need not wait any longer
-            out = []
-            for item in batch:
-                out += self._write_or_split(conn, [item])
-            return out
+            return [x for item in batch for x in self._write_or_split(conn, [item])]
 
     def flush(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
